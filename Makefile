@@ -1,0 +1,26 @@
+# The README's two commands are `make demo` and `make test`; both install what is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all demo clean bench
+
+install:
+	@VENV=$(VENV) bash scripts/install.sh
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything, including the tests marked slow.
+test-all: install
+	$(PY) -m pytest -m "" $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/recforge demo
+
+bench: install
+	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/prepare.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,188 @@
+"""The LightningDataModule over a prepared directory (DESIGN §1, §4): SASRec or two-tower batches.
+
+Batch construction and sharding live in :mod:`data.loader`; this module picks the rank and
+world size from the trainer, builds the loaders, reports skipped users, and exposes the
+dataset metadata a model needs (catalogue size, feature cardinalities, item counts for logQ).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader
+
+from data.errors import DataError
+from data.layout import ITEMS, read_manifest
+from data.loader import (STAGES, EpochBatchSampler, ExampleIndex, ExampleSpec, FeatureTables, SequenceBatchDataset,
+                         Stage, load_feature_tables, scan_examples)
+
+log = logging.getLogger(__name__)
+
+_SPARSE_KINDS = ("categorical", "list")
+
+
+class SequenceDataModule(L.LightningDataModule):
+    """Streams a prepared dataset directory as padded SASRec batches or two-tower KJT batches.
+
+    Every rank yields the same number of batches per epoch and each example is seen exactly
+    once per epoch across ranks and DataLoader workers (see :mod:`data.loader`).
+    """
+
+    def __init__(self, data_dir: str, model: Literal["sasrec", "two_tower"] = "sasrec", batch_size: int = 128,
+                 eval_batch_size: int = 256, max_len: int = 50, history_len: int = 50, min_history: int = 1,
+                 num_workers: int = 0, seed: int = 0, shuffle_window: int = 1_000_000) -> None:
+        """
+        Args:
+            data_dir: A prepared dataset directory (written by ``recforge data prepare``).
+            model: Batch format: ``sasrec`` (padded id sequences) or ``two_tower`` (KeyedJaggedTensor).
+            batch_size: Training examples per batch on each rank.
+            eval_batch_size: Validation/test examples per batch on each rank.
+            max_len: SASRec: the sequence length L of ``input_ids``.
+            history_len: Two-tower: the most recent items kept as the user's history H.
+            min_history: Two-tower: the shortest history a training example may have (0 allows
+                examples with an empty history).
+            num_workers: DataLoader worker processes per rank (0 reads in the training process).
+            seed: Seed of the per-epoch shuffle; the same seed gives the same batches.
+            shuffle_window: Examples shuffled together: row groups are read in windows holding at
+                least this many, and each DataLoader worker keeps its current window in memory.
+        """
+        super().__init__()
+        if model not in ("sasrec", "two_tower"):
+            raise ValueError(f"model must be 'sasrec' or 'two_tower', got {model!r}")
+        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                 ("max_len", max_len, 1), ("history_len", history_len, 1),
+                                 ("min_history", min_history, 0), ("num_workers", num_workers, 0),
+                                 ("shuffle_window", shuffle_window, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.model = model
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.max_len, self.history_len, self.min_history = max_len, history_len, min_history
+        self.num_workers, self.seed, self.shuffle_window = num_workers, seed, shuffle_window
+        # Read now so a wrong path fails before any training starts, and so that a model built
+        # before setup() (LightningCLI argument links) can read the metadata.
+        self.manifest: dict[str, Any] = read_manifest(data_dir)
+        for key in ("split", "users", "items"):
+            if key not in self.manifest:
+                raise DataError("manifest lacks a required field", path=f"{data_dir}/manifest.json", column=key)
+        self._indexes: dict[Stage, ExampleIndex] | None = None
+        self._features: FeatureTables | None = None
+        self._item_counts: np.ndarray | None = None
+        self._reported = False
+        self.train_sampler: EpochBatchSampler | None = None
+
+    # ----------------------------------------------------------------------------- metadata
+
+    @property
+    def num_items(self) -> int:
+        """Items in the catalogue; ids are 1..num_items, so tables need num_items + 1 rows (0 = padding)."""
+        return int(self.manifest["items"])
+
+    @property
+    def num_users(self) -> int:
+        """Users; ids are 1..num_users (0 = padding)."""
+        return int(self.manifest["users"])
+
+    def _features_of(self, side: str, kinds: tuple[str, ...]) -> dict[str, int]:
+        specs = self.manifest.get("features", {}).get(side, {})
+        return {name: int(s.get("cardinality", 0)) for name, s in specs.items() if s.get("kind") in kinds}
+
+    @property
+    def item_feature_cardinalities(self) -> dict[str, int]:
+        """Categorical and list item features (KJT key ``item_<name>``) -> codes incl. 0, in KJT order."""
+        return self._features_of("item", _SPARSE_KINDS)
+
+    @property
+    def user_feature_cardinalities(self) -> dict[str, int]:
+        """Categorical and list user features (KJT key ``user_<name>``) -> codes incl. 0, in KJT order."""
+        return self._features_of("user", _SPARSE_KINDS)
+
+    @property
+    def item_numeric_features(self) -> list[str]:
+        """Columns of ``item_dense``, in order."""
+        return list(self._features_of("item", ("numeric",)))
+
+    @property
+    def user_numeric_features(self) -> list[str]:
+        """Columns of ``user_dense``, in order."""
+        return list(self._features_of("user", ("numeric",)))
+
+    @property
+    def sparse_feature_keys(self) -> list[str]:
+        """Keys of the two-tower ``features`` KeyedJaggedTensor, in order."""
+        return (["history", "target", "user_id"] + [f"item_{n}" for n in self.item_feature_cardinalities]
+                + [f"user_{n}" for n in self.user_feature_cardinalities])
+
+    @property
+    def item_counts(self) -> np.ndarray:
+        """(num_items + 1,) int64 interactions per item id (index 0 = padding = 0), for logQ correction."""
+        if self._item_counts is None:
+            path = f"{self.data_dir}/{ITEMS}"
+            table = pq.read_table(path, columns=["item_idx", "count"])
+            counts = np.zeros(self.num_items + 1, np.int64)
+            ids = table.column("item_idx").to_numpy().astype(np.int64)
+            if len(ids) and (ids.min() < 1 or ids.max() > self.num_items):
+                raise DataError(f"item ids must lie in 1..{self.num_items}", path=path, column="item_idx")
+            counts[ids] = table.column("count").to_numpy()
+            self._item_counts = counts
+        return self._item_counts
+
+    # ------------------------------------------------------------------------------ loading
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), int(self.trainer.world_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._indexes is None:
+            specs = [ExampleSpec(self.model, s, max_len=self.max_len, history_len=self.history_len,
+                                 min_history=self.min_history) for s in STAGES]
+            self._indexes = dict(zip(STAGES, scan_examples(self.data_dir, self.manifest["split"], specs)))
+        if self.model == "two_tower" and self._features is None:
+            self._features = load_feature_tables(self.data_dir, self.manifest)
+        if not self._reported and self._rank_world()[0] == 0:
+            self._reported = True
+            for index in self._indexes.values():
+                log.info(_report(index))
+
+    def _dataloader(self, stage: Stage) -> DataLoader:
+        self.setup()
+        assert self._indexes is not None
+        index = self._indexes[stage]
+        if stage == "train" and index.num_examples == 0:
+            raise DataError(f"no training examples: {_report(index)}", path=self.data_dir)
+        rank, world = self._rank_world()
+        dataset = SequenceBatchDataset(
+            self.data_dir, index, self.manifest["split"], rank=rank, world_size=world, seed=self.seed,
+            batch_size=self.batch_size if stage == "train" else self.eval_batch_size,
+            shuffle=stage == "train", shuffle_window=self.shuffle_window, features=self._features)
+        sampler = EpochBatchSampler(dataset)
+        if stage == "train":
+            self.train_sampler = sampler
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader("validate")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test")
+
+
+def _report(index: ExampleIndex) -> str:
+    spec = index.spec
+    missing = sum(index.skipped.values())
+    reasons = "; ".join(f"{n:,} {why}" for why, n in index.skipped.items() if n) or "none"
+    return (f"{spec.stage} ({spec.model}): {index.num_examples:,} examples from {index.num_users:,} users; "
+            f"{missing:,} users have none: {reasons}")

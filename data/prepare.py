@@ -1,0 +1,394 @@
+"""`recforge data prepare`: raw interactions -> the prepared directory of DESIGN §4.
+
+All work is vectorised over Arrow/numpy arrays (no Python loop per row). The output is written
+to a temporary directory beside ``out`` and renamed into place, so a failure leaves nothing.
+
+Order of operations, each counted in the manifest:
+1. read and validate every input file (errors name file, column and row);
+2. sort each user's interactions by timestamp; ties keep input order (``rows_out_of_time_order``
+   counts rows that came in the input before an earlier-timestamped row of the same user);
+3. drop exact duplicate rows (same user, item, timestamp and rating; the first one stays);
+4. k-core: drop users with < ``min_user`` and items with < ``min_item`` interactions, repeated
+   until nothing changes;
+5. id vocabularies over what is left: idx 1..N in sorted original-id order, 0 is padding;
+6. split (leave-one-out, or global time cut points) and write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data import layout
+from data.errors import DataError
+from data.features import EncodedFeatures, encode_features, read_feature_table
+from data.readers import FORMATS, Columns, read_interactions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareConfig:
+    input: list[str]
+    """Interaction files, directories or globs."""
+    out: str
+    """Prepared dataset directory to create."""
+    format: Literal["parquet", "csv", "movielens", "recbole", "sasrec-txt"] = "parquet"
+    """Input format."""
+    columns: Columns = field(default_factory=Columns)
+    """Names of the user, item, timestamp and optional rating columns (parquet, csv, recbole)."""
+    item_features: str | None = None
+    """Item features: Parquet or RecBole ``.item``. For recbole input, a ``.item`` beside the ``.inter``
+    is used unless ``no_features`` is set."""
+    user_features: str | None = None
+    """User features: Parquet or RecBole ``.user`` (same rule as ``item_features``)."""
+    item_feature_columns: list[str] | None = None
+    """Item feature columns to keep (default: all but the id)."""
+    user_feature_columns: list[str] | None = None
+    """User feature columns to keep (default: all but the id)."""
+    list_columns: list[str] = field(default_factory=list)
+    """Feature columns holding several values separated by whitespace or '|' (e.g. genres)."""
+    categorical_columns: list[str] = field(default_factory=list)
+    """Numeric feature columns to treat as categories (e.g. an occupation code)."""
+    no_features: bool = False
+    """Do not pick up RecBole ``.item``/``.user`` files automatically."""
+    min_user: int = 0
+    """k-core: drop users with fewer interactions (0 = off)."""
+    min_item: int = 0
+    """k-core: drop items with fewer interactions (0 = off)."""
+    split: Literal["leave-one-out", "time"] = "leave-one-out"
+    """Evaluation split."""
+    val_fraction: float = 0.1
+    """Time split: share of interactions (by time) in validation."""
+    test_fraction: float = 0.1
+    """Time split: share of interactions (by time) in test."""
+    row_group_size: int = 4096
+    """Users per row group of sequences.parquet (the loader's unit of streaming)."""
+    overwrite: bool = False
+    """Replace ``out`` if it exists."""
+
+    def validate(self) -> None:
+        if not self.input:
+            raise ValueError("input: at least one file, directory or glob is required")
+        if self.format not in FORMATS:
+            raise ValueError(f"format: {self.format!r}; expected one of {', '.join(FORMATS)}")
+        if self.min_user < 0 or self.min_item < 0:
+            raise ValueError("min_user/min_item: must be >= 0")
+        if self.split not in ("leave-one-out", "time"):
+            raise ValueError(f"split: {self.split!r}; expected 'leave-one-out' or 'time'")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError("val_fraction/test_fraction: each in (0, 1) and their sum < 1")
+        if self.row_group_size < 1:
+            raise ValueError("row_group_size: must be >= 1")
+
+
+def prepare(config: PrepareConfig) -> dict[str, Any]:
+    """Prepare a dataset directory; returns its manifest."""
+    config.validate()
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise DataError("output directory exists (pass --overwrite to replace it)", path=str(out))
+    started = time.perf_counter()
+    table, sources = read_interactions(config.input, config.format, config.columns)
+    n_input = table.num_rows
+    log.info("read %d interactions from %d file(s)", n_input, len(sources))
+
+    user_code, user_dict = _sorted_codes(table["user_id"])
+    item_code, item_dict = _sorted_codes(table["item_id"])
+    ts = table["timestamp"].to_numpy()
+    rating = table["rating"].to_numpy() if "rating" in table.column_names else None
+    del table
+
+    order = _time_order(user_code, ts)
+    out_of_order = _count_out_of_order(user_code[order], order)
+    user_code, item_code, ts = user_code[order], item_code[order], ts[order]
+    rating = rating[order] if rating is not None else None
+    del order
+
+    dup = _exact_duplicates(user_code, item_code, ts, rating)
+    removed: dict[str, int] = {"exact_duplicates": int(dup.sum())}
+    keep = ~dup
+    kcore = _k_core(user_code, item_code, keep, config.min_user, config.min_item)
+    removed["min_user"] = kcore["rows_removed_min_user"]
+    removed["min_item"] = kcore["rows_removed_min_item"]
+    if not keep.any():
+        raise DataError(f"no interactions left after filtering ({removed}); lower --min-user/--min-item",
+                        path=", ".join(s.path for s in sources))
+    user_code, item_code, ts = user_code[keep], item_code[keep], ts[keep]
+    rating = rating[keep] if rating is not None else None
+
+    user_idx, user_ids = _compact(user_code, user_dict)
+    item_idx, item_ids = _compact(item_code, item_dict)
+    n_users, n_items = len(user_ids), len(item_ids)
+    lengths = np.bincount(user_idx, minlength=n_users + 1)[1:]
+    item_counts = np.bincount(item_idx, minlength=n_items + 1)[1:]
+
+    split, split_counts = _split(config, lengths, ts)
+
+    item_feats = _features(config, "item", item_ids)
+    user_feats = _features(config, "user", user_ids)
+
+    manifest: dict[str, Any] = {
+        "format_version": layout.FORMAT_VERSION,
+        "created_by": "recforge data prepare",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "format": config.format,
+            "files": [asdict(s) for s in sources],
+            "columns": asdict(config.columns),
+        },
+        "input_rows": n_input,
+        "rows_removed": removed,
+        "rows_out_of_time_order": out_of_order,
+        "tie_rule": "interactions of a user with equal timestamps keep their input order",
+        "filters": {"min_user": config.min_user, "min_item": config.min_item,
+                    "k_core_iterations": kcore["iterations"],
+                    "users_removed": kcore["users_removed"], "items_removed": kcore["items_removed"]},
+        "interactions": int(len(item_idx)),
+        "users": n_users,
+        "items": n_items,
+        "has_rating": rating is not None,
+        "split": split,
+        "split_counts": split_counts,
+        "sequence_length": {"min": int(lengths.min()), "median": float(np.median(lengths)),
+                            "mean": float(lengths.mean()), "max": int(lengths.max())},
+        "features": {"item": item_feats.spec if item_feats else {}, "user": user_feats.spec if user_feats else {}},
+        "feature_files": {k: v.report for k, v in (("item", item_feats), ("user", user_feats)) if v},
+        "sequences_row_group_size": config.row_group_size,
+    }
+    assert sum(removed.values()) + manifest["interactions"] == n_input
+
+    _write_atomic(out, config.overwrite, lambda tmp: _write_files(
+        tmp, manifest, user_idx, item_idx, ts, rating, lengths, user_ids, item_ids, item_counts,
+        item_feats, user_feats, config.row_group_size))
+    log.info("prepared %s: %d users, %d items, %d interactions in %.1fs", out, n_users, n_items,
+             manifest["interactions"], time.perf_counter() - started)
+    return manifest
+
+
+# --- steps ---
+
+def _sorted_codes(ids: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Dense codes whose order follows the sorted original ids, and the sorted distinct ids."""
+    encoded = pc.dictionary_encode(ids).combine_chunks()
+    dictionary = encoded.dictionary
+    perm = pc.sort_indices(dictionary).to_numpy()
+    rank = np.empty_like(perm)
+    rank[perm] = np.arange(len(perm))
+    codes = rank[encoded.indices.to_numpy(zero_copy_only=False)].astype(np.int64)
+    return codes, dictionary.take(pa.array(perm))
+
+
+def _time_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Stable order by (user, timestamp): ties keep input order."""
+    span = int(ts.max()) - int(ts.min()) + 1 if len(ts) else 1
+    n_users = int(user.max()) + 1 if len(user) else 1
+    if span * n_users < 2**62:
+        # One int64 key sorts several times faster than a two-key lexsort.
+        key = user * span + (ts - ts.min())
+        return np.argsort(key, kind="stable")
+    return np.lexsort((ts, user))
+
+
+def _count_out_of_order(user_sorted: np.ndarray, order: np.ndarray) -> int:
+    """Rows that came in the input before an earlier-timestamped row of the same user."""
+    n = len(order)
+    if n < 2:
+        return 0
+    # Users are increasing in time order, so user * n + input position keeps users apart and a
+    # running maximum never crosses from one user to the next.
+    key = user_sorted * n + order
+    running = np.maximum.accumulate(key)
+    return int((key[1:] < running[:-1]).sum())
+
+
+def _exact_duplicates(user: np.ndarray, item: np.ndarray, ts: np.ndarray, rating: np.ndarray | None) -> np.ndarray:
+    """Mask of rows that repeat an earlier row exactly. Rows are in (user, time, input) order."""
+    dup = np.zeros(len(user), dtype=bool)
+    if len(user) < 2:
+        return dup
+    same = (user[1:] == user[:-1]) & (ts[1:] == ts[:-1])
+    if not same.any():
+        return dup
+    # Only rows sharing (user, timestamp) with another row can be duplicates: sort those few by
+    # item and rating too (stable, so the first in input order stays).
+    cand = np.flatnonzero(np.concatenate([same, [False]]) | np.concatenate([[False], same]))
+    keys = [item[cand], ts[cand], user[cand]]
+    if rating is not None:
+        keys.insert(0, rating[cand])
+    sub = cand[np.lexsort(keys)]
+    eq = (user[sub][1:] == user[sub][:-1]) & (ts[sub][1:] == ts[sub][:-1]) & (item[sub][1:] == item[sub][:-1])
+    if rating is not None:
+        eq &= rating[sub][1:] == rating[sub][:-1]
+    dup[sub[1:][eq]] = True
+    return dup
+
+
+def _k_core(user: np.ndarray, item: np.ndarray, keep: np.ndarray, min_user: int, min_item: int) -> dict[str, int]:
+    """Filter ``keep`` in place to the (min_user, min_item)-core."""
+    stats = {"rows_removed_min_user": 0, "rows_removed_min_item": 0, "iterations": 0,
+             "users_removed": 0, "items_removed": 0}
+    if min_user <= 1 and min_item <= 1:
+        return stats
+    users_before = len(np.unique(user[keep]))
+    items_before = len(np.unique(item[keep]))
+    n_u, n_i = int(user.max()) + 1, int(item.max()) + 1
+    while True:
+        stats["iterations"] += 1
+        changed = False
+        if min_user > 1:
+            counts = np.bincount(user[keep], minlength=n_u)
+            drop = keep & (counts[user] < min_user)
+            if drop.any():
+                stats["rows_removed_min_user"] += int(drop.sum())
+                keep &= ~drop
+                changed = True
+        if min_item > 1:
+            counts = np.bincount(item[keep], minlength=n_i)
+            drop = keep & (counts[item] < min_item)
+            if drop.any():
+                stats["rows_removed_min_item"] += int(drop.sum())
+                keep &= ~drop
+                changed = True
+        if not changed or not keep.any():
+            break
+    stats["users_removed"] = users_before - len(np.unique(user[keep]))
+    stats["items_removed"] = items_before - len(np.unique(item[keep]))
+    return stats
+
+
+def _compact(codes: np.ndarray, dictionary: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Renumber the codes that are left to 1..N (order kept); returns idx per row and the ids."""
+    present = np.zeros(len(dictionary), dtype=bool)
+    present[codes] = True
+    new = np.cumsum(present).astype(np.int64)  # 1-based for present codes
+    return new[codes].astype(np.int32), dictionary.filter(pa.array(present))
+
+
+def _split(config: PrepareConfig, lengths: np.ndarray, ts: np.ndarray) -> tuple[dict, dict]:
+    if config.split == "leave-one-out":
+        split: dict[str, Any] = {"type": "leave-one-out"}
+        train_end, val_end = layout.split_bounds(split, lengths)
+    else:
+        # Cut points by interaction quantiles, so the requested shares hold on skewed time ranges.
+        val_start = int(np.quantile(ts, 1 - config.test_fraction - config.val_fraction, method="higher"))
+        test_start = int(np.quantile(ts, 1 - config.test_fraction, method="higher"))
+        if test_start <= val_start:
+            test_start = val_start + 1
+        split = {"type": "time", "val_start": val_start, "test_start": test_start,
+                 "val_fraction": config.val_fraction, "test_fraction": config.test_fraction}
+        train_end, val_end = layout.split_bounds(split, lengths, ts)
+    counts = {
+        "train_interactions": int(train_end.sum()),
+        "val_interactions": int((val_end - train_end).sum()),
+        "test_interactions": int((lengths - val_end).sum()),
+        "users_with_val": int((val_end > train_end).sum()),
+        "users_with_test": int((lengths > val_end).sum()),
+        "users_without_eval": int(((val_end == train_end) & (lengths == val_end)).sum()),
+    }
+    return split, counts
+
+
+def _features(config: PrepareConfig, kind: str, vocab_ids: pa.Array) -> EncodedFeatures | None:
+    path = getattr(config, f"{kind}_features")
+    if path is None and config.format == "recbole" and not config.no_features:
+        inter = next((Path(p) for p in config.input if Path(p).suffix == ".inter"), None)
+        if inter is None:
+            inter = next((f for p in config.input if Path(p).is_dir() for f in sorted(Path(p).glob("*.inter"))), None)
+        sibling = inter.with_suffix(f".{kind}") if inter is not None else None
+        if sibling is not None and sibling.is_file():
+            path = str(sibling)
+    if path is None:
+        return None
+    id_column = config.columns.user if kind == "user" else config.columns.item
+    table, info = read_feature_table(path, id_column)
+    encoded = encode_features(table, path, id_column, vocab_ids, getattr(config, f"{kind}_feature_columns"),
+                              config.list_columns, config.categorical_columns)
+    encoded.report = {**info, **encoded.report}
+    return encoded
+
+
+# --- writing ---
+
+def _write_atomic(out: Path, overwrite: bool, write) -> None:
+    out = out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            if not overwrite:
+                raise DataError("output directory appeared while preparing", path=str(out))
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_files(tmp: Path, manifest: dict, user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray,
+                 rating: np.ndarray | None, lengths: np.ndarray, user_ids: pa.Array, item_ids: pa.Array,
+                 item_counts: np.ndarray, item_feats: EncodedFeatures | None,
+                 user_feats: EncodedFeatures | None, row_group_size: int) -> None:
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    seq_cols = {
+        "user_idx": pa.array(np.arange(1, len(lengths) + 1, dtype=np.int32)),
+        "length": pa.array(lengths.astype(np.int32)),
+        "item_idx": pa.ListArray.from_arrays(offsets, pa.array(item_idx.astype(np.int32))),
+        "timestamp": pa.ListArray.from_arrays(offsets, pa.array(ts.astype(np.int64))),
+    }
+    if rating is not None:
+        seq_cols["rating"] = pa.ListArray.from_arrays(offsets, pa.array(rating.astype(np.float32)))
+    pq.write_table(pa.table(seq_cols), tmp / layout.SEQUENCES, row_group_size=row_group_size)
+
+    user_counts = lengths
+    for name, ids, counts, feats, idx_col in (
+        (layout.ITEMS, item_ids, item_counts, item_feats, "item_idx"),
+        (layout.USERS, user_ids, user_counts, user_feats, "user_idx"),
+    ):
+        id_col = "item_id" if idx_col == "item_idx" else "user_id"
+        cols = {idx_col: pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)), id_col: ids,
+                "count": pa.array(counts.astype(np.int64))}
+        if feats is not None:
+            clash = set(feats.columns) & set(cols)
+            if clash:
+                raise DataError(f"feature column(s) {sorted(clash)} clash with recforge's own columns; rename them")
+            cols.update(feats.columns)
+        pq.write_table(pa.table(cols), tmp / name)
+
+    vocabs = {"item": item_feats.vocabs if item_feats else {}, "user": user_feats.vocabs if user_feats else {}}
+    with open(tmp / layout.FEATURE_VOCABS, "w") as f:
+        json.dump(vocabs, f)
+    digest = hashlib.sha256()
+    for name in (layout.SEQUENCES, layout.ITEMS, layout.USERS, layout.FEATURE_VOCABS):
+        digest.update(name.encode())
+        with open(tmp / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    manifest["fingerprint"] = digest.hexdigest()
+    with open(tmp / layout.MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=2, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
