@@ -58,8 +58,8 @@ class SequenceDataModule(L.LightningDataModule):
                                  ("max_len", max_len, 1), ("history_len", history_len, 1),
                                  ("min_history", min_history, 0), ("num_workers", num_workers, 0),
                                  ("shuffle_window", shuffle_window, 1)):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.model = model

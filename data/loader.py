@@ -23,6 +23,7 @@ shuffling. This module does not import Lightning.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -56,6 +57,15 @@ class ExampleSpec:
     max_len: int = 50
     history_len: int = 50
     min_history: int = 1
+
+    def __post_init__(self) -> None:
+        if self.model not in ("sasrec", "two_tower"):
+            raise ValueError(f"model must be 'sasrec' or 'two_tower', got {self.model!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        for name, low in (("max_len", 1), ("history_len", 1), ("min_history", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
 
     def per_user(self, lengths: np.ndarray, train_end: np.ndarray, val_end: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +119,7 @@ def _read_bounds(pf: pq.ParquetFile, path: Path, row_groups: list[int], split: d
                  with_items: bool) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
     """Read row groups; return the table and per-user ``(lengths, train_end, val_end)``."""
     timed = split.get("type") == "time"
-    columns = ["user_idx", "length"] + (["timestamp"] if timed else []) + (["item_idx"] if with_items else [])
+    columns = ["length"] + (["timestamp"] if timed else []) + (["user_idx", "item_idx"] if with_items else [])
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
         raise DataError("missing column in a prepared sequences file", path=str(path), column=missing[0])
@@ -147,8 +157,8 @@ def scan_examples(data_dir: str | Path, split: dict[str, Any], specs: list[Examp
 class FeatureTable:
     """Encoded features of items or users, indexed by ``item_idx``/``user_idx`` (row 0 = padding).
 
-    ``sparse`` holds the categorical and list features in manifest order, each as
-    ``(offsets (N + 2,), codes)``; a categorical feature has exactly one code per row.
+    ``sparse_columns``: categorical and list features in manifest order, each ``(offsets (N + 2,),
+    codes)``; a categorical feature has one code per row (none for the padding row).
     """
 
     sparse_columns: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -233,8 +243,7 @@ class EpochPlan:
         if shuffle:
             order = np.random.default_rng([seed, epoch]).permutation(order)
         windows: list[np.ndarray] = []
-        starts = [0]
-        begin, total = 0, 0
+        starts, begin, total = [0], 0, 0
         for i, rg in enumerate(order):
             total += int(counts[rg])
             if total - starts[-1] >= shuffle_window or i == len(order) - 1:
@@ -340,6 +349,7 @@ class SequenceBatchDataset(Dataset):
         self.features = features
         self._num_batches = EpochPlan.count_batches(index.num_examples, batch_size, world_size)
         self._file: pq.ParquetFile | None = None
+        self._pid = os.getpid()
         self._plan: EpochPlan | None = None
         self._windows: dict[int, _Window] = {}
 
@@ -360,8 +370,9 @@ class SequenceBatchDataset(Dataset):
 
     def _window(self, plan: EpochPlan, w: int) -> _Window:
         if w not in self._windows:
-            if self._file is None:
-                self._file = pq.ParquetFile(self.path)
+            if self._file is None or self._pid != os.getpid():
+                # A forked worker must not share the parent's file handle.
+                self._file, self._pid = pq.ParquetFile(self.path), os.getpid()
             table, lengths, train_end, val_end = _read_bounds(
                 self._file, self.path, [int(g) for g in plan.windows[w]], self.split, with_items=True)
             items, item_lengths = _list_column(table, "item_idx")
@@ -460,19 +471,18 @@ class EpochBatchSampler(DistributedSampler):
     def __init__(self, dataset: SequenceBatchDataset) -> None:
         super().__init__(dataset, num_replicas=dataset.world_size, rank=dataset.rank,
                          shuffle=dataset.shuffle, seed=dataset.seed, drop_last=False)
-        self.num_samples = len(dataset)
-        self._resume_from = 0
-        self._consumed = 0
+        self.num_samples = self._total = len(dataset)
+        self._resume_from = self._consumed = 0
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         start, self._resume_from = self._resume_from, 0
         self._consumed = start
-        for g in range(start, len(self.dataset)):  # type: ignore[arg-type]
+        for g in range(start, self._total):
             self._consumed = g + 1
             yield self.epoch, g
 
     def __len__(self) -> int:
-        return len(self.dataset) - self._resume_from  # type: ignore[arg-type]
+        return self._total - self._resume_from
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -484,7 +494,7 @@ class EpochBatchSampler(DistributedSampler):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         consumed = int(state["batches_consumed"])
-        if not 0 <= consumed <= len(self.dataset):  # type: ignore[arg-type]
-            raise ValueError(f"batches_consumed {consumed} out of range [0, {len(self.dataset)}]")  # type: ignore[arg-type]
+        if not 0 <= consumed <= self._total:
+            raise ValueError(f"batches_consumed {consumed} out of range [0, {self._total}]")
         self.epoch = int(state["epoch"])
         self._resume_from = self._consumed = consumed
