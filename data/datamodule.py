@@ -33,13 +33,14 @@ class SequenceDataModule(L.LightningDataModule):
     once per epoch across ranks and DataLoader workers (see :mod:`data.loader`).
     """
 
-    def __init__(self, data_dir: str, model: Literal["sasrec", "two_tower"] = "sasrec", batch_size: int = 128,
+    def __init__(self, data_dir: str, model_family: Literal["sasrec", "two_tower"] = "sasrec", batch_size: int = 128,
                  eval_batch_size: int = 256, max_len: int = 50, history_len: int = 50, min_history: int = 1,
-                 num_workers: int = 0, seed: int = 0, shuffle_window: int = 1_000_000) -> None:
+                 num_workers: int = 0, seed: int = 0, shuffle_window: int = 1_000_000,
+                 synthesize: dict[str, Any] | None = None) -> None:
         """
         Args:
             data_dir: A prepared dataset directory (written by ``recforge data prepare``).
-            model: Batch format: ``sasrec`` (padded id sequences) or ``two_tower`` (KeyedJaggedTensor).
+            model_family: Batch format: ``sasrec`` (padded id sequences) or ``two_tower`` (KeyedJaggedTensor).
             batch_size: Training examples per batch on each rank.
             eval_batch_size: Validation/test examples per batch on each rank.
             max_len: SASRec: the sequence length L of ``input_ids``.
@@ -50,10 +51,13 @@ class SequenceDataModule(L.LightningDataModule):
             seed: Seed of the per-epoch shuffle; the same seed gives the same batches.
             shuffle_window: Examples shuffled together: row groups are read in windows holding at
                 least this many, and each DataLoader worker keeps its current window in memory.
+            synthesize: If set and ``data_dir`` holds no prepared dataset, generate synthetic data
+                with these :class:`data.synth.SynthConfig` fields (e.g. ``{users: 500, items: 300}``)
+                and prepare it into ``data_dir`` first. The tiny configs use it to run anywhere.
         """
         super().__init__()
-        if model not in ("sasrec", "two_tower"):
-            raise ValueError(f"model must be 'sasrec' or 'two_tower', got {model!r}")
+        if model_family not in ("sasrec", "two_tower"):
+            raise ValueError(f"model_family must be 'sasrec' or 'two_tower', got {model_family!r}")
         for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                  ("max_len", max_len, 1), ("history_len", history_len, 1),
                                  ("min_history", min_history, 0), ("num_workers", num_workers, 0),
@@ -62,10 +66,12 @@ class SequenceDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         self.save_hyperparameters()
         self.data_dir = data_dir
-        self.model = model
+        self.model_family = model_family
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_len, self.history_len, self.min_history = max_len, history_len, min_history
         self.num_workers, self.seed, self.shuffle_window = num_workers, seed, shuffle_window
+        if synthesize is not None:
+            ensure_synthetic(data_dir, synthesize)
         # Read now so a wrong path fails before any training starts, and so that a model built
         # before setup() (LightningCLI argument links) can read the metadata.
         self.manifest: dict[str, Any] = read_manifest(data_dir)
@@ -143,10 +149,10 @@ class SequenceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self._indexes is None:
-            specs = [ExampleSpec(self.model, s, max_len=self.max_len, history_len=self.history_len,
+            specs = [ExampleSpec(self.model_family, s, max_len=self.max_len, history_len=self.history_len,
                                  min_history=self.min_history) for s in STAGES]
             self._indexes = dict(zip(STAGES, scan_examples(self.data_dir, self.manifest["split"], specs)))
-        if self.model == "two_tower" and self._features is None:
+        if self.model_family == "two_tower" and self._features is None:
             self._features = load_feature_tables(self.data_dir, self.manifest)
         if not self._reported and self._rank_world()[0] == 0:
             self._reported = True
@@ -178,6 +184,36 @@ class SequenceDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._dataloader("test")
+
+
+def ensure_synthetic(data_dir: str, fields: dict[str, Any]) -> None:
+    """Generate and prepare synthetic data into ``data_dir`` unless it is already there.
+
+    A file lock serialises ranks started together (torchrun); the loser finds the data ready.
+    """
+    import fcntl
+    import tempfile
+    from pathlib import Path
+
+    from data.layout import MANIFEST
+    from data.prepare import PrepareConfig, prepare
+    from data.synth import SynthConfig, generate
+
+    out = Path(data_dir)
+    if (out / MANIFEST).is_file():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / MANIFEST).is_file():
+            return
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.synth-") as tmp:
+            raw = Path(tmp) / "raw"
+            generate(SynthConfig(out=str(raw), **fields))
+            prepare(PrepareConfig(input=[str(raw / "interactions.parquet")], out=str(out),
+                                  item_features=str(raw / "item_features.parquet"),
+                                  user_features=str(raw / "user_features.parquet")))
+        log.info("synthesised and prepared %s", out)
 
 
 def _report(index: ExampleIndex) -> str:

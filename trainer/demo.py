@@ -34,7 +34,7 @@ def run_demo(workdir: str) -> int:
 
     print("[3/3] streaming the first training batch of each model family")
     for model in ("sasrec", "two_tower"):
-        dm = SequenceDataModule(str(prepared_dir), model=model, batch_size=4, max_len=8, history_len=8)
+        dm = SequenceDataModule(str(prepared_dir), model_family=model, batch_size=4, max_len=8, history_len=8)
         dm.setup("fit")
         batch = next(iter(dm.train_dataloader()))
         print(f"      {model}:")

@@ -299,7 +299,7 @@ def test_time_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
 # ------------------------------------------------------------------------------- datamodule
 
 def test_datamodule_metadata_and_validation(tiny_dir: Path) -> None:
-    dm = SequenceDataModule(str(tiny_dir), model="two_tower")
+    dm = SequenceDataModule(str(tiny_dir), model_family="two_tower")
     assert dm.num_items == 10 and dm.num_users == 4
     assert dm.item_feature_cardinalities == {"genre": 4, "tags": 5}
     assert dm.user_feature_cardinalities == {"country": 3, "langs": 4}
@@ -379,7 +379,7 @@ class _DDPRecorder(pl.LightningModule):
 def test_ddp_two_ranks_two_workers_through_lightning(random_dir, tmp_path: Path) -> None:
     """Real DDP (gloo, 2 processes): Lightning keeps the sampler, calls set_epoch, ranks stay in step."""
     directory, sequences = random_dir
-    dm = SequenceDataModule(str(directory), model="two_tower", batch_size=7, eval_batch_size=9, history_len=H,
+    dm = SequenceDataModule(str(directory), model_family="two_tower", batch_size=7, eval_batch_size=9, history_len=H,
                             num_workers=2, shuffle_window=20)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

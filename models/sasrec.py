@@ -1,0 +1,375 @@
+"""SASRec: a causal transformer over a user's item sequence, scored against the item table.
+
+Kang & McAuley 2018, with pre-LN blocks and a choice of losses (``models/losses.py``):
+full-catalog cross-entropy ("SASRec+"), sampled softmax with in-batch/uniform negatives and
+logQ correction, or BCE with one negative (the paper's).
+
+Item embeddings live in a TorchRec ``EmbeddingCollection`` holding one table (row 0 =
+padding, never looked up) read by three features: ``history`` (input ids), ``target``
+(training targets) and ``candidates`` (the catalog or sampled negatives). Every step looks
+the table up **once**, with one KeyedJaggedTensor holding all three, so a fused optimizer
+(``apply_optimizer_in_backward``) applies exactly one update per row per step (DESIGN §5).
+The KJT has batch size B for every key; the candidates sit in row 0 of ``candidates`` and
+its other rows are empty. Output scores are tied to the same table.
+
+Inputs are right-padded with 0 (``data/loader.py``), so the causal mask alone keeps real
+positions from attending to padding: no padding mask, no fully masked attention rows, no
+NaN, and ``encode`` exports to ONNX with ``is_causal=True`` (DESIGN §11).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from models.losses import bce_one_negative, full_softmax_ce, sampled_softmax
+
+LossKind = Literal["ce", "sampled_softmax", "bce"]
+LOSSES: tuple[LossKind, ...] = ("ce", "sampled_softmax", "bce")
+FEATURES = ("history", "target", "candidates")
+"""The KJT keys of the item table, in the order every lookup uses."""
+EC_MODULE = "embedding_collection"
+"""Attribute (and ``named_modules`` path) of the ``EmbeddingCollection`` in :class:`SASRec`."""
+
+
+@dataclass
+class SASRecConfig:
+    num_items: int
+    """N: item ids are 1..N and 0 is padding, so the table has N + 1 rows. 0 means "not known
+    yet" (a config file leaving it to the data); resolve it before building :class:`SASRec`."""
+    max_len: int = 50
+    """Longest input sequence L (number of learned positions)."""
+    dim: int = 64
+    """Embedding and hidden size D."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    num_heads: int = 1
+    """Attention heads; must divide ``dim``."""
+    ffn_mult: int = 4
+    """Feed-forward width as a multiple of ``dim``."""
+    dropout: float = 0.2
+    """Dropout on the input embeddings, attention weights and residual branches."""
+    loss: LossKind = "ce"
+    """``ce`` (full catalog), ``sampled_softmax`` or ``bce`` (one uniform negative per position)."""
+    num_negatives: int = 256
+    """Uniform negatives per step, shared by all positions (``sampled_softmax`` only; may be 0)."""
+    in_batch_negatives: bool = True
+    """``sampled_softmax``: also use the targets of all positions in the batch as negatives."""
+    logq_correction: bool = True
+    """``sampled_softmax``: subtract the log expected sample count of each candidate."""
+    temperature: float = 1.0
+    """Logits are divided by it (``ce`` and ``sampled_softmax``; must stay 1 with ``bce``)."""
+    table_name: str = "item_table"
+    """Name of the TorchRec table (not ``items``: it collides with ``ModuleDict.items``)."""
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"SASRecConfig.{name}={getattr(self, name)!r}: {what}")
+
+        for name in ("num_items", "max_len", "dim", "num_layers", "num_heads", "ffn_mult", "num_negatives"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool), name, "must be an integer")
+        for name in ("in_batch_negatives", "logq_correction"):
+            need(isinstance(getattr(self, name), bool), name, "must be true or false")
+        for name in ("dropout", "temperature"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                 name, "must be a finite number")
+        need(self.num_items >= 0, "num_items", "must be >= 1 (or 0: taken from the data)")
+        need(self.max_len >= 1, "max_len", "must be >= 1")
+        need(self.dim >= 1, "dim", "must be >= 1")
+        need(self.num_layers >= 0, "num_layers", "must be >= 0")
+        need(self.num_heads >= 1 and self.dim % self.num_heads == 0, "num_heads",
+             f"must be >= 1 and divide dim={self.dim}")
+        need(self.ffn_mult >= 1, "ffn_mult", "must be >= 1")
+        need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")
+        need(self.num_negatives >= 0, "num_negatives", "must be >= 0")
+        need(self.temperature > 0, "temperature", "must be > 0")
+        need(isinstance(self.table_name, str) and self.table_name.isidentifier()
+             and self.table_name not in dir(nn.ModuleDict), "table_name",
+             "must be an identifier that is not a ModuleDict attribute (e.g. not 'items')")
+        if self.loss == "sampled_softmax":
+            need(self.in_batch_negatives or self.num_negatives > 0, "num_negatives",
+                 "must be > 0 when in_batch_negatives is false (no negatives otherwise)")
+        if self.loss == "bce":
+            need(self.num_items != 1, "num_items", "must be >= 2 with loss='bce' (a negative must differ)")
+            need(self.temperature == 1.0, "temperature", "must be 1 with loss='bce' (it uses raw logits)")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with a causal mask, via ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, length, dim = x.shape
+        qkv = self.qkv(x).view(b, length, 3, self.num_heads, dim // self.num_heads)  # (B, L, 3, H, Dh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=True)  # (B, H, L, Dh)
+        return self.out(y.transpose(1, 2).reshape(b, length, dim))  # (B, L, D)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``x + attn(LN(x))``, then ``x + FFN(LN(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class SASRec(nn.Module):
+    """SASRec over a TorchRec item table; see the module docstring.
+
+    ``device`` places only the ``EmbeddingCollection`` (``"meta"`` when
+    ``DistributedModelParallel`` will shard and materialise it); the dense layers follow the
+    ambient default device and are moved by the caller.
+    """
+
+    def __init__(self, config: SASRecConfig, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        if config.num_items == 0:
+            raise ValueError("SASRecConfig.num_items=0: set it to the number of items (e.g. "
+                             "dataclasses.replace(config, num_items=...)) before building SASRec")
+        self.config = config
+        c = config
+        # Item rows ~ U(-a, a) with a = sqrt(3 / D): unit-norm rows, so tied scores of a
+        # layer-normed hidden state start with unit variance. Set as bounds (not an init_fn)
+        # because TorchRec's sharded kernels read only the bounds when they materialise it.
+        bound = math.sqrt(3.0 / c.dim)
+        self.embedding_collection = EmbeddingCollection(
+            tables=[EmbeddingConfig(name=c.table_name, num_embeddings=c.num_items + 1, embedding_dim=c.dim,
+                                    feature_names=list(FEATURES), weight_init_min=-bound, weight_init_max=bound)],
+            device=torch.device(device))
+        # Positions keep nn.Embedding's N(0, 1) init, which DistributedModelParallel's
+        # reset_parameters() reproduces if the model is built on meta; items are scaled by
+        # sqrt(D) in encode() to the same per-coordinate scale.
+        self.positions = nn.Embedding(c.max_len, c.dim)
+        self.input_dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout)
+                                    for _ in range(c.num_layers))
+        self.final_norm = nn.LayerNorm(c.dim)
+        # log p(i) of the in-batch sampling distribution (p ∝ training frequency), index 0
+        # unused; uniform until set_item_frequencies(). Persistent so checkpoints resume alike.
+        self.register_buffer("log_item_prob", torch.full((c.num_items + 1,), -math.log(c.num_items)))
+
+    # ----------------------------------------------------------------------------- helpers
+
+    @property
+    def item_table(self) -> nn.Embedding:
+        """The unsharded item table (N + 1 rows), e.g. for export; absent once sharded."""
+        embeddings = getattr(self.embedding_collection, "embeddings", None)
+        if not isinstance(embeddings, nn.ModuleDict) or self.config.table_name not in embeddings:
+            raise RuntimeError("item_table: the EmbeddingCollection is sharded; gather the table first "
+                               f"(state-dict key '{EC_MODULE}.embeddings.{self.config.table_name}.weight')")
+        return embeddings[self.config.table_name]
+
+    def set_item_frequencies(self, counts: Tensor) -> None:
+        """Set the in-batch sampling distribution from training counts (N + 1,), index 0 ignored.
+
+        ``p(i) = max(count_i, 1) / sum_j max(count_j, 1)``: an item with no count is treated as
+        seen once so that its log q stays finite.
+        """
+        n = self.config.num_items
+        counts = torch.as_tensor(counts).detach().reshape(-1).to(torch.float64)
+        if counts.shape != (n + 1,):
+            raise ValueError(f"counts: expected shape ({n + 1},) (index 0 = padding), got {tuple(counts.shape)}")
+        if not torch.isfinite(counts).all() or (counts < 0).any():
+            raise ValueError("counts: must be finite and >= 0")
+        freq = counts[1:].clamp_min(1.0)
+        log_p = torch.cat([freq.new_zeros(1), freq.log() - freq.sum().log()])
+        self.log_item_prob.copy_(log_p.to(self.log_item_prob))
+
+    def _lookup(self, history: Tensor, target: Tensor | None, target_lengths: Tensor,
+                candidates: Tensor, candidate_lengths: Tensor, batch_size: int) -> dict[str, Tensor]:
+        """The step's one ``EmbeddingCollection`` call; returns the values of each key.
+
+        ``history`` and ``target`` are the non-padding ids in row-major order, with per-row
+        lengths; ``candidates`` has per-row lengths ``candidate_lengths`` (B,).
+        """
+        device = history.device
+        row_lengths = target_lengths.to(device=device, dtype=torch.int32)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        values = torch.cat([history, target if target is not None else empty, candidates]).to(torch.int64)
+        lengths = torch.cat([row_lengths, row_lengths if target is not None else torch.zeros_like(row_lengths),
+                             candidate_lengths.to(device=device, dtype=torch.int32)])
+        kjt = KeyedJaggedTensor(keys=list(FEATURES), values=values, lengths=lengths, stride=batch_size)
+        out = self.embedding_collection(kjt)
+        return {key: out[key].values() for key in FEATURES}
+
+    @staticmethod
+    def _in_row_zero(ids: Tensor, batch_size: int) -> Tensor:
+        """Per-row lengths (B,) putting all of ``ids`` in row 0 of a key."""
+        lengths = torch.zeros(batch_size, dtype=torch.int32, device=ids.device)
+        lengths[0] = ids.numel()
+        return lengths
+
+    def _check_inputs(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        """The (B, L) mask of real positions, after checking shapes against the config."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (B, L), got shape {tuple(input_ids.shape)}")
+        b, length = input_ids.shape
+        if length > self.config.max_len:
+            raise ValueError(f"input_ids: length {length} > max_len={self.config.max_len}")
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths: expected shape ({b},), got {tuple(lengths.shape)}")
+        return torch.arange(length, device=input_ids.device) < lengths[:, None].to(input_ids.device)  # (B, L)
+
+    def _hidden(self, history_emb: Tensor, mask: Tensor, lengths: Tensor) -> Tensor:
+        """Scatter the looked-up history rows into a zero (B, L, D) tensor and encode it."""
+        b, length = mask.shape
+        emb = history_emb.new_zeros(b, length, self.config.dim)  # (B, L, D)
+        emb = emb.masked_scatter(mask[..., None], history_emb)  # row-major, like mask's True entries
+        return self.encode(emb, lengths)
+
+    # ----------------------------------------------------------------------------- public API
+
+    def encode(self, input_emb: Tensor, lengths: Tensor) -> Tensor:
+        """Hidden states (B, L, D) of right-padded item embeddings (B, L, D), zero at padding.
+
+        Plain tensors only (no TorchRec), so the ONNX exporter can call it after an ordinary
+        ``nn.Embedding`` lookup; what sits at padded positions of ``input_emb`` never reaches
+        a real position, because padding is on the right and attention is causal.
+        """
+        b, length, dim = input_emb.shape
+        mask = torch.arange(length, device=input_emb.device) < lengths[:, None]  # (B, L)
+        x = input_emb * math.sqrt(dim) + self.positions.weight[:length]  # (B, L, D)
+        x = self.input_dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        # Padded steps hold garbage computed from positions alone; zero them so that nothing
+        # downstream (pooling, an exported graph) can pick it up.
+        return self.final_norm(x) * mask[..., None].to(x.dtype)
+
+    def user_vector(self, hidden: Tensor, lengths: Tensor) -> Tensor:
+        """The hidden state (B, D) at each row's last real position ``lengths - 1``.
+
+        A row with length 0 gets position 0, which ``encode`` zeroed: a zero vector.
+        """
+        index = (lengths.to(torch.int64) - 1).clamp_min(0)  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, D)
+
+    def training_loss(self, input_ids: Tensor, target_ids: Tensor, lengths: Tensor, weight: Tensor
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of one training batch and its stats, with one item-table lookup.
+
+        Args:
+            input_ids, target_ids: (B, L) right-padded; ``target_ids[b, l]`` follows
+                ``input_ids[b, l]``. Entries at or past ``lengths`` are ignored.
+            lengths: (B,) real positions per row.
+            weight: (B,) row weights; each of a row's positions gets the row's weight.
+
+        Returns:
+            The weighted mean over real positions of the configured loss, and stats:
+            ``tokens`` (number of real target positions) and, for ``sampled_softmax``,
+            ``negatives`` (candidates per position before masking).
+        """
+        c = self.config
+        mask = self._check_inputs(input_ids, lengths)
+        if target_ids.shape != input_ids.shape:
+            raise ValueError(f"target_ids: shape {tuple(target_ids.shape)} != input_ids {tuple(input_ids.shape)}")
+        b = input_ids.shape[0]
+        history, targets = input_ids[mask], target_ids[mask]  # (T,) each, row-major
+        position_weight = weight.to(input_ids.device)[:, None].expand_as(mask)[mask]  # (T,)
+        num_tokens = targets.numel()
+        device = input_ids.device
+
+        if c.loss == "ce":
+            candidates = torch.arange(1, c.num_items + 1, device=device)
+            candidate_lengths = self._in_row_zero(candidates, b)
+        elif c.loss == "sampled_softmax":
+            candidates = torch.randint(1, c.num_items + 1, (c.num_negatives,), device=device)
+            candidate_lengths = self._in_row_zero(candidates, b)
+        else:
+            # Uniform over the N - 1 items other than the target: draw from 1..N-1 and shift
+            # the draws at or above the target up by one.
+            candidates = torch.randint(1, c.num_items, (num_tokens,), device=device)
+            candidates = candidates + (candidates >= targets).to(candidates.dtype)
+            candidate_lengths = lengths
+        emb = self._lookup(history, targets, lengths, candidates, candidate_lengths, b)
+        hidden = self._hidden(emb["history"], mask, lengths)
+        query = hidden[mask]  # (T, D)
+
+        stats: dict[str, Tensor] = {"tokens": torch.tensor(num_tokens, device=device)}
+        if c.loss == "ce":
+            loss = full_softmax_ce(query, emb["candidates"], targets - 1, position_weight,
+                                   temperature=c.temperature)
+        elif c.loss == "sampled_softmax":
+            log_q_target = log_q_negative = None
+            if c.logq_correction:
+                log_q_target = self._log_expected_count(targets, num_tokens)
+                log_q_negative = self._log_expected_count(candidates, num_tokens)
+            loss = sampled_softmax(query, emb["target"], targets, emb["candidates"], candidates,
+                                   in_batch=c.in_batch_negatives, log_q_target=log_q_target,
+                                   log_q_negative=log_q_negative, temperature=c.temperature,
+                                   weight=position_weight)
+            in_batch = num_tokens if c.in_batch_negatives else 0
+            stats["negatives"] = torch.tensor(in_batch + c.num_negatives, device=device)
+        else:
+            loss = bce_one_negative(query, emb["target"], emb["candidates"], position_weight)
+        return loss, stats
+
+    def _log_expected_count(self, ids: Tensor, num_tokens: int) -> Tensor:
+        """``log(T_in p(i) + M / N)``: expected times item i is among a step's sampled candidates.
+
+        ``T_in`` in-batch candidates are drawn ~ p (the training frequency) and ``M`` uniform ones
+        ~ 1/N; the logQ correction subtracts this from every candidate's logit.
+        """
+        c = self.config
+        terms = []
+        if c.in_batch_negatives and num_tokens > 0:
+            terms.append(self.log_item_prob[ids] + math.log(num_tokens))
+        if c.num_negatives > 0:
+            terms.append(torch.full(ids.shape, math.log(c.num_negatives / c.num_items),
+                                    dtype=self.log_item_prob.dtype, device=ids.device))
+        return terms[0] if len(terms) == 1 else torch.logaddexp(terms[0], terms[1])
+
+    def score_all(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
+        """Scores (B, N + 1) of every item for the next position; column 0 (padding) is -inf.
+
+        One lookup: the history and the whole catalog as ``candidates``. The temperature is
+        left out, as it does not change a ranking.
+        """
+        c = self.config
+        mask = self._check_inputs(input_ids, lengths)
+        b = input_ids.shape[0]
+        catalog_ids = torch.arange(1, c.num_items + 1, device=input_ids.device)
+        emb = self._lookup(input_ids[mask], None, lengths, catalog_ids, self._in_row_zero(catalog_ids, b), b)
+        user = self.user_vector(self._hidden(emb["history"], mask, lengths), lengths)  # (B, D)
+        scores = user @ emb["candidates"].T  # (B, N)
+        return F.pad(scores, (1, 0), value=float("-inf"))  # (B, N + 1)
+
+    def forward(self, input_ids: Tensor, lengths: Tensor, target_ids: Tensor | None = None,
+                weight: Tensor | None = None) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """``training_loss`` when ``target_ids`` is given, else ``score_all``.
+
+        Under ``DistributedModelParallel`` call the wrapper (``dmp(...)``), not these methods,
+        so that its DistributedDataParallel sees a forward and synchronises dense gradients.
+        """
+        if target_ids is None:
+            return self.score_all(input_ids, lengths)
+        if weight is None:
+            weight = torch.ones(input_ids.shape[0], device=input_ids.device)
+        return self.training_loss(input_ids, target_ids, lengths, weight)

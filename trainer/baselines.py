@@ -1,0 +1,237 @@
+"""Non-learned baselines, scored through the same :class:`~trainer.metrics.RankingEvaluator`.
+
+Both read a prepared directory (``data/layout.py``) and evaluate leave-one-out examples of one
+stage exactly as the data loader defines them: for ``validate`` the target is
+``seq[train_end]`` and the history ``seq[:train_end]``; for ``test`` the target is
+``seq[val_end]`` and the history ``seq[:val_end]``; a user needs a target and a non-empty
+history (the loader's rule, so baselines and models cover the same users).
+
+Statistics are counted over *everything before the evaluated part*, for every user: the
+training parts for ``validate``, the training and validation parts for ``test`` (the protocol
+of the published full-ranking ML-1M numbers: a model evaluated on test is trained with the
+validation items too). No evaluation target is ever counted. These counts are also the
+``item_popularity`` given to the evaluator, so ``popularity@K`` means "count in the data a model
+could have seen".
+
+- ``most_popular``: items ordered by interaction count.
+- ``markov``: first-order Markov chain on the last history item ``a``: score = number of
+  transitions ``a -> b`` between consecutive items of the counted parts (all users), ties and
+  items never seen after ``a`` ordered by popularity, then by the evaluator's tie rule.
+
+Scores are integer ranks rather than raw counts, so that float32 comparisons stay exact
+whatever the counts (see :func:`_markov_scores`).
+
+Everything is vectorised over users, so ML-1M takes a few seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from data.layout import SEQUENCES, read_manifest, split_bounds
+from trainer.metrics import RankingEvaluator
+
+BaselineName = Literal["most_popular", "markov"]
+BASELINES: tuple[str, ...] = ("most_popular", "markov")
+EvalStage = Literal["validate", "test"]
+
+
+@dataclass(frozen=True)
+class _Sequences:
+    """All users' sequences as one flat array, with per-user offsets and split bounds."""
+
+    items: np.ndarray  # (sum of lengths,) int64
+    starts: np.ndarray  # (U,) int64
+    lengths: np.ndarray  # (U,) int64
+    train_end: np.ndarray  # (U,) int64
+    val_end: np.ndarray  # (U,) int64
+    num_items: int
+
+
+def _load(data_dir: str | Path) -> _Sequences:
+    manifest = read_manifest(data_dir)
+    split = manifest["split"]
+    columns = ["length", "item_idx"] + (["timestamp"] if split.get("type") == "time" else [])
+    table = pq.read_table(Path(data_dir) / SEQUENCES, columns=columns)
+    lengths = table.column("length").to_numpy().astype(np.int64)
+    items = pc.list_flatten(table.column("item_idx")).to_numpy().astype(np.int64)
+    flat_ts = None
+    if "timestamp" in columns:
+        flat_ts = pc.list_flatten(table.column("timestamp")).to_numpy()
+    train_end, val_end = split_bounds(split, lengths, flat_ts)
+    starts = np.cumsum(lengths) - lengths
+    return _Sequences(items, starts, lengths, train_end, val_end, int(manifest["items"]))
+
+
+def _counted_mask(seqs: _Sequences, stage: EvalStage) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask over flat items counted as known, per-user end of the counted prefix)``."""
+    end = seqs.train_end if stage == "validate" else seqs.val_end
+    position = np.arange(len(seqs.items)) - np.repeat(seqs.starts, seqs.lengths)
+    return position < np.repeat(end, seqs.lengths), end
+
+
+def popularity_counts(seqs: _Sequences, stage: EvalStage) -> np.ndarray:
+    """``(N + 1,)`` interaction count per item over the parts before ``stage``'s targets."""
+    known, _ = _counted_mask(seqs, stage)
+    return np.bincount(seqs.items[known], minlength=seqs.num_items + 1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Transitions:
+    """Counts of ``a -> b`` between consecutive items, as CSR rows indexed by ``a``."""
+
+    indptr: np.ndarray  # (N + 2,)
+    next_item: np.ndarray  # (T,) int64
+    count: np.ndarray  # (T,) int64
+
+    def row(self, a: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.indptr[a], self.indptr[a + 1]
+        return self.next_item[lo:hi], self.count[lo:hi]
+
+
+def transition_counts(seqs: _Sequences, stage: EvalStage) -> Transitions:
+    """Transitions inside each user's counted prefix (never crossing users or into a target)."""
+    known, _ = _counted_mask(seqs, stage)
+    # A pair (i, i + 1) counts when both ends are known; known items form a per-user prefix, so
+    # "i + 1 known" also guarantees i + 1 belongs to the same user.
+    src = np.flatnonzero(known[:-1] & known[1:])
+    n1 = seqs.num_items + 1
+    pair = seqs.items[src] * n1 + seqs.items[src + 1]
+    uniq, count = np.unique(pair, return_counts=True)
+    a, b = uniq // n1, uniq % n1
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=n1))])
+    return Transitions(indptr, b, count.astype(np.int64))
+
+
+def _examples(seqs: _Sequences, stage: EvalStage) -> tuple[np.ndarray, np.ndarray]:
+    """``(user rows, t)`` of the stage's examples (target ``seq[t]``, history ``seq[:t]``)."""
+    if stage == "validate":
+        ok, t = (seqs.val_end > seqs.train_end) & (seqs.train_end >= 1), seqs.train_end
+    elif stage == "test":
+        ok, t = (seqs.lengths > seqs.val_end) & (seqs.val_end >= 1), seqs.val_end
+    else:
+        raise ValueError(f"stage must be 'validate' or 'test', got {stage!r}")
+    users = np.flatnonzero(ok)
+    return users, t[users]
+
+
+def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of ``flat[starts[i]:starts[i] + lens[i]]``."""
+    total = int(lens.sum())
+    if total == 0:
+        return flat[:0]
+    offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
+    return flat[np.arange(total) + offsets]
+
+
+def _markov_scores(trans: Transitions, last: np.ndarray, pop_rank: np.ndarray) -> np.ndarray:
+    """``(B, N + 1)`` float32 scores ordering items by (transitions from ``last[i]``, popularity).
+
+    Scores are small integers so that float32 (what the evaluator compares) stays exact on any
+    catalogue below 2**23 items: items never seen after ``last[i]`` score their popularity's dense
+    rank ``0..D-1``; the others ``D`` + the dense rank of ``(transitions, popularity)`` in the row,
+    so equal pairs still tie and the evaluator's tie rule decides.
+    """
+    n_distinct = int(pop_rank.max()) + 1
+    scores = np.broadcast_to(pop_rank.astype(np.float32), (len(last), len(pop_rank))).copy()
+    lens = trans.indptr[last + 1] - trans.indptr[last]
+    pos = _gather(np.arange(len(trans.next_item)), trans.indptr[last], lens)
+    rows = np.repeat(np.arange(len(last)), lens)
+    items = trans.next_item[pos]
+    key = trans.count[pos] * n_distinct + pop_rank[items]  # lexicographic (count, popularity)
+    order = np.lexsort((key, rows))
+    rows_s, key_s = rows[order], key[order]
+    new_row = np.r_[True, rows_s[1:] != rows_s[:-1]] if len(order) else np.zeros(0, bool)
+    new_value = new_row | np.r_[True, key_s[1:] != key_s[:-1]] if len(order) else new_row
+    dense = np.cumsum(new_value)
+    dense -= np.maximum.accumulate(np.where(new_row, dense, 0))  # 0-based within each row
+    scores[rows_s, items[order]] = (n_distinct + dense).astype(np.float32)
+    return scores
+
+
+def run_baseline(data_dir: str | Path, name: BaselineName, stage: EvalStage = "test", batch_size: int = 1024,
+                 ks: Sequence[int] = (10, 20, 100), segments: Sequence[int] = (5, 20, 50, 200)
+                 ) -> RankingEvaluator:
+    """Evaluate a baseline; returns the filled evaluator (for :meth:`~RankingEvaluator.compute`
+    and :meth:`~RankingEvaluator.segment_table`)."""
+    if name not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {name!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seqs = _load(data_dir)
+    users, t = _examples(seqs, stage)
+    pop = popularity_counts(seqs, stage)
+    evaluator = RankingEvaluator(seqs.num_items, pop, ks=ks, segments=segments)
+    # Dense popularity ranks, not raw counts: the same order, and exact in float32 at any count.
+    pop_rank = np.unique(pop, return_inverse=True)[1].astype(np.int64)
+    trans = transition_counts(seqs, stage) if name == "markov" else None
+    for lo in range(0, len(users), batch_size):
+        u, tt = users[lo:lo + batch_size], t[lo:lo + batch_size]
+        starts = seqs.starts[u]
+        target = seqs.items[starts + tt]
+        seen = _gather(seqs.items, starts, tt)
+        if trans is None:
+            scores = np.broadcast_to(pop_rank.astype(np.float32), (len(u), len(pop_rank)))
+        else:
+            scores = _markov_scores(trans, seqs.items[starts + tt - 1], pop_rank)
+        evaluator.update(torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(target),
+                         torch.from_numpy(seen), torch.from_numpy(tt), torch.ones(len(u)))
+    return evaluator
+
+
+def evaluate_baseline(data_dir: str | Path, name: BaselineName, stage: EvalStage = "test", batch_size: int = 1024,
+                      ks: Sequence[int] = (10, 20, 100)) -> dict[str, float]:
+    """Metrics of one baseline on one stage (names as in :mod:`trainer.metrics`)."""
+    return run_baseline(data_dir, name, stage, batch_size, ks).compute()
+
+
+def format_table(results: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
+    """A plain-text table: one row per metric, one column per baseline."""
+    names = (["count"] + [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+             + [f"hr@{k}_filtered" for k in ks] + [f"ndcg@{k}_filtered" for k in ks] + ["mrr_filtered"]
+             + [f"coverage@{k}" for k in ks] + [f"popularity@{k}" for k in ks]
+             + [f"popularity@{k}_relative" for k in ks])
+    width = max(len(n) for n in names)
+    cols = list(results)
+    lines = [f"{'metric':<{width}}" + "".join(f"  {c:>14}" for c in cols)]
+    for name in names:
+        cells = "".join(f"  {_fmt(results[c][name]):>14}" for c in cols)
+        lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.0f}" if value == int(value) and value > 1 else f"{value:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the baselines' metrics on a prepared directory (wired into the CLI later)."""
+    parser = argparse.ArgumentParser(prog="recforge baselines", description=__doc__.splitlines()[0])
+    parser.add_argument("data_dir", help="a prepared dataset directory")
+    parser.add_argument("--baseline", choices=[*BASELINES, "all"], default="all")
+    parser.add_argument("--stage", choices=["validate", "test"], default="test")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100])
+    args = parser.parse_args(argv)
+    names = list(BASELINES) if args.baseline == "all" else [args.baseline]
+    results: dict[str, dict[str, float]] = {}
+    for name in names:
+        started = time.perf_counter()
+        evaluator = run_baseline(args.data_dir, name, args.stage, args.batch_size, args.ks)
+        metrics = results[name] = evaluator.compute()
+        print(f"{name}, {args.stage} stage: {metrics['count']:.0f} examples in {time.perf_counter() - started:.1f} s; "
+              f"by history length (filtered):")
+        for row in evaluator.segment_table(metrics):
+            cells = "  ".join(f"{key} {value:.4f}" for key, value in row.items() if key not in ("segment", "count"))
+            print(f"  {row['segment']:>8}  count {row['count']:>7.0f}  {cells}")
+    print(format_table(results, sorted(set(args.ks))))
+    return 0
