@@ -118,10 +118,19 @@ def check_plan(path: str | Path, saved: dict[str, Any], current: dict[str, Any],
 
 def load_sharded(path: str | Path, skeleton: dict[str, Any]) -> None:
     """Collective: fill ``skeleton`` (this rank's current shards) in place from the checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         dcp.load(skeleton, checkpoint_id=str(path))
-    except Exception as exc:  # DCP wraps per-rank failures in its own exception types
+    except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException
         message = str(exc).strip().splitlines()
+        if isinstance(exc, CheckpointException):
+            # It carries the failure of each rank; name the first one.
+            failure = next(iter(exc.failures.values()), None)
+            if isinstance(failure, tuple):  # (exception, traceback)
+                failure = failure[0]
+            if failure is not None:
+                message = [f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}"]
         detail = next((line for line in message if "Error" in line or "Missing" in line), message[0] if message else "")
         raise CheckpointError(f"checkpoint {path}: the sharded state does not load ({type(exc).__name__}: "
                               f"{detail[:300]}); it is corrupt or from another model/config") from None

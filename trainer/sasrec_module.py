@@ -132,10 +132,11 @@ class SASRecModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._write_plan()
 
-    def on_train_epoch_start(self) -> None:
-        # Reseed per (seed, epoch, rank): a run resumed at an epoch boundary draws the same
-        # dropout masks and negatives as an uninterrupted one.
-        torch.manual_seed(self.seed * 1_000_003 + self.current_epoch * 1_009 + self.global_rank)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Reseed per (seed, epoch, batch, rank): dropout masks and sampled negatives then do not
+        # depend on how many random draws happened before (DataLoader iterators, validation,
+        # a resume), so a resumed run continues exactly like an uninterrupted one.
+        torch.manual_seed(hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) & (2**63 - 1))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         # Through the DMP wrapper, so its DistributedDataParallel synchronises dense gradients.
