@@ -56,7 +56,10 @@ class SASRecConfig:
     ffn_mult: int = 4
     """Feed-forward width as a multiple of ``dim``."""
     dropout: float = 0.2
-    """Dropout on the input embeddings, attention weights and residual branches."""
+    """Dropout on the input embeddings and the residual branches."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention weights. Off by default: any value > 0 sends CPU attention down
+    the unfused path (a (B, H, L, L) mask per layer), which costs ~20% of a step at L=200."""
     loss: LossKind = "ce"
     """``ce`` (full catalog), ``sampled_softmax`` or ``bce`` (one uniform negative per position)."""
     num_negatives: int = 256
@@ -80,7 +83,7 @@ class SASRecConfig:
             need(isinstance(value, int) and not isinstance(value, bool), name, "must be an integer")
         for name in ("in_batch_negatives", "logq_correction"):
             need(isinstance(getattr(self, name), bool), name, "must be true or false")
-        for name in ("dropout", "temperature"):
+        for name in ("dropout", "attention_dropout", "temperature"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
                  name, "must be a finite number")
@@ -92,6 +95,7 @@ class SASRecConfig:
              f"must be >= 1 and divide dim={self.dim}")
         need(self.ffn_mult >= 1, "ffn_mult", "must be >= 1")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        need(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
         need(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")
         need(self.num_negatives >= 0, "num_negatives", "must be >= 0")
         need(self.temperature > 0, "temperature", "must be > 0")
@@ -127,10 +131,10 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: ``x + attn(LN(x))``, then ``x + FFN(LN(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, num_heads, dropout)
+        self.attn = CausalSelfAttention(dim, num_heads, attention_dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
         self.drop = nn.Dropout(dropout)
@@ -168,7 +172,7 @@ class SASRec(nn.Module):
         # sqrt(D) in encode() to the same per-coordinate scale.
         self.positions = nn.Embedding(c.max_len, c.dim)
         self.input_dropout = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout)
+        self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout, c.attention_dropout)
                                     for _ in range(c.num_layers))
         self.final_norm = nn.LayerNorm(c.dim)
         # log p(i) of the in-batch sampling distribution (p ∝ training frequency), index 0

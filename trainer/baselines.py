@@ -214,7 +214,7 @@ def _fmt(value: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the baselines' metrics on a prepared directory (wired into the CLI later)."""
+    """`recforge baselines DATA_DIR`: print the baselines' metrics on a prepared directory."""
     parser = argparse.ArgumentParser(prog="recforge baselines", description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", help="a prepared dataset directory")
     parser.add_argument("--baseline", choices=[*BASELINES, "all"], default="all")

@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("test", "evaluate a checkpoint on the test split")):
         sub.add_parser(name, help=what, add_help=False)
     data_cli.add_parser(sub)
+    sub.add_parser("baselines", help="most-popular and Markov baselines through the evaluation code",
+                   add_help=False)
     demo = sub.add_parser("demo", help="the whole path on synthetic data, offline, on CPU")
     demo.add_argument("--workdir", default="demo", help="where the demo writes its data and runs")
     demo.set_defaults(func=_demo)
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as exc:
             print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
+    if argv and argv[0] == "baselines":
+        from trainer.baselines import main as baselines_main
+
+        return baselines_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "data":
         from data import cli as data_cli

@@ -198,5 +198,5 @@ def test_pinned_loss_of_the_tiny_config(tmp_path: Path) -> None:
 
 # Measured with the tiny config on this CPU: the loss logged at step 5 of epoch 0, and the
 # validation NDCG@10 (filtered) after that epoch.
-PINNED_TINY_LOSSES: list[float] = [4.3261]
-PINNED_TINY_NDCG = 0.3895
+PINNED_TINY_LOSSES: list[float] = [4.3246]
+PINNED_TINY_NDCG = 0.3880
