@@ -79,6 +79,15 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
     def score_batch(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scores (B, N + 1) of every item for each evaluation example; column 0 is padding."""
 
+    def prepare_evaluation(self) -> None:
+        """Called on every rank at the start of each validation/test epoch, in eval mode and without
+        gradients, before any :meth:`score_batch` (e.g. to embed the catalogue once per epoch).
+        Lookups in sharded tables are collectives: every rank must make the same calls. No-op here."""
+
+    def finish_evaluation(self) -> None:
+        """Called on every rank at the end of each validation/test epoch (release what
+        :meth:`prepare_evaluation` made). No-op here."""
+
     # --- building ---
 
     def configure_model(self) -> None:
@@ -138,9 +147,11 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
 
     def on_validation_epoch_start(self) -> None:
         self._evaluator = self._new_evaluator()
+        self.prepare_evaluation()
 
     def on_test_epoch_start(self) -> None:
         self._evaluator = self._new_evaluator()
+        self.prepare_evaluation()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -149,9 +160,11 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
+        self.finish_evaluation()
         self._log_eval("val")
 
     def on_test_epoch_end(self) -> None:
+        self.finish_evaluation()
         metrics = self._log_eval("test")
         out = self._out_dir()  # a collective (broadcast): every rank asks
         if self.global_rank == 0:

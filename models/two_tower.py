@@ -1,0 +1,643 @@
+"""Two-tower retrieval: a user tower and an item tower mapping into one L2-normalised space.
+
+- **Item tower**: item id embedding + pooled item categorical/list features (+ numeric
+  features) -> MLP -> L2 norm.
+- **User tower**: position-aware pooling of the user's recent history (the last ``history_len``
+  items, looked up in the *same* item table) + optional user id embedding (optionally hashed)
+  + pooled user categorical features (+ numeric features) -> MLP -> L2 norm.
+- **Loss**: sampled softmax (``models.losses.sampled_softmax``) over in-batch negatives (the
+  other rows' targets) and optional uniform negatives shared by the batch (mixed negative
+  sampling), at a temperature, with logQ (sampling-bias) correction from item frequencies and
+  accidental-hit masking.
+
+TorchRec layout (DESIGN §5):
+
+- ``embedding_collection``: an ``EmbeddingCollection`` (not a bag: the history is pooled with
+  per-position weights) holding one table, ``item_table`` (N + 1 rows, row 0 = padding), read
+  by three KJT keys: ``history``, ``target`` and ``candidates`` (uniform negatives while
+  training, the whole catalogue when scoring). A training step looks it up **once**, with one
+  KJT holding all three, so the fused optimizer applies one update per row per step. As in
+  :mod:`models.sasrec`, every key has stride B and ``candidates`` sits in row 0.
+- ``feature_collection``: an ``EmbeddingBagCollection`` (mean pooling) with one table per
+  categorical/list feature, named like its KJT key (``item_<name>``, ``user_<name>``), and the
+  ``user_id`` table when ``use_user_id``. It is also looked up once per step: the KJT has
+  stride ``S = max(n, B)``; item keys fill rows ``0..n-1`` (the n items being embedded:
+  targets + negatives, or the catalogue), user keys rows ``0..B-1``; the other rows are empty.
+
+Item features are needed for *any* item id (negatives, the catalogue), not only for the targets
+a batch carries, so the model keeps every item's feature codes as buffers
+(:meth:`TwoTower.set_item_features`, from the prepared data) and builds the feature KJT from
+them; the ``item_<name>`` keys and ``item_dense`` of a data batch are not read. User features
+come with the batch (``user_<name>`` keys of the batch KJT, ``user_dense``), so a user unseen
+in training can be served from its features and history.
+
+The towers (:class:`ItemTower`, :class:`UserTower`) take plain dense tensors (no TorchRec),
+so an exporter can run them after ordinary ``nn.Embedding``/``nn.EmbeddingBag`` lookups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from models.losses import sampled_softmax
+
+PoolingKind = Literal["mean", "exp_decay", "learned"]
+POOLINGS: tuple[PoolingKind, ...] = ("mean", "exp_decay", "learned")
+ITEM_KEYS = ("history", "target", "candidates")
+"""The KJT keys of the item table, in the order every lookup uses."""
+USER_ID_KEY = "user_id"
+"""KJT key (and table name) of the user id embedding."""
+EC_MODULE = "embedding_collection"
+"""Attribute (and ``named_modules`` path) of the item ``EmbeddingCollection``."""
+EBC_MODULE = "feature_collection"
+"""Attribute of the feature ``EmbeddingBagCollection`` (absent when there are no such tables)."""
+
+# User id hashing: ((id mod P) * A + C) mod P mod buckets. P = 2^31 - 1 and A < 2^31 keep the
+# product below 2^62, so int64 never overflows, and any int64 id (even negative) maps to a row.
+_HASH_P = 2_147_483_647
+_HASH_A = 1_103_515_245
+_HASH_C = 12_345
+
+
+def hash_user_ids(ids: Tensor, buckets: int) -> Tensor:
+    """Rows ``0..buckets-1`` of (unbounded) int64 user ids: a fixed universal-style hash."""
+    if buckets < 1:
+        raise ValueError(f"buckets must be >= 1, got {buckets}")
+    ids = ids.to(torch.int64)
+    return ((ids % _HASH_P) * _HASH_A + _HASH_C) % _HASH_P % buckets
+
+
+def signed_log1p(x: Tensor) -> Tensor:
+    """``sign(x) log(1 + |x|)``: tames heavy-tailed numeric features (prices, counts)."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+@dataclass
+class TowerConfig:
+    """The MLP of one tower: input -> hidden layers (GELU, dropout) -> ``out_dim`` -> L2 norm."""
+
+    hidden: list[int] = field(default_factory=lambda: [128])
+    """Hidden layer widths; ``[]`` is a single linear map to the output."""
+    dropout: float = 0.0
+    """Dropout on the tower input and after each hidden layer."""
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in self.hidden):
+            raise ValueError(f"TowerConfig.hidden={self.hidden!r}: widths must be integers >= 1")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"TowerConfig.dropout={self.dropout!r}: must be in [0, 1)")
+
+
+@dataclass
+class TwoTowerConfig:
+    num_items: int
+    """N: item ids are 1..N and 0 is padding (table of N + 1 rows). 0 = take it from the data."""
+    num_users: int = 0
+    """User ids are 1..num_users (used by the unhashed user id table). 0 = take it from the data."""
+    dim: int = 64
+    """Item table width: the item id embedding and the pooled history."""
+    out_dim: int = 64
+    """Width of the shared (L2-normalised) user/item space."""
+    feature_dim: int = 16
+    """Width of each categorical/list feature table."""
+    history_len: int = 50
+    """H: the last H items of the history are pooled (must equal the data's ``history_len``)."""
+    pooling: PoolingKind = "learned"
+    """History pooling: ``mean``; ``exp_decay`` (weight of the item ``a`` steps before the most
+    recent ∝ ``decay ** a``); ``learned`` (learned per-position logits, softmax over the real
+    positions, initialised to ``exp_decay``)."""
+    decay: float = 0.8
+    """Recency decay of ``exp_decay`` and the initial weights of ``learned`` (in (0, 1])."""
+    pooling_heads: int = 1
+    """``learned``: independent position weightings, concatenated (head k starts at ``decay ** (1 / 2^k)``,
+    so later heads look further back)."""
+    use_user_id: bool = False
+    """Add a user id embedding to the user tower."""
+    user_id_dim: int = 32
+    """Width of the user id table."""
+    user_id_hash_buckets: int = 0
+    """> 0: hash user ids into this many rows (unbounded / unseen ids); 0: one row per user id."""
+    item_tower: TowerConfig = field(default_factory=TowerConfig)
+    """Item tower MLP."""
+    user_tower: TowerConfig = field(default_factory=TowerConfig)
+    """User tower MLP."""
+    temperature: float = 0.05
+    """Logits (cosines) are divided by it."""
+    in_batch_negatives: bool = True
+    """Use the other rows' targets as negatives."""
+    num_negatives: int = 0
+    """Uniform negatives per step shared by the batch (mixed negative sampling; 0 = none)."""
+    logq_correction: bool = True
+    """Subtract the log expected sample count of each candidate (sampling-bias correction)."""
+    item_feature_cardinalities: dict[str, int] = field(default_factory=dict)
+    """Item categorical/list features used (KJT key ``item_<name>``) -> table rows. Filled from
+    the data by the training module (after its ``item_features`` selection)."""
+    user_feature_cardinalities: dict[str, int] = field(default_factory=dict)
+    """User categorical features used (KJT key ``user_<name>``) -> table rows. Filled from the data."""
+    item_numeric_features: list[str] = field(default_factory=list)
+    """Item numeric features used (columns of the item dense buffer). Filled from the data."""
+    user_numeric_features: list[str] = field(default_factory=list)
+    """User numeric features used (columns of ``user_dense``). Filled from the data."""
+    table_name: str = "item_table"
+    """Name of the item table (not ``items``: it collides with ``ModuleDict.items``)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.item_tower, Mapping):  # from a plain dict (e.g. saved hyperparameters)
+            self.item_tower = TowerConfig(**self.item_tower)
+        if isinstance(self.user_tower, Mapping):
+            self.user_tower = TowerConfig(**self.user_tower)
+
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"TwoTowerConfig.{name}={getattr(self, name)!r}: {what}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("num_items", "num_users", "dim", "out_dim", "feature_dim", "history_len", "pooling_heads",
+                     "user_id_dim", "user_id_hash_buckets", "num_negatives"):
+            need(is_int(getattr(self, name)), name, "must be an integer")
+        for name in ("use_user_id", "in_batch_negatives", "logq_correction"):
+            need(isinstance(getattr(self, name), bool), name, "must be true or false")
+        for name in ("decay", "temperature"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                 name, "must be a finite number")
+        need(self.num_items >= 0, "num_items", "must be >= 1 (or 0: taken from the data)")
+        need(self.num_users >= 0, "num_users", "must be >= 1 (or 0: taken from the data)")
+        for name in ("dim", "out_dim", "feature_dim", "history_len", "pooling_heads", "user_id_dim"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
+        need(0.0 < self.decay <= 1.0, "decay", "must be in (0, 1]")
+        need(self.pooling == "learned" or self.pooling_heads == 1, "pooling_heads",
+             "must be 1 unless pooling='learned'")
+        need(self.user_id_hash_buckets >= 0, "user_id_hash_buckets", "must be >= 0 (0 = no hashing)")
+        need(self.temperature > 0, "temperature", "must be > 0")
+        need(self.num_negatives >= 0, "num_negatives", "must be >= 0")
+        need(self.in_batch_negatives or self.num_negatives > 0, "num_negatives",
+             "must be > 0 when in_batch_negatives is false (no negatives otherwise)")
+        need(isinstance(self.table_name, str) and self.table_name.isidentifier()
+             and self.table_name not in dir(nn.ModuleDict), "table_name",
+             "must be an identifier that is not a ModuleDict attribute (e.g. not 'items')")
+        for name in ("item_feature_cardinalities", "user_feature_cardinalities"):
+            cards = getattr(self, name)
+            need(isinstance(cards, Mapping) and all(isinstance(k, str) and k.isidentifier() and is_int(v) and v >= 1
+                                                    for k, v in cards.items()),
+                 name, "must map identifier feature names to table sizes >= 1")
+        for name in ("item_numeric_features", "user_numeric_features"):
+            need(isinstance(getattr(self, name), list), name, "must be a list of feature names")
+        need("id" not in self.user_feature_cardinalities, "user_feature_cardinalities",
+             f"a user feature named 'id' would clash with the '{USER_ID_KEY}' key")
+
+    # --- derived names ---
+
+    @property
+    def item_feature_keys(self) -> list[str]:
+        """KJT keys (= table names) of the item features, in order."""
+        return [f"item_{name}" for name in self.item_feature_cardinalities]
+
+    @property
+    def user_feature_keys(self) -> list[str]:
+        """KJT keys (= table names) of the user features, in order."""
+        return [f"user_{name}" for name in self.user_feature_cardinalities]
+
+    @property
+    def user_id_rows(self) -> int:
+        return self.user_id_hash_buckets if self.user_id_hash_buckets > 0 else self.num_users + 1
+
+
+def _mlp(in_dim: int, config: TowerConfig, out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Dropout(config.dropout)]
+    width = in_dim
+    for hidden in config.hidden:
+        layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(config.dropout)]
+        width = hidden
+    layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers)
+
+
+class HistoryPooling(nn.Module):
+    """Position-aware pooling of a right-padded, time-ordered history (B, H, D) -> (B, heads * D).
+
+    The item at position ``j`` of a row of length ``l`` has *age* ``a = l - 1 - j`` (0 = most
+    recent). Its weight is ``softmax_j(logit[a])`` over the row's real positions only: padding
+    gets weight exactly 0, and an empty history pools to a zero vector.
+    """
+
+    def __init__(self, mode: PoolingKind, history_len: int, decay: float, heads: int = 1) -> None:
+        super().__init__()
+        self.mode, self.heads = mode, heads
+        age = torch.arange(history_len, dtype=torch.float32)[:, None]  # (H, 1)
+        decays = torch.tensor([decay ** (1.0 / 2 ** k) for k in range(heads)])  # (heads,)
+        logits = age * decays.log()[None, :]  # (H, heads)
+        if mode == "mean":
+            logits = torch.zeros(history_len, 1)
+        if mode == "learned":
+            self.position_logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("position_logits", logits, persistent=False)
+
+    def weights(self, lengths: Tensor, length: int) -> Tensor:
+        """Pooling weights (B, H, heads); rows sum to 1 (0 for an empty history)."""
+        j = torch.arange(length, device=lengths.device)
+        lengths = lengths.to(torch.int64)
+        mask = j[None, :] < lengths[:, None]  # (B, H)
+        age = (lengths[:, None] - 1 - j[None, :]).clamp(0, self.position_logits.shape[0] - 1)  # (B, H)
+        logits = self.position_logits[age]  # (B, H, heads)
+        # A finite fill keeps an all-padding row NaN-free; the mask then zeroes it.
+        logits = logits.masked_fill(~mask[..., None], torch.finfo(logits.dtype).min)
+        return torch.softmax(logits, dim=1) * mask[..., None].to(logits.dtype)
+
+    def forward(self, history: Tensor, lengths: Tensor) -> Tensor:
+        b, length, dim = history.shape
+        w = self.weights(lengths, length)  # (B, H, heads)
+        return torch.einsum("bhk,bhd->bkd", w, history).reshape(b, self.heads * dim)
+
+
+class ItemTower(nn.Module):
+    """``[id embedding, pooled features, numeric features] -> MLP -> L2 norm``."""
+
+    def __init__(self, config: TwoTowerConfig) -> None:
+        super().__init__()
+        c = config
+        self.in_dim = c.dim + c.feature_dim * len(c.item_feature_cardinalities) + len(c.item_numeric_features)
+        self.mlp = _mlp(self.in_dim, c.item_tower, c.out_dim)
+
+    def forward(self, id_emb: Tensor, feature_emb: Tensor, dense: Tensor) -> Tensor:
+        """(n, dim), (n, feature_dim * item features), (n, item numeric) -> (n, out_dim), unit rows."""
+        x = torch.cat([id_emb, feature_emb, dense.to(id_emb.dtype)], dim=1)
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class UserTower(nn.Module):
+    """``[pooled history, user id embedding, pooled features, numeric features] -> MLP -> L2 norm``."""
+
+    def __init__(self, config: TwoTowerConfig) -> None:
+        super().__init__()
+        c = config
+        self.pooling = HistoryPooling(c.pooling, c.history_len, c.decay, c.pooling_heads)
+        self.in_dim = (c.pooling_heads * c.dim + (c.user_id_dim if c.use_user_id else 0)
+                       + c.feature_dim * len(c.user_feature_cardinalities) + len(c.user_numeric_features))
+        self.mlp = _mlp(self.in_dim, c.user_tower, c.out_dim)
+        n = len(c.user_numeric_features)
+        # Standardisation of signed_log1p(user numeric features), set from the data.
+        self.register_buffer("dense_mean", torch.zeros(n), persistent=False)
+        self.register_buffer("dense_std", torch.ones(n), persistent=False)
+
+    def forward(self, history: Tensor, lengths: Tensor, id_and_feature_emb: Tensor, dense: Tensor) -> Tensor:
+        """history (B, H, D) right-padded, lengths (B,), (B, user id + feature widths), raw numeric
+        features (B, user numeric) -> (B, out_dim), unit rows."""
+        pooled = self.pooling(history, lengths)
+        dense = (signed_log1p(dense.to(pooled.dtype)) - self.dense_mean) / self.dense_std
+        x = torch.cat([pooled, id_and_feature_emb, dense], dim=1)
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class TwoTower(nn.Module):
+    """Two-tower retrieval model on TorchRec tables; see the module docstring.
+
+    ``device`` places only the ``EmbeddingCollection``/``EmbeddingBagCollection`` (``"meta"``
+    when ``DistributedModelParallel`` shards and materialises them); dense layers and buffers
+    follow the ambient default device. Before training, call :meth:`set_item_frequencies`
+    (logQ) and, with item or user features, :meth:`set_item_features` /
+    :meth:`set_user_feature_stats` (data-derived buffers, not saved in the state dict).
+    """
+
+    def __init__(self, config: TwoTowerConfig, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        c = config
+        if c.num_items == 0:
+            raise ValueError("TwoTowerConfig.num_items=0: set it to the number of items before building TwoTower")
+        if c.use_user_id and c.user_id_hash_buckets == 0 and c.num_users == 0:
+            raise ValueError("TwoTowerConfig.num_users=0 with use_user_id and no hashing: set the number of "
+                             "users (or user_id_hash_buckets) before building TwoTower")
+        self.config = c
+        device = torch.device(device)
+        # Rows ~ U(-a, a), a = sqrt(3 / width): unit-norm rows. Bounds, not init_fn: TorchRec's
+        # sharded kernels read only the bounds when they materialise a table.
+        bound = math.sqrt(3.0 / c.dim)
+        self.embedding_collection = EmbeddingCollection(
+            tables=[EmbeddingConfig(name=c.table_name, num_embeddings=c.num_items + 1, embedding_dim=c.dim,
+                                    feature_names=list(ITEM_KEYS), weight_init_min=-bound, weight_init_max=bound)],
+            device=device)
+        bags: list[EmbeddingBagConfig] = []
+        if c.use_user_id:
+            b = math.sqrt(3.0 / c.user_id_dim)
+            bags.append(EmbeddingBagConfig(name=USER_ID_KEY, num_embeddings=c.user_id_rows, embedding_dim=c.user_id_dim,
+                                           feature_names=[USER_ID_KEY], pooling=PoolingType.SUM,
+                                           weight_init_min=-b, weight_init_max=b))
+        b = math.sqrt(3.0 / c.feature_dim)
+        for key, rows in zip(c.item_feature_keys + c.user_feature_keys,
+                             [*c.item_feature_cardinalities.values(), *c.user_feature_cardinalities.values()]):
+            bags.append(EmbeddingBagConfig(name=key, num_embeddings=rows, embedding_dim=c.feature_dim,
+                                           feature_names=[key], pooling=PoolingType.MEAN,
+                                           weight_init_min=-b, weight_init_max=b))
+        self.feature_collection = EmbeddingBagCollection(tables=bags, device=device) if bags else None
+        self._bag_keys = [t.feature_names[0] for t in bags]
+        self.item_tower = ItemTower(c)
+        self.user_tower = UserTower(c)
+        # log p(i) of the in-batch sampling distribution (p ∝ training frequency), index 0 unused;
+        # uniform until set_item_frequencies(). Persistent (its shape is fixed by the config).
+        self.register_buffer("log_item_prob", torch.full((c.num_items + 1,), -math.log(c.num_items)))
+        # Every item's feature codes (jagged: offsets (N + 2,), codes) and standardised numeric
+        # features (N + 1, k); empty until set_item_features(). Data-derived, not saved.
+        for i in range(len(c.item_feature_cardinalities)):
+            self.register_buffer(f"item_offsets_{i}", torch.zeros(c.num_items + 2, dtype=torch.int64), persistent=False)
+            self.register_buffer(f"item_codes_{i}", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self.register_buffer("item_dense", torch.zeros(c.num_items + 1, len(c.item_numeric_features)),
+                             persistent=False)
+
+    # ----------------------------------------------------------------------------- data-derived state
+
+    def set_item_frequencies(self, counts: Tensor | np.ndarray) -> None:
+        """In-batch sampling distribution from training counts (N + 1,), index 0 ignored.
+
+        ``p(i) = max(count_i, 1) / sum_j max(count_j, 1)`` (as :meth:`models.sasrec.SASRec.set_item_frequencies`).
+        """
+        n = self.config.num_items
+        counts = torch.as_tensor(counts).detach().reshape(-1).to(torch.float64)
+        if counts.shape != (n + 1,):
+            raise ValueError(f"counts: expected shape ({n + 1},) (index 0 = padding), got {tuple(counts.shape)}")
+        if not torch.isfinite(counts).all() or (counts < 0).any():
+            raise ValueError("counts: must be finite and >= 0")
+        freq = counts[1:].clamp_min(1.0)
+        log_p = torch.cat([freq.new_zeros(1), freq.log() - freq.sum().log()])
+        self.log_item_prob.copy_(log_p.to(self.log_item_prob))
+
+    def set_item_features(self, sparse: Mapping[str, tuple[Any, Any]], dense: Any | None = None) -> None:
+        """Every item's features, indexed by item id (row 0 = padding).
+
+        Args:
+            sparse: per item feature of the config, ``(offsets (N + 2,), codes)``: the codes of item
+                ``i`` are ``codes[offsets[i]:offsets[i + 1]]`` (the layout of
+                ``data.loader.FeatureTable.sparse_columns``); codes lie in ``[0, cardinality)``.
+            dense: (N + 1, len(item_numeric_features)) raw numeric features; stored as
+                standardised ``signed_log1p`` values (statistics over rows 1..N).
+        """
+        c, n = self.config, self.config.num_items
+        missing = [name for name in c.item_feature_cardinalities if name not in sparse]
+        if missing:
+            raise ValueError(f"set_item_features: no codes for item feature(s) {missing}")
+        for i, (name, card) in enumerate(c.item_feature_cardinalities.items()):
+            offsets = torch.as_tensor(np.asarray(sparse[name][0]), dtype=torch.int64).reshape(-1)
+            codes = torch.as_tensor(np.asarray(sparse[name][1]), dtype=torch.int64).reshape(-1)
+            if offsets.shape != (n + 2,) or offsets[0] != 0 or (offsets.diff() < 0).any() \
+                    or offsets[-1] != codes.numel():
+                raise ValueError(f"set_item_features: item feature {name!r}: offsets must be ({n + 2},), "
+                                 f"non-decreasing from 0 to the number of codes")
+            if codes.numel() and (codes.min() < 0 or codes.max() >= card):
+                raise ValueError(f"set_item_features: item feature {name!r}: codes must lie in [0, {card})")
+            old = getattr(self, f"item_offsets_{i}")
+            setattr(self, f"item_offsets_{i}", offsets.to(old.device))
+            setattr(self, f"item_codes_{i}", codes.to(old.device))
+        k = len(c.item_numeric_features)
+        if k:
+            if dense is None:
+                raise ValueError(f"set_item_features: dense values needed for {c.item_numeric_features}")
+            values = torch.as_tensor(np.asarray(dense), dtype=torch.float32)
+            if values.shape != (n + 1, k):
+                raise ValueError(f"set_item_features: dense must be ({n + 1}, {k}), got {tuple(values.shape)}")
+            x = signed_log1p(torch.nan_to_num(values, nan=0.0))
+            mean, std = x[1:].mean(0), x[1:].std(0, unbiased=False).clamp_min(1e-6)
+            standard = (x - mean) / std
+            standard[0] = 0.0
+            self.item_dense = standard.to(self.item_dense)
+
+    def set_user_feature_stats(self, dense: Any) -> None:
+        """Standardisation of the user numeric features, from all users' raw values (U, k)."""
+        k = len(self.config.user_numeric_features)
+        values = torch.as_tensor(np.asarray(dense), dtype=torch.float32)
+        if values.dim() != 2 or values.shape[1] != k:
+            raise ValueError(f"set_user_feature_stats: expected (users, {k}) values, got {tuple(values.shape)}")
+        x = signed_log1p(torch.nan_to_num(values, nan=0.0))
+        self.user_tower.dense_mean = x.mean(0).to(self.user_tower.dense_mean)
+        self.user_tower.dense_std = x.std(0, unbiased=False).clamp_min(1e-6).to(self.user_tower.dense_std)
+
+    def item_feature_codes(self, item_ids: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per item feature key, ``(codes, lengths)`` of the rows ``item_ids`` (jagged)."""
+        out = {}
+        for i, key in enumerate(self.config.item_feature_keys):
+            offsets, codes = getattr(self, f"item_offsets_{i}"), getattr(self, f"item_codes_{i}")
+            ids = item_ids.to(offsets.device)
+            starts = offsets[ids]
+            lengths = offsets[ids + 1] - starts
+            if codes.numel() == 0:
+                out[key] = (codes[:0], lengths)
+                continue
+            exclusive = torch.cumsum(lengths, 0) - lengths
+            index = torch.repeat_interleave(starts - exclusive, lengths)
+            out[key] = (codes[index + torch.arange(index.numel(), device=index.device)], lengths)
+        return out
+
+    # ----------------------------------------------------------------------------- lookups
+
+    def _item_lookup(self, history: JaggedTensor, target: Tensor | None, candidates: Tensor,
+                     batch_size: int) -> dict[str, Tensor]:
+        """The step's one ``EmbeddingCollection`` call; returns the values (rows, D) of each key.
+
+        ``history`` has B rows; ``target`` one id per row (or None); ``candidates`` all go in row 0.
+        """
+        device = history.values().device
+        hist_lengths = history.lengths().to(device=device, dtype=torch.int32)
+        target_lengths = (torch.ones if target is not None else torch.zeros)(
+            batch_size, dtype=torch.int32, device=device)
+        candidate_lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        if batch_size:
+            candidate_lengths[0] = candidates.numel()
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        values = torch.cat([history.values().to(torch.int64), target.to(torch.int64) if target is not None else empty,
+                            candidates.to(device=device, dtype=torch.int64)])
+        kjt = KeyedJaggedTensor(keys=list(ITEM_KEYS), values=values,
+                                lengths=torch.cat([hist_lengths, target_lengths, candidate_lengths]),
+                                stride=batch_size)
+        out = self.embedding_collection(kjt)
+        return {key: out[key].values() for key in ITEM_KEYS}
+
+    def _feature_lookup(self, item_ids: Tensor, user: Mapping[str, JaggedTensor] | None, batch_size: int
+                        ) -> tuple[Tensor, Tensor]:
+        """The step's one ``EmbeddingBagCollection`` call: pooled item features (n, F_item) of
+        ``item_ids`` (from the buffers) and pooled user id + features (B, F_user) of ``user`` (the
+        batch's ``user_id``/``user_<name>`` keys; None: no users, B = 0)."""
+        c = self.config
+        n = item_ids.numel()
+        b = batch_size if user is not None else 0
+        device = self.log_item_prob.device
+        if self.feature_collection is None:
+            return (torch.zeros(n, 0, device=device), torch.zeros(b, 0, device=device))
+        stride = max(n, b, 1)
+        rows: dict[str, tuple[Tensor, Tensor]] = self.item_feature_codes(item_ids) if n else {
+            key: (torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
+            for key in c.item_feature_keys}
+        user_keys = ([USER_ID_KEY] if c.use_user_id else []) + c.user_feature_keys
+        for key in user_keys:
+            if user is None:
+                rows[key] = (torch.zeros(0, dtype=torch.int64, device=device),
+                             torch.zeros(0, dtype=torch.int64, device=device))
+                continue
+            jt = user[key]
+            values = jt.values().to(device=device, dtype=torch.int64)
+            if key == USER_ID_KEY and c.user_id_hash_buckets > 0:
+                values = hash_user_ids(values, c.user_id_hash_buckets)
+            rows[key] = (values, jt.lengths().to(device=device, dtype=torch.int64))
+        values, lengths = [], []
+        for key in self._bag_keys:
+            v, lens = rows[key]
+            values.append(v)
+            lengths.append(F.pad(lens, (0, stride - lens.numel())))
+        kjt = KeyedJaggedTensor(keys=list(self._bag_keys), values=torch.cat(values),
+                                lengths=torch.cat(lengths).to(torch.int32), stride=stride)
+        pooled = self.feature_collection(kjt).to_dict()  # key -> (S, width)
+        item_emb = torch.cat([pooled[k][:n] for k in c.item_feature_keys], 1) if c.item_feature_keys \
+            else torch.zeros(n, 0, device=device)
+        user_emb = torch.cat([pooled[k][:b] for k in user_keys], 1) if user_keys else torch.zeros(b, 0, device=device)
+        return item_emb, user_emb
+
+    def _parse(self, features: KeyedJaggedTensor, need_target: bool) -> tuple[dict[str, JaggedTensor], int]:
+        keys = set(features.keys())
+        needed = ["history"] + (["target"] if need_target else []) + ([USER_ID_KEY] if self.config.use_user_id else []) \
+            + self.config.user_feature_keys
+        missing = [k for k in needed if k not in keys]
+        if missing:
+            raise ValueError(f"features: the KeyedJaggedTensor lacks key(s) {missing} (has {sorted(keys)})")
+        return features.to_dict(), features.stride()
+
+    def _history_dense(self, history_emb: Tensor, lengths: Tensor) -> Tensor:
+        """Scatter the looked-up history rows (row-major) into a zero (B, H, D) tensor."""
+        c = self.config
+        b = lengths.numel()
+        mask = torch.arange(c.history_len, device=history_emb.device) < lengths.to(history_emb.device)[:, None]
+        if history_emb.shape[0] != int(mask.sum()):
+            raise ValueError(f"history: rows longer than history_len={c.history_len} (lengths {lengths.tolist()})")
+        emb = history_emb.new_zeros(b, c.history_len, c.dim)
+        return emb.masked_scatter(mask[..., None], history_emb)
+
+    def _user_vectors(self, history_emb: Tensor, history: JaggedTensor, user_emb: Tensor, user_dense: Tensor | None
+                      ) -> Tensor:
+        lengths = history.lengths().to(history_emb.device)
+        b = lengths.numel()
+        if user_dense is None:
+            user_dense = history_emb.new_zeros(b, len(self.config.user_numeric_features))
+        if user_dense.shape != (b, len(self.config.user_numeric_features)):
+            raise ValueError(f"user_dense: expected ({b}, {len(self.config.user_numeric_features)}) "
+                             f"({self.config.user_numeric_features}), got {tuple(user_dense.shape)}")
+        return self.user_tower(self._history_dense(history_emb, lengths), lengths, user_emb,
+                               user_dense.to(history_emb.device))
+
+    def _log_expected_count(self, ids: Tensor, num_rows: int, num_negatives: int) -> Tensor:
+        """``log(B p(i) + M / N)``: expected times item i is among a step's candidates (B in-batch
+        draws ~ p, M uniform draws ~ 1/N); the logQ correction subtracts it from every logit."""
+        c = self.config
+        terms = []
+        if c.in_batch_negatives and num_rows > 0:
+            terms.append(self.log_item_prob[ids] + math.log(num_rows))
+        if num_negatives > 0:
+            terms.append(torch.full(ids.shape, math.log(num_negatives / c.num_items),
+                                    dtype=self.log_item_prob.dtype, device=ids.device))
+        return terms[0] if len(terms) == 1 else torch.logaddexp(terms[0], terms[1])
+
+    # ----------------------------------------------------------------------------- public API
+
+    def sample_negatives(self, device: torch.device | str) -> Tensor:
+        """The step's ``num_negatives`` uniform negatives over 1..N (shared by the batch; may hit a
+        target: such accidental hits are masked by the loss)."""
+        c = self.config
+        return torch.randint(1, c.num_items + 1, (c.num_negatives,), device=device)
+
+    def training_loss(self, features: KeyedJaggedTensor, user_dense: Tensor | None, weight: Tensor
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sampled-softmax loss of one batch, with one item-table and one feature-table lookup.
+
+        Args:
+            features: the batch KJT (``history``, ``target`` (one per row), ``user_id`` and
+                ``user_<name>`` keys as the config needs; other keys are ignored).
+            user_dense: (B, user numeric features) raw values, or None when there are none.
+            weight: (B,) row weights.
+
+        Returns:
+            The weighted mean loss and stats: ``negatives`` (candidates per row before masking).
+        """
+        c = self.config
+        d, b = self._parse(features, need_target=True)
+        history, target_jt = d["history"], d["target"]
+        targets = target_jt.values().to(torch.int64)
+        if targets.numel() != b or (target_jt.lengths() != 1).any():
+            raise ValueError("features: 'target' must hold exactly one item per row")
+        device = targets.device
+        negatives = self.sample_negatives(device)
+        emb = self._item_lookup(history, targets, negatives, b)
+        item_ids = torch.cat([targets, negatives])
+        item_feat, user_feat = self._feature_lookup(item_ids, d, b)
+        item_vec = self.item_tower(torch.cat([emb["target"], emb["candidates"]]), item_feat,
+                                   self.item_dense[item_ids.to(self.item_dense.device)])
+        user_vec = self._user_vectors(emb["history"], history, user_feat, user_dense)
+        has_negatives = negatives.numel() > 0
+        log_q_target = log_q_negative = None
+        if c.logq_correction:
+            m = negatives.numel()
+            log_q_target = self._log_expected_count(targets, b, m)
+            log_q_negative = self._log_expected_count(negatives, b, m) if has_negatives else None
+        loss = sampled_softmax(user_vec, item_vec[:b], targets, item_vec[b:] if has_negatives else None,
+                               negatives if has_negatives else None, in_batch=c.in_batch_negatives,
+                               log_q_target=log_q_target, log_q_negative=log_q_negative,
+                               temperature=c.temperature, weight=weight.to(user_vec.device))
+        stats = {"negatives": torch.tensor((b if c.in_batch_negatives else 0) + negatives.numel(), device=device)}
+        return loss, stats
+
+    def item_vectors(self, item_ids: Tensor) -> Tensor:
+        """Item vectors (n, out_dim) of any item ids (one item-table and one feature-table lookup)."""
+        item_ids = item_ids.reshape(-1).to(torch.int64)
+        empty = JaggedTensor(values=torch.zeros(0, dtype=torch.int64, device=item_ids.device),
+                             lengths=torch.zeros(1, dtype=torch.int32, device=item_ids.device))
+        emb = self._item_lookup(empty, None, item_ids, 1)
+        item_feat, _ = self._feature_lookup(item_ids, None, 0)
+        return self.item_tower(emb["candidates"], item_feat, self.item_dense[item_ids.to(self.item_dense.device)])
+
+    def user_vectors(self, features: KeyedJaggedTensor, user_dense: Tensor | None = None) -> Tensor:
+        """User vectors (B, out_dim) from the batch KJT (one item-table and one feature-table lookup)."""
+        d, b = self._parse(features, need_target=False)
+        emb = self._item_lookup(d["history"], None, torch.zeros(0, dtype=torch.int64), b)
+        _, user_feat = self._feature_lookup(torch.zeros(0, dtype=torch.int64, device=self.log_item_prob.device), d, b)
+        return self._user_vectors(emb["history"], d["history"], user_feat, user_dense)
+
+    def score_all(self, features: KeyedJaggedTensor, user_dense: Tensor | None = None,
+                  catalog: Tensor | None = None) -> Tensor:
+        """Scores (B, N + 1) of every item (cosines; column 0, padding, is -inf).
+
+        ``catalog``: precomputed :meth:`item_vectors` of ids 1..N (N, out_dim), e.g. once per
+        evaluation epoch; without it, the catalogue is embedded here in the same lookups as the
+        history (one item-table call, one feature-table call).
+        """
+        c = self.config
+        if catalog is None:
+            d, b = self._parse(features, need_target=False)
+            ids = torch.arange(1, c.num_items + 1, device=d["history"].values().device)
+            emb = self._item_lookup(d["history"], None, ids, b)
+            item_feat, user_feat = self._feature_lookup(ids, d, b)
+            catalog = self.item_tower(emb["candidates"], item_feat, self.item_dense[1:])
+            user = self._user_vectors(emb["history"], d["history"], user_feat, user_dense)
+        else:
+            if catalog.shape != (c.num_items, c.out_dim):
+                raise ValueError(f"catalog: expected ({c.num_items}, {c.out_dim}), got {tuple(catalog.shape)}")
+            user = self.user_vectors(features, user_dense)
+        return F.pad(user @ catalog.T, (1, 0), value=float("-inf"))  # (B, N + 1)
+
+    def forward(self, features: KeyedJaggedTensor, user_dense: Tensor | None = None, weight: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]] | Tensor:
+        """``training_loss`` when ``weight`` is given, else ``score_all``.
+
+        Under ``DistributedModelParallel`` call the wrapper (``dmp(...)``) for training, so that
+        its DistributedDataParallel sees a forward and synchronises dense gradients.
+        """
+        if weight is None:
+            return self.score_all(features, user_dense)
+        return self.training_loss(features, user_dense, weight)
