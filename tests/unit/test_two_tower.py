@@ -17,8 +17,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import models.two_tower as tt
-from models.two_tower import (EBC_MODULE, EC_MODULE, HistoryPooling, TowerConfig, TwoTower, TwoTowerConfig,
-                              hash_user_ids)
+from models.towers import HistoryPooling, TowerConfig, hash_user_ids
+from models.two_tower import EBC_MODULE, EC_MODULE, TwoTower, TwoTowerConfig
 
 N, U, H = 30, 12, 6
 
