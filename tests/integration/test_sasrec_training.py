@@ -200,3 +200,17 @@ def test_pinned_loss_of_the_tiny_config(tmp_path: Path) -> None:
 # validation NDCG@10 (filtered) after that epoch.
 PINNED_TINY_LOSSES: list[float] = [4.3246]
 PINNED_TINY_NDCG = 0.3880
+
+
+def test_torchrun_launch(two_process_run: dict[str, Path], tmp_path: Path) -> None:
+    """`torchrun` starts the ranks itself; Lightning must join them instead of launching its own."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    root = tmp_path / "run"
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29671", "-m", "trainer.cli",
+                           *fit_args(root, two_process_run["data"], "--trainer.devices", "2",
+                                     "--trainer.max_epochs", "1")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = version_dir(root)
+    assert {p.name for p in run.iterdir()} >= {"local_shards_rank0.json", "local_shards_rank1.json"}
+    assert json.loads((run / "sharding_plan.json").read_text())["item_table"]["ranks"] == [0, 1]
