@@ -171,3 +171,18 @@ def bce_one_negative(query: Tensor, pos_emb: Tensor, neg_emb: Tensor, weight: Te
 def _check_2d(t: Tensor, name: str) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name}: expected a 2-d tensor (rows, D), got shape {tuple(t.shape)}")
+
+
+def log_sampling_probability(counts: Tensor, num_items: int) -> Tensor:
+    """log p(i) of in-batch sampling (p ∝ training frequency) from counts (N + 1,), index 0 = 0.
+
+    ``p(i) = max(count_i, 1) / sum_j max(count_j, 1)``: an item with no count is treated as seen
+    once so that its log q stays finite. Used for the logQ correction of sampled softmax.
+    """
+    counts = torch.as_tensor(counts).detach().reshape(-1).to(torch.float64)
+    if counts.shape != (num_items + 1,):
+        raise ValueError(f"counts: expected shape ({num_items + 1},) (index 0 = padding), got {tuple(counts.shape)}")
+    if not torch.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError("counts: must be finite and >= 0")
+    freq = counts[1:].clamp_min(1.0)
+    return torch.cat([freq.new_zeros(1), freq.log() - freq.sum().log()])

@@ -30,7 +30,7 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.losses import bce_one_negative, full_softmax_ce, sampled_softmax
+from models.losses import bce_one_negative, full_softmax_ce, log_sampling_probability, sampled_softmax
 
 LossKind = Literal["ce", "sampled_softmax", "bce"]
 LOSSES: tuple[LossKind, ...] = ("ce", "sampled_softmax", "bce")
@@ -196,14 +196,7 @@ class SASRec(nn.Module):
         ``p(i) = max(count_i, 1) / sum_j max(count_j, 1)``: an item with no count is treated as
         seen once so that its log q stays finite.
         """
-        n = self.config.num_items
-        counts = torch.as_tensor(counts).detach().reshape(-1).to(torch.float64)
-        if counts.shape != (n + 1,):
-            raise ValueError(f"counts: expected shape ({n + 1},) (index 0 = padding), got {tuple(counts.shape)}")
-        if not torch.isfinite(counts).all() or (counts < 0).any():
-            raise ValueError("counts: must be finite and >= 0")
-        freq = counts[1:].clamp_min(1.0)
-        log_p = torch.cat([freq.new_zeros(1), freq.log() - freq.sum().log()])
+        log_p = log_sampling_probability(counts, self.config.num_items)
         self.log_item_prob.copy_(log_p.to(self.log_item_prob))
 
     def _lookup(self, history: Tensor, target: Tensor | None, target_lengths: Tensor,

@@ -49,7 +49,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from models.losses import sampled_softmax
+from models.losses import log_sampling_probability, sampled_softmax
 from models.towers import POOLINGS, ItemTower, PoolingKind, TowerConfig, UserTower, hash_user_ids, signed_log1p
 
 ITEM_KEYS = ("history", "target", "candidates")
@@ -241,14 +241,7 @@ class TwoTower(nn.Module):
 
         ``p(i) = max(count_i, 1) / sum_j max(count_j, 1)`` (as :meth:`models.sasrec.SASRec.set_item_frequencies`).
         """
-        n = self.config.num_items
-        counts = torch.as_tensor(counts).detach().reshape(-1).to(torch.float64)
-        if counts.shape != (n + 1,):
-            raise ValueError(f"counts: expected shape ({n + 1},) (index 0 = padding), got {tuple(counts.shape)}")
-        if not torch.isfinite(counts).all() or (counts < 0).any():
-            raise ValueError("counts: must be finite and >= 0")
-        freq = counts[1:].clamp_min(1.0)
-        log_p = torch.cat([freq.new_zeros(1), freq.log() - freq.sum().log()])
+        log_p = log_sampling_probability(counts, self.config.num_items)
         self.log_item_prob.copy_(log_p.to(self.log_item_prob))
 
     def set_item_features(self, sparse: Mapping[str, tuple[Any, Any]], dense: Any | None = None) -> None:
