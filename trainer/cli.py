@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,10 +25,54 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_parser(sub)
     sub.add_parser("baselines", help="most-popular and Markov baselines through the evaluation code",
                    add_help=False)
+    _add_export_parser(sub)
+    serve = sub.add_parser("serve", help="HTTP recommendations from an exported artifact (onnxruntime, CPU)")
+    serve.add_argument("source", help="artifact directory, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/export")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per request")
+    serve.add_argument("--index", choices=("auto", "exact", "hnsw"), default="auto",
+                       help="top-k search: exact matrix product, faiss HNSW, or auto (HNSW above 200k items)")
+    serve.add_argument("--model-name", default="recforge", help="name on the KServe v2 routes")
+    serve.add_argument("--tracking-uri", help="MLflow URI for models:/ sources (default: $MLFLOW_TRACKING_URI, "
+                       "else sqlite:///mlflow.db)")
+    serve.set_defaults(func=_serve)
     demo = sub.add_parser("demo", help="the whole path on synthetic data, offline, on CPU")
     demo.add_argument("--workdir", default="demo", help="where the demo writes its data and runs")
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _add_export_parser(sub: Any) -> None:
+    parser = sub.add_parser("export", help="export a checkpoint to an ONNX artifact directory (DESIGN §9)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a recforge checkpoint directory (e.g. .../checkpoints/best-epoch=3.ckpt)")
+    source.add_argument("--run-id", help="an MLflow run: exports its best checkpoint and logs into that run")
+    parser.add_argument("--out", required=True, help="artifact directory to write")
+    parser.add_argument("--data-dir", help="prepared data, if not where the checkpoint was trained")
+    parser.add_argument("--register", metavar="NAME", help="log to MLflow and register under NAME")
+    parser.add_argument("--alias", default="champion", help="alias of the new model version (default: champion)")
+    parser.add_argument("--log-to-run", metavar="RUN_ID", help="MLflow run to log into (with --checkpoint)")
+    parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="parity: max |diff| of the user vector")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trainer.export import run_cli
+
+    return run_cli(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from serve.http import main as serve_main
+
+    if args.tracking_uri is None and args.source.startswith(("models:/", "runs:/")):
+        args.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    return serve_main(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -45,10 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from trainer.checkpoint import CheckpointError
         from trainer.lightning_cli import run
+        from trainer.tracking import TrackingError
 
         try:
             return run(argv)
-        except CheckpointError as exc:
+        except (CheckpointError, TrackingError) as exc:
             print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
     if argv and argv[0] == "baselines":

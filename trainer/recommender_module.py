@@ -64,6 +64,8 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         self.net: torch.nn.Module | None = None
         self._plan: Any = None
         self._evaluator: RankingEvaluator | None = None
+        self.last_evaluation: dict[str, Any] | None = None
+        """Metrics and segment table of the last test epoch (for reports)."""
 
     # --- what a model family provides ---
 
@@ -167,8 +169,9 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         self.finish_evaluation()
         metrics = self._log_eval("test")
         out = self._out_dir()  # a collective (broadcast): every rank asks
+        self.last_evaluation = {"metrics": metrics, "segments": self._evaluator.segment_table()}
         if self.global_rank == 0:
-            _write_json(out / "test_metrics.json", {"metrics": metrics, "segments": self._evaluator.segment_table()})
+            _write_json(out / "test_metrics.json", self.last_evaluation)
 
     # --- helpers ---
 

@@ -1,0 +1,34 @@
+"""Approximate top-k by inner product for large catalogues: a faiss HNSW index.
+
+faiss (Meta, actively released, CPU wheels on PyPI) over hnswlib (last release 2023): same HNSW
+algorithm, plus exact and IVF indexes behind one API if a catalogue outgrows HNSW's memory.
+OpenMP is pinned to one thread before faiss loads: on 2 cores its default pool is erratic inside
+a server thread (0.3–20 ms per query, DESIGN §11), and the server parallelises across requests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+class HNSWIndex:
+    """HNSW (inner product) over item vectors (N, D); ``search`` returns catalogue positions."""
+
+    def __init__(self, vectors: np.ndarray, m: int = 32, ef_construction: int = 200, ef_search: int = 128) -> None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import faiss
+
+        faiss.omp_set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        self.index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = ef_construction
+        self.index.hnsw.efSearch = ef_search
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def search(self, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+        k = min(k, self.index.ntotal)
+        # efSearch must cover k, or HNSW returns fewer than k results.
+        self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, k)
+        scores, positions = self.index.search(np.ascontiguousarray(vector[None, :], dtype=np.float32), k)
+        return positions[0].tolist(), scores[0].tolist()

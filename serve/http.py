@@ -1,0 +1,215 @@
+"""`recforge serve`: the HTTP service over :class:`serve.recommender.Recommender` (DESIGN §9).
+
+Routes: ``POST /v1/recommend``, ``POST /v1/recommend:batch``, ``GET /healthz``, ``GET /v1/model``
+(the manifest), ``POST /v1/admin/reload`` (also on SIGHUP), OpenAPI docs at ``/docs``, and the
+raw model through the Open Inference Protocol (KServe v2): ``GET /v2/health/ready``,
+``GET /v2/models/{name}``, ``POST /v2/models/{name}/infer``.
+
+Reload swaps one reference: a request takes the current model once at its start and finishes
+on it, so requests in flight during a reload complete on the old model and none fail. Bad
+requests get a 4xx with a message; request bodies over ``max_body_bytes`` get 413.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any, Union
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from serve.artifact import ArtifactError
+from serve.recommender import MAX_K, Recommender, RequestError
+
+log = logging.getLogger(__name__)
+
+ItemId = Union[StrictInt, StrictStr]
+MAX_BATCH = 256
+MAX_HISTORY = 10_000
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: ItemId | None = Field(None, description="a user known to the model (its history is used)")
+    history: list[ItemId] | None = Field(None, max_length=MAX_HISTORY,
+                                         description="original item ids, oldest first; unknown ones are ignored")
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description="number of items")
+    exclude_seen: StrictBool = Field(True, description="leave out items of the user's history")
+    exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY, description="more items to leave out")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    requests: list[RecommendRequest] = Field(..., min_length=1, max_length=MAX_BATCH)
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: StrictStr | None = Field(None, description="new artifact (path or models:/...); default: the same source")
+
+
+class InferTensor(BaseModel):
+    name: StrictStr
+    shape: list[StrictInt]
+    datatype: StrictStr
+    data: list[Any]
+
+
+class InferRequest(BaseModel):
+    id: StrictStr | None = None
+    inputs: list[InferTensor] = Field(..., min_length=1, max_length=1)
+
+
+class ModelHolder:
+    """The current model; replaced whole on reload."""
+
+    def __init__(self, source: str, threads: int, index: str, tracking_uri: str | None) -> None:
+        self.source, self.threads, self.index, self.tracking_uri = source, threads, index, tracking_uri
+        self.lock = threading.Lock()
+        self.current = Recommender.load(source, threads=threads, index=index, tracking_uri=tracking_uri)
+        self.loaded_at = time.time()
+        self.reloads = 0
+
+    def reload(self, source: str | None = None) -> Recommender:
+        with self.lock:  # one reload at a time; readers never wait
+            new = Recommender.load(source or self.source, threads=self.threads, index=self.index,
+                                   tracking_uri=self.tracking_uri)
+            self.source = source or self.source
+            self.current, self.loaded_at = new, time.time()
+            self.reloads += 1
+            return new
+
+
+def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri: str | None = None,
+               max_body_bytes: int = 1 << 20, model_name: str = "recforge") -> FastAPI:
+    holder = ModelHolder(source, threads, index, tracking_uri)
+    app = FastAPI(title="recforge", description="Recommendations from a recforge ONNX artifact.", version="1")
+    app.state.holder = holder
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
+        return await call_next(request)
+
+    def describe(model: Recommender) -> dict[str, Any]:
+        return {"kind": model.manifest["kind"], "run_id": model.manifest.get("run_id"),
+                "sha256": model.manifest["files"]["model.onnx"][:12]}
+
+    def answer(model: Recommender, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
+        try:
+            results = model.recommend_batch([r.model_dump() for r in requests])
+        except RequestError as exc:
+            raise HTTPException(status_code=404 if "unknown" in str(exc) else 422, detail=str(exc)) from None
+        return [{**r.as_dict(), "model": describe(model)} for r in results]
+
+    @app.post("/v1/recommend", summary="Top-k items for one user or history")
+    def recommend(body: RecommendRequest) -> dict[str, Any]:
+        return answer(holder.current, [body])[0]
+
+    @app.post("/v1/recommend:batch", summary="Top-k items for up to 256 requests")
+    def recommend_batch(body: BatchRequest) -> dict[str, Any]:
+        return {"results": answer(holder.current, body.requests)}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        model = holder.current
+        return {"status": "ok", "model": describe(model), "items": model.num_items, "reloads": holder.reloads}
+
+    @app.get("/v1/model", summary="The artifact's manifest")
+    def model_manifest() -> dict[str, Any]:
+        return holder.current.manifest
+
+    @app.post("/v1/admin/reload", summary="Load the artifact again (or another one) and swap atomically")
+    def reload(body: ReloadRequest | None = None) -> dict[str, Any]:
+        try:
+            model = holder.reload(body.source if body else None)
+        except (ArtifactError, OSError, ValueError) as exc:
+            raise HTTPException(status_code=409, detail=f"reload refused, still serving the old model: {exc}") from None
+        return {"status": "reloaded", "model": describe(model), "reloads": holder.reloads}
+
+    # --- Open Inference Protocol (KServe v2) over the raw ONNX model ---
+
+    @app.get("/v2/health/ready")
+    def v2_ready() -> dict[str, Any]:
+        return {"ready": True}
+
+    def check_name(name: str) -> None:
+        if name != model_name:
+            raise HTTPException(status_code=404, detail=f"model {name!r} not found (this server has {model_name!r})")
+
+    @app.get("/v2/models/{name}")
+    def v2_metadata(name: str) -> dict[str, Any]:
+        check_name(name)
+        m = holder.current.manifest
+        dtype = {"int64": "INT64", "float32": "FP32"}
+        return {"name": model_name, "versions": [m["files"]["model.onnx"][:12]], "platform": "onnxruntime_onnx",
+                "inputs": [{"name": t["name"], "datatype": dtype[t["dtype"]],
+                            "shape": [-1 if isinstance(d, str) else d for d in t["shape"]]} for t in m["inputs"]],
+                "outputs": [{"name": t["name"], "datatype": dtype[t["dtype"]],
+                             "shape": [-1 if isinstance(d, str) else d for d in t["shape"]]} for t in m["outputs"]]}
+
+    @app.post("/v2/models/{name}/infer")
+    def v2_infer(name: str, body: InferRequest) -> dict[str, Any]:
+        check_name(name)
+        model = holder.current
+        tensor = body.inputs[0]
+        if tensor.name != "item_ids" or tensor.datatype != "INT64" or len(tensor.shape) != 2:
+            raise HTTPException(status_code=422, detail="expected one INT64 input 'item_ids' of shape [batch, length]")
+        batch, length = tensor.shape
+        if not (1 <= batch <= MAX_BATCH and 1 <= length <= model.max_len) or len(tensor.data) != batch * length:
+            raise HTTPException(status_code=422, detail=f"shape {tensor.shape}: need 1..{MAX_BATCH} rows, length "
+                                f"1..{model.max_len}, and len(data) == batch * length")
+        try:
+            ids = np.asarray(tensor.data, dtype=np.int64).reshape(batch, length)  # (B, L)
+        except (ValueError, TypeError, OverflowError):
+            raise HTTPException(status_code=422, detail="item_ids data must be integers") from None
+        if ids.min() < 0 or ids.max() > model.num_items:
+            raise HTTPException(status_code=422, detail=f"item_ids must be item indexes 0..{model.num_items} (0 = padding)")
+        out = model.encode_histories(ids)  # (B, D)
+        return {"model_name": model_name, "id": body.id,
+                "outputs": [{"name": "user_vector", "datatype": "FP32", "shape": list(out.shape),
+                             "data": out.reshape(-1).tolist()}]}
+
+    return app
+
+
+def install_sighup(app: FastAPI) -> None:
+    """SIGHUP reloads the model (only from the main thread, where signal handlers may be set)."""
+    holder: ModelHolder = app.state.holder
+
+    def handler(signum: int, frame: Any) -> None:
+        threading.Thread(target=_reload_logged, args=(holder,), daemon=True).start()
+
+    signal.signal(signal.SIGHUP, handler)
+
+
+def _reload_logged(holder: ModelHolder) -> None:
+    try:
+        holder.reload()
+        log.info("reloaded %s (SIGHUP)", holder.source)
+    except Exception as exc:
+        log.error("reload on SIGHUP refused, still serving the old model: %s", exc)
+
+
+def main(args: Any) -> int:
+    import sys
+
+    import uvicorn
+
+    try:
+        app = create_app(args.source, threads=args.threads, index=args.index, tracking_uri=args.tracking_uri,
+                         model_name=args.model_name)
+    except (ArtifactError, OSError) as exc:
+        print(f"recforge serve: error: {exc}", file=sys.stderr)
+        return 2
+    install_sighup(app)
+    print(f"serving {args.source} on http://{args.host}:{args.port} (docs: /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", workers=1)
+    return 0

@@ -1,0 +1,179 @@
+"""`Recommender`: recommendations from an exported artifact, on CPU, without torch (DESIGN §9).
+
+The ONNX user encoder runs in onnxruntime; items are scored by a matrix product with
+``item_embeddings.npy`` (exact top-k), or through a faiss HNSW index (inner product) for large
+catalogues. History items are original item ids; unknown ones are skipped and reported. A
+request whose history has no usable item gets the most-popular items, marked ``fallback``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from serve.artifact import ArtifactError, read_verified_manifest, resolve_source
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+EXACT_LIMIT = 200_000
+"""Catalogues up to this size are searched exactly (a (B, N) matrix product is fast there)."""
+
+
+class RequestError(ValueError):
+    """A request that cannot be answered as asked (unknown user, bad k, ...): a 4xx, never a 500."""
+
+
+@dataclass
+class Recommendation:
+    items: list[Any]
+    scores: list[float]
+    fallback: bool = False
+    """True when the user had no usable history and got the most-popular items."""
+    unknown_history_items: list[Any] = field(default_factory=list)
+    """History items that are not in the catalogue (ignored)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"items": [{"item_id": i, "score": s} for i, s in zip(self.items, self.scores)],
+                "fallback": self.fallback, "unknown_history_items": self.unknown_history_items}
+
+
+class Recommender:
+    """Loaded artifact: user encoder session, item vectors, id maps, known users' histories."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], threads: int = 1, index: str = "auto") -> None:
+        import onnxruntime as ort
+        import pyarrow.parquet as pq
+
+        self.directory, self.manifest = directory, manifest
+        options = ort.SessionOptions()
+        # One request is a small graph: intra-op threads beyond a few cores only add handoffs,
+        # and a server runs several sessions' requests concurrently anyway.
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(directory / "model.onnx"), options,
+                                            providers=["CPUExecutionProvider"])
+        self.item_embeddings = np.load(directory / "item_embeddings.npy")  # (N, D) float32
+        items = pq.read_table(directory / "items.parquet").to_pydict()
+        self.item_ids: list[Any] = items["item_id"]  # position p <-> item index p + 1
+        self.index_of = {item: idx for idx, item in zip(items["item_idx"], items["item_id"])}
+        counts = np.asarray(items["count"], dtype=np.int64)
+        self.counts = counts
+        self.popular = np.argsort(-counts, kind="stable")  # positions, most popular first
+        self.max_len = int(manifest["max_len"])
+        self.histories: dict[Any, list[int]] = {}
+        if (directory / "users.parquet").is_file():
+            users = pq.read_table(directory / "users.parquet").to_pydict()
+            self.histories = dict(zip(users["user_id"], users["history"]))
+        num_items = self.item_embeddings.shape[0]
+        if self.item_embeddings.shape != (int(manifest["num_items"]), int(manifest["dim"])):
+            raise ArtifactError(f"{directory}: item_embeddings.npy has shape {self.item_embeddings.shape}, "
+                                f"manifest says ({manifest['num_items']}, {manifest['dim']})")
+        self.ann = None
+        if index == "hnsw" or (index == "auto" and num_items > EXACT_LIMIT):
+            from serve.ann import HNSWIndex
+
+            self.ann = HNSWIndex(self.item_embeddings)
+
+    @classmethod
+    def load(cls, source: str | os.PathLike, threads: int = 1, index: str = "auto",
+             tracking_uri: str | None = None) -> "Recommender":
+        """Load a directory, ``models:/NAME@ALIAS`` or ``runs:/RUN/export``; verifies every sha256."""
+        if index not in ("auto", "exact", "hnsw"):
+            raise ValueError(f"index={index!r}: expected 'auto', 'exact' or 'hnsw'")
+        directory = resolve_source(str(source), tracking_uri)
+        manifest = read_verified_manifest(directory)
+        return cls(directory, manifest, threads=threads, index=index)
+
+    @property
+    def num_items(self) -> int:
+        return self.item_embeddings.shape[0]
+
+    # --- requests ---
+
+    def _history_indexes(self, user_id: Any, history: Sequence[Any] | None) -> tuple[list[int], list[Any]]:
+        if user_id is not None:
+            if user_id not in self.histories:
+                raise RequestError(f"user_id {user_id!r} is unknown to this model (pass 'history' instead)")
+            indexes = list(self.histories[user_id])
+        else:
+            indexes = []
+        unknown = []
+        for item in history or ():
+            idx = self.index_of.get(item)
+            if idx is None:
+                unknown.append(item)
+            else:
+                indexes.append(idx)
+        return indexes, unknown
+
+    def recommend(self, user_id: Any = None, history: Sequence[Any] | None = None, k: int = 10,
+                  exclude_seen: bool = True, exclude: Sequence[Any] = ()) -> Recommendation:
+        """Top-``k`` original item ids and scores for a known user or an explicit history (or both:
+        the history then extends the user's)."""
+        return self.recommend_batch([{"user_id": user_id, "history": history, "k": k,
+                                      "exclude_seen": exclude_seen, "exclude": exclude}])[0]
+
+    def recommend_batch(self, requests: Sequence[dict[str, Any]]) -> list[Recommendation]:
+        """Several requests, encoded in one onnxruntime call."""
+        parsed = []
+        for i, request in enumerate(requests):
+            k = request.get("k", 10)
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(MAX_K, self.num_items):
+                raise RequestError(f"request {i}: k={k!r} must be an integer in 1..{min(MAX_K, self.num_items)}")
+            if request.get("user_id") is None and request.get("history") is None:
+                raise RequestError(f"request {i}: give 'user_id' or 'history'")
+            indexes, unknown = self._history_indexes(request.get("user_id"), request.get("history"))
+            excluded = {self.index_of[x] for x in request.get("exclude") or () if x in self.index_of}
+            if request.get("exclude_seen", True):
+                excluded.update(indexes)
+            parsed.append((k, indexes[-self.max_len:], unknown, excluded))
+        with_history = [j for j, p in enumerate(parsed) if p[1]]
+        vectors = self._encode([parsed[j][1] for j in with_history]) if with_history else None
+        out: list[Recommendation] = []
+        row = {j: r for r, j in enumerate(with_history)}
+        for j, (k, indexes, unknown, excluded) in enumerate(parsed):
+            if not indexes:
+                positions = [p for p in self.popular if p + 1 not in excluded][:k]
+                # Fallback scores are training interaction counts, not model scores.
+                out.append(Recommendation([self.item_ids[p] for p in positions],
+                                          [float(self.counts[p]) for p in positions],
+                                          fallback=True, unknown_history_items=unknown))
+                continue
+            positions, scores = self._top_k(vectors[row[j]], k, excluded)
+            out.append(Recommendation([self.item_ids[p] for p in positions], [float(s) for s in scores],
+                                      unknown_history_items=unknown))
+        return out
+
+    def _encode(self, histories: list[list[int]]) -> np.ndarray:
+        length = max(len(h) for h in histories)
+        ids = np.zeros((len(histories), length), dtype=np.int64)  # (B, L) right-padded
+        for r, h in enumerate(histories):
+            ids[r, :len(h)] = h
+        return self.session.run(["user_vector"], {"item_ids": ids})[0]  # (B, D)
+
+    def encode_histories(self, ids: np.ndarray) -> np.ndarray:
+        """The raw model: padded item indexes (B, L) int64 -> user vectors (B, D)."""
+        return self.session.run(["user_vector"], {"item_ids": ids})[0]
+
+    def _top_k(self, vector: np.ndarray, k: int, excluded: set[int]) -> tuple[list[int], np.ndarray]:
+        if self.ann is not None:
+            positions, scores = self.ann.search(vector, k + len(excluded))
+            keep = [(p, s) for p, s in zip(positions, scores) if p >= 0 and p + 1 not in excluded][:k]
+            return [p for p, _ in keep], np.array([s for _, s in keep], dtype=np.float32)
+        scores = self.item_embeddings @ vector  # (N,)
+        if excluded:
+            scores = scores.copy()
+            scores[np.fromiter((i - 1 for i in excluded), dtype=np.int64)] = -np.inf
+        k = min(k, self.num_items - len(excluded))
+        if k <= 0:
+            return [], np.zeros(0, dtype=np.float32)
+        top = np.argpartition(-scores, k - 1)[:k]
+        order = top[np.lexsort((top, -scores[top]))]  # by score, ties by index
+        return order.tolist(), scores[order]

@@ -1,0 +1,251 @@
+"""Export and serving for real: `recforge export` of a trained tiny SASRec (parity gate), the
+artifact's sha256 checks, `recforge serve` over HTTP (bad requests, KServe v2, hot reload under
+concurrent load), and the serving library never importing torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+RECFORGE = str(Path(sys.executable).with_name("recforge"))
+TINY = str(REPO / "configs" / "sasrec" / "tiny.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([RECFORGE, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny SASRecs (seeds 0 and 1, one epoch each), exported."""
+    tmp = tmp_path_factory.mktemp("serve")
+    out = {"tmp": tmp}
+    for name, seed in (("first", "0"), ("second", "1")):
+        root = tmp / f"run-{name}"
+        proc = run("fit", "--config", TINY, "--data.data_dir", str(tmp / "data"), "--trainer.default_root_dir",
+                   str(root), "--trainer.logger.init_args.save_dir", str(root), "--trainer.max_epochs", "1",
+                   "--seed_everything", seed, "--mlflow.enabled", "false", "--test_after_fit", "false", cwd=tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ckpt = root / "sasrec-tiny" / "version_0" / "checkpoints" / "last.ckpt"
+        proc = run("export", "--checkpoint", str(ckpt), "--out", str(tmp / name), cwd=tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = tmp / name
+    return out
+
+
+def test_export_writes_a_verified_artifact_and_passes_parity(artifacts: dict[str, Path]) -> None:
+    import onnxruntime as ort
+
+    art = artifacts["first"]
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["kind"] == "sasrec" and manifest["opset"] >= 17
+    assert set(manifest["files"]) == {"model.onnx", "item_embeddings.npy", "items.parquet", "users.parquet"}
+    assert manifest["parity"]["max_abs_diff"] <= 1e-4
+    assert {(c["batch"], c["length"]) for c in manifest["parity"]["cases"]} >= {(1, 1), (64, 20)}
+    assert all(c["same_top10"] for c in manifest["parity"]["cases"])
+    assert manifest["dataset"]["fingerprint"] == json.loads(
+        (artifacts["tmp"] / "data" / "manifest.json").read_text())["fingerprint"]
+    # Dynamic batch and length: a shape the exporter never saw.
+    session = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.zeros((5, 13), dtype=np.int64)
+    ids[:, :4] = [[1, 2, 3, 4]] * 5
+    out = session.run(["user_vector"], {"item_ids": ids})[0]
+    assert out.shape == (5, manifest["dim"]) and np.isfinite(out).all()
+    assert np.allclose(out, out[0], atol=1e-6), "identical histories give identical vectors, padding ignored"
+
+
+def test_parity_gate_fails_loudly(artifacts: dict[str, Path]) -> None:
+    tmp = artifacts["tmp"]
+    ckpt = json.loads((artifacts["first"] / "manifest.json").read_text())["checkpoint"]
+    proc = run("export", "--checkpoint", ckpt, "--out", str(tmp / "strict"), "--tolerance", "1e-12", cwd=tmp)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "parity failed" in last and "max |diff|" in last, last
+    assert not (tmp / "strict").exists() and not list(tmp.glob(".strict.partial-*")), "nothing half-written"
+
+
+def test_tampered_or_incomplete_artifact_is_refused(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    from serve.artifact import ArtifactError
+    from serve.recommender import Recommender
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(artifacts["first"], bad)
+    data = bytearray((bad / "item_embeddings.npy").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "item_embeddings.npy").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"item_embeddings\.npy: sha256 .* does not match"):
+        Recommender.load(bad)
+    proc = run("serve", str(bad), "--port", "1", cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2 and "does not match the manifest" in proc.stderr
+
+    missing = tmp_path / "incomplete"
+    shutil.copytree(artifacts["first"], missing)
+    (missing / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"model\.onnx is missing"):
+        Recommender.load(missing)
+
+
+def test_library_recommends_by_user_and_history(artifacts: dict[str, Path]) -> None:
+    from serve.artifact import ArtifactError  # noqa: F401  (import check only)
+    from serve.recommender import Recommender, RequestError
+
+    rec = Recommender.load(artifacts["first"])
+    user = next(iter(rec.histories))
+    seen = {rec.item_ids[i - 1] for i in rec.histories[user]}
+    result = rec.recommend(user_id=user, k=10)
+    assert len(result.items) == 10 and not result.fallback
+    assert not seen & set(result.items), "exclude_seen removes the user's items"
+    assert result.scores == sorted(result.scores, reverse=True)
+    unfiltered = rec.recommend(user_id=user, k=10, exclude_seen=False, exclude=[result.items[0]])
+    assert result.items[0] not in unfiltered.items
+    mixed = rec.recommend(history=[rec.item_ids[0], "no-such-item"], k=3)
+    assert mixed.unknown_history_items == ["no-such-item"] and not mixed.fallback
+    cold = rec.recommend(history=["no-such-item"], k=3)
+    assert cold.fallback and len(cold.items) == 3
+    with pytest.raises(RequestError, match="unknown"):
+        rec.recommend(user_id="nobody", k=3)
+    # Batch form equals single requests.
+    batch = rec.recommend_batch([{"user_id": user, "k": 5}, {"history": [rec.item_ids[1]], "k": 5}])
+    assert batch[0].items == rec.recommend(user_id=user, k=5).items
+    # HNSW on this small catalogue agrees with the exact search on the top items.
+    ann = Recommender.load(artifacts["first"], index="hnsw")
+    assert ann.recommend(user_id=user, k=10).items[:5] == result.items[:5]
+
+
+def test_serving_does_not_import_torch(artifacts: dict[str, Path]) -> None:
+    code = ("import sys; from serve.http import create_app; app = create_app(sys.argv[1]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code, str(artifacts["first"])], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def server(artifacts: dict[str, Path]):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([RECFORGE, "serve", str(artifacts["first"]), "--port", str(port)], cwd=artifacts["tmp"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError(proc.stdout.read()[-3000:] if proc.stdout else "server did not start")
+    yield {"url": url, "proc": proc}
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=20)
+
+
+def test_http_routes(server: dict, artifacts: dict[str, Path]) -> None:
+    url = server["url"]
+    manifest = requests.get(url + "/v1/model", timeout=10).json()
+    assert manifest["files"] == json.loads((artifacts["first"] / "manifest.json").read_text())["files"]
+    from serve.recommender import Recommender
+
+    rec = Recommender.load(artifacts["first"])
+    user = next(iter(rec.histories))
+    body = requests.post(url + "/v1/recommend", json={"user_id": user, "k": 5}, timeout=10).json()
+    assert [x["item_id"] for x in body["items"]] == rec.recommend(user_id=user, k=5).items
+    batch = requests.post(url + "/v1/recommend:batch", json={"requests": [{"user_id": user, "k": 2},
+                          {"history": [rec.item_ids[0], "zzz"], "k": 3}]}, timeout=10).json()["results"]
+    assert len(batch[0]["items"]) == 2 and batch[1]["unknown_history_items"] == ["zzz"]
+    assert requests.get(url + "/openapi.json", timeout=10).json()["paths"]["/v1/recommend"]
+    # KServe v2 on the raw model.
+    meta = requests.get(url + "/v2/models/recforge", timeout=10).json()
+    assert meta["inputs"][0]["name"] == "item_ids" and meta["inputs"][0]["datatype"] == "INT64"
+    infer = requests.post(url + "/v2/models/recforge/infer", json={"inputs": [
+        {"name": "item_ids", "shape": [2, 3], "datatype": "INT64", "data": [1, 2, 0, 3, 0, 0]}]}, timeout=10).json()
+    out = infer["outputs"][0]
+    expected = rec.encode_histories(np.array([[1, 2, 0], [3, 0, 0]], dtype=np.int64))
+    assert out["shape"] == [2, manifest["dim"]]
+    assert np.allclose(np.array(out["data"]).reshape(2, -1), expected, atol=1e-5)
+    assert requests.get(url + "/v2/health/ready", timeout=10).json()["ready"] is True
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"user_id": "nobody", "k": 5}, 404),
+    ({"history": [1], "k": 0}, 422),
+    ({"history": [1], "k": 10**9}, 422),
+    ({"history": [1], "k": "ten"}, 422),
+    ({"history": [{"id": 1}], "k": 3}, 422),
+    ({"history": "1,2,3"}, 422),
+    ({"k": 3}, 422),
+    ({"history": [1], "colour": "red"}, 422),
+    ([1, 2, 3], 422),
+])
+def test_bad_requests_get_4xx_with_a_message(server: dict, body: object, status: int) -> None:
+    response = requests.post(server["url"] + "/v1/recommend", json=body, timeout=10)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+def test_malformed_oversized_and_bad_v2_requests(server: dict) -> None:
+    url = server["url"]
+    response = requests.post(url + "/v1/recommend", data=b"{not json", headers={"content-type": "application/json"},
+                             timeout=10)
+    assert response.status_code == 422
+    huge = {"history": list(range(300_000))}
+    assert requests.post(url + "/v1/recommend", json=huge, timeout=30).status_code == 413
+    bad = {"inputs": [{"name": "item_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 10**9]}]}
+    assert requests.post(url + "/v2/models/recforge/infer", json=bad, timeout=10).status_code == 422
+    assert requests.post(url + "/v2/models/other/infer", json=bad, timeout=10).status_code == 404
+
+
+def test_reload_under_load_drops_no_request(server: dict, artifacts: dict[str, Path]) -> None:
+    url = server["url"]
+    before = requests.get(url + "/healthz", timeout=10).json()["model"]["sha256"]
+    errors: list[str] = []
+    done = threading.Event()
+    counts = [0]
+
+    def client() -> None:
+        session = requests.Session()
+        while not done.is_set():
+            try:
+                r = session.post(url + "/v1/recommend", json={"history": [1, 2, 3], "k": 10}, timeout=30)
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                counts[0] += 1
+            except requests.RequestException as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    shas = []
+    for source in ("second", "first", "second"):
+        time.sleep(0.5)
+        r = requests.post(url + "/v1/admin/reload", json={"source": str(artifacts[source])}, timeout=60)
+        assert r.status_code == 200, r.text
+        shas.append(r.json()["model"]["sha256"])
+    refused = requests.post(url + "/v1/admin/reload", json={"source": str(artifacts["tmp"] / "nope")}, timeout=60)
+    time.sleep(0.5)
+    done.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    assert counts[0] > 20
+    assert shas[0] != before and shas[1] == before
+    assert refused.status_code == 409 and "still serving the old model" in refused.json()["detail"]
+    assert requests.get(url + "/healthz", timeout=10).json()["model"]["sha256"] == shas[2]

@@ -1,0 +1,108 @@
+"""The evaluation report of a test run: a Markdown table and two PNG plots (DESIGN §7, §8).
+
+Files, written into one directory: ``report.md`` (every metric, and the per-segment table),
+``metrics.json``, ``segments.csv``, ``segments.png`` (filtered HR/NDCG by history length, with
+the example count per segment) and ``popularity.png`` (mean training count of the recommended
+items at each cut-off against the catalogue mean and maximum, and coverage@K). Matplotlib runs
+headless (Agg); nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def write_report(out: Path, metrics: dict[str, float], segments: Sequence[dict[str, Any]],
+                 item_counts: Sequence[float], title: str) -> list[Path]:
+    """Write the report files into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    ks = sorted({int(k.split("@")[1].split("_")[0]) for k in metrics if k.startswith("coverage@")})
+    files = [out / "metrics.json", out / "segments.csv", out / "report.md", out / "segments.png",
+             out / "popularity.png"]
+    files[0].write_text(json.dumps({k: _num(v) for k, v in metrics.items()}, indent=2))
+    with open(files[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(segments[0]) if segments else ["segment"])
+        writer.writeheader()
+        writer.writerows(segments)
+    files[2].write_text(_markdown(metrics, segments, ks, title))
+    _plot_segments(files[3], segments, title)
+    _plot_popularity(files[4], metrics, ks, item_counts, title)
+    return files
+
+
+def _num(value: float) -> float | None:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _markdown(metrics: dict[str, float], segments: Sequence[dict[str, Any]], ks: list[int], title: str) -> str:
+    lines = [f"# {title}", "", f"Examples: {metrics.get('count', float('nan')):.0f}", "",
+             "| metric | unfiltered | filtered |", "|---|---|---|"]
+    for name in [f"{m}@{k}" for m in ("hr", "ndcg") for k in ks] + ["mrr"]:
+        if name in metrics:
+            lines.append(f"| {name} | {metrics[name]:.4f} | {metrics.get(name + '_filtered', float('nan')):.4f} |")
+    lines += ["", "| K | coverage@K | popularity@K | popularity@K (relative) |", "|---|---|---|---|"]
+    for k in ks:
+        lines.append(f"| {k} | {metrics[f'coverage@{k}']:.4f} | {metrics[f'popularity@{k}']:.1f} | "
+                     f"{metrics[f'popularity@{k}_relative']:.4f} |")
+    if segments:
+        keys = list(segments[0])
+        lines += ["", "History-length segments (filtered):", "", "| " + " | ".join(keys) + " |",
+                  "|" + "---|" * len(keys)]
+        for row in segments:
+            lines.append("| " + " | ".join(v if isinstance(v, str) else f"{v:.4g}" for v in row.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_segments(path: Path, segments: Sequence[dict[str, Any]], title: str) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [str(row["segment"]) for row in segments]
+    metric_keys = [k for k in (segments[0] if segments else {}) if k not in ("segment", "count")]
+    width = 0.8 / max(len(metric_keys), 1)
+    for i, key in enumerate(metric_keys):
+        values = [0.0 if _num(row[key]) is None else row[key] for row in segments]
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=key)
+    ax.set_xticks([x + width * (len(metric_keys) - 1) / 2 for x in range(len(labels))])
+    ax.set_xticklabels([f"{lab}\n(n={row['count']:.0f})" for lab, row in zip(labels, segments)])
+    ax.set_xlabel("history length")
+    ax.set_title(f"{title}: quality by history length")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_popularity(path: Path, metrics: dict[str, float], ks: list[int], item_counts: Sequence[float],
+                     title: str) -> None:
+    plt = _figure()
+    counts = [float(c) for c in item_counts[1:]]  # index 0 is padding
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    left.bar([str(k) for k in ks], [metrics[f"popularity@{k}"] for k in ks], color="tab:orange",
+             label="recommended items")
+    if counts:
+        left.axhline(sum(counts) / len(counts), color="tab:blue", linestyle="--", label="catalogue mean")
+    left.set_xlabel("K")
+    left.set_ylabel("mean training interactions per item")
+    left.set_title("popularity of recommended items")
+    left.legend()
+    right.bar([str(k) for k in ks], [metrics[f"coverage@{k}"] for k in ks], color="tab:green")
+    right.set_ylim(0, 1)
+    right.set_xlabel("K")
+    right.set_title("catalogue coverage@K")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,322 @@
+"""`recforge export`: a checkpoint (or an MLflow run's best checkpoint) -> an ONNX artifact dir.
+
+DESIGN §9. The sharded checkpoint is read with ``torch.distributed.checkpoint`` into a plain,
+unsharded CPU network (DCP reshards any layout into full tensors), which is wrapped in a module
+that takes padded tensors (TorchRec's KeyedJaggedTensor does not export, DESIGN §11) and
+exported with the dynamo exporter, dynamic in batch and sequence length. The artifact
+directory (written to a temp dir, then renamed):
+
+- ``model.onnx``: SASRec: ``item_ids`` (B, L) int64, right-padded with 0 -> ``user_vector``
+  (B, D) float32;
+- ``item_embeddings.npy``: (N, D) float32, row i - 1 = item index i (padding row dropped);
+- ``items.parquet``: ``item_idx`` (1..N), original ``item_id``, training ``count``;
+- ``users.parquet``: ``user_id`` and ``history`` (item indexes, oldest first, at most L), so
+  known users can be served by id;
+- ``manifest.json``: kind, dims, opset, inputs/outputs (names, dtypes, shapes), sha256 of every
+  other file, run id, metrics, dataset fingerprint, parity figures.
+
+Parity gate: onnxruntime and PyTorch on fresh random histories, several batch sizes and lengths;
+max |diff| of the user vector <= ``tolerance`` and identical top-10 over the catalogue, or the
+export fails naming the measured difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from trainer.checkpoint import CheckpointError, read_trainer_state
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = 1
+OPSET = 18
+PARITY_SHAPES = ((1, 1), (3, 7), (16, 50), (64, 200))
+"""(batch, length) pairs the parity gate runs; lengths above the model's max_len are clipped."""
+
+
+class ExportError(RuntimeError):
+    """Export cannot produce a faithful artifact (unknown model, failed parity, bad input)."""
+
+
+class SASRecUserEncoder(nn.Module):
+    """Padded ``item_ids`` (B, L) -> user vectors (B, D): the ONNX-exportable face of SASRec."""
+
+    def __init__(self, sasrec: nn.Module) -> None:
+        super().__init__()
+        self.sasrec = sasrec
+        self.items = nn.Embedding.from_pretrained(sasrec.item_table.weight.detach().clone(), freeze=True)
+
+    def forward(self, item_ids: Tensor) -> Tensor:
+        lengths = (item_ids != 0).sum(dim=1)  # (B,) right padding: real items come first
+        hidden = self.sasrec.encode(self.items(item_ids), lengths)  # (B, L, D)
+        return self.sasrec.user_vector(hidden, lengths)  # (B, D)
+
+
+@dataclass
+class LoadedCheckpoint:
+    family: str
+    network: nn.Module
+    datamodule: Any
+    hparams: dict[str, Any]
+    path: Path
+
+
+def load_checkpoint(path: str | Path, data_dir: str | None = None) -> LoadedCheckpoint:
+    """The unsharded CPU network of a recforge checkpoint directory, with its DataModule."""
+    import torch.distributed.checkpoint as dcp
+    from lightning.pytorch.cli import instantiate_module
+
+    from data.datamodule import SequenceDataModule
+
+    path = Path(path)
+    state = read_trainer_state(path)
+    hparams = dict(state.get("hyper_parameters") or {})
+    class_path = hparams.pop("_class_path", None)
+    hparams.pop("_instantiator", None)
+    if class_path not in ("trainer.sasrec_module.SASRecModule", "trainer.two_tower_module.TwoTowerModule"):
+        raise ExportError(f"checkpoint {path}: model class {class_path!r} cannot be exported "
+                          "(expected SASRecModule or TwoTowerModule)")
+    dm_hparams = {k: v for k, v in (state.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
+    if data_dir is not None:
+        dm_hparams["data_dir"] = data_dir
+    if not Path(dm_hparams.get("data_dir", "")).joinpath("manifest.json").is_file():
+        raise ExportError(f"checkpoint {path}: its prepared data {dm_hparams.get('data_dir')!r} is not there "
+                          "(the export needs the item/user vocabularies); pass --data-dir")
+    dm_hparams["synthesize"] = None
+    dm = SequenceDataModule(**dm_hparams)
+    module_cls = _import(class_path)
+    module = instantiate_module(module_cls, hparams)
+    network, _ = module.build_model(dm)  # tables on meta
+    network = network.to_empty(device="cpu")
+    if class_path.endswith("TwoTowerModule"):
+        module.set_data_state(network, dm)  # buffers to_empty left uninitialised
+    else:
+        network.set_item_frequencies(torch.as_tensor(dm.item_counts, dtype=torch.float32))
+    skeleton = {f"model.{k}": v for k, v in network.state_dict().items()}
+    try:
+        dcp.load(skeleton, checkpoint_id=str(path), no_dist=True)
+    except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(f"checkpoint {path}: weights do not load ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''})") from None
+    network.load_state_dict({k[len("model."):]: v for k, v in skeleton.items()})
+    network.eval()
+    family = "sasrec" if class_path.endswith("SASRecModule") else "two_tower"
+    return LoadedCheckpoint(family, network, dm, hparams, path)
+
+
+def _import(class_path: str) -> type:
+    import importlib
+
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _export_onnx(encoder: nn.Module, example: Tensor, path: Path) -> None:
+    from torch.export import Dim
+
+    batch, length = Dim("batch", min=1, max=65536), Dim("length", min=1, max=encoder.sasrec.config.max_len)
+    program = torch.onnx.export(encoder, (example,), dynamo=True, external_data=False, opset_version=OPSET,
+                                input_names=["item_ids"], output_names=["user_vector"],
+                                dynamic_shapes=({0: batch, 1: length},), verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def _random_histories(batch: int, length: int, num_items: int, generator: torch.Generator) -> Tensor:
+    ids = torch.randint(1, num_items + 1, (batch, length), generator=generator)
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    lengths[0] = length  # one full row per batch
+    return ids * (torch.arange(length)[None, :] < lengths[:, None])  # (B, L) right-padded
+
+
+def parity(encoder: nn.Module, onnx_path: Path, item_embeddings: np.ndarray, tolerance: float,
+           seed: int = 0) -> dict[str, Any]:
+    """onnxruntime vs PyTorch on random histories; raises :class:`ExportError` past ``tolerance``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    max_len = encoder.sasrec.config.max_len
+    num_items = item_embeddings.shape[0]
+    worst, shapes = 0.0, []
+    for batch, length in PARITY_SHAPES:
+        length = min(length, max_len)
+        ids = _random_histories(batch, length, num_items, generator)
+        with torch.no_grad():
+            expected = encoder(ids).numpy()
+        got = session.run(["user_vector"], {"item_ids": ids.numpy()})[0]
+        diff = float(np.abs(expected - got).max())
+        worst = max(worst, diff)
+        top_expected = _top_k(expected @ item_embeddings.T, 10)
+        top_got = _top_k(got @ item_embeddings.T, 10)
+        same_top = bool((top_expected == top_got).all())
+        shapes.append({"batch": batch, "length": length, "max_abs_diff": diff, "same_top10": same_top})
+        if diff > tolerance or not same_top:
+            raise ExportError(f"ONNX parity failed at batch={batch}, length={length}: max |diff| of user_vector "
+                              f"{diff:.3g} (tolerance {tolerance:g}), identical top-10: {same_top}")
+    return {"max_abs_diff": worst, "tolerance": tolerance, "cases": shapes}
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    # Stable order (ties by index) so equal scores cannot flip the comparison.
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None, run_id: str | None = None,
+           metrics: dict[str, float] | None = None, tolerance: float = 1e-4, overwrite: bool = False
+           ) -> dict[str, Any]:
+    """Export ``checkpoint`` into the artifact directory ``out``; returns the manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.layout import ITEMS, USERS, SEQUENCES
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; pass --overwrite to replace it")
+    loaded = load_checkpoint(checkpoint, data_dir)
+    if loaded.family != "sasrec":
+        raise ExportError(f"checkpoint {checkpoint}: exporting {loaded.family} models is not implemented yet "
+                          "(SASRec only)")
+    sasrec = loaded.network
+    config = sasrec.config
+    dm = loaded.datamodule
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        encoder = SASRecUserEncoder(sasrec).eval()
+        item_embeddings = encoder.items.weight[1:].numpy().astype(np.float32)  # (N, D)
+        np.save(tmp / "item_embeddings.npy", item_embeddings)
+        example = _random_histories(2, min(8, config.max_len), config.num_items, torch.Generator().manual_seed(1))
+        start = time.perf_counter()
+        _export_onnx(encoder, example, tmp / "model.onnx")
+        export_seconds = time.perf_counter() - start
+        check = parity(encoder, tmp / "model.onnx", item_embeddings, tolerance)
+        items = pq.read_table(Path(dm.data_dir) / ITEMS, columns=["item_idx", "item_id", "count"])
+        pq.write_table(items.sort_by("item_idx"), tmp / "items.parquet")
+        users = pq.read_table(Path(dm.data_dir) / USERS, columns=["user_idx", "user_id"]).sort_by("user_idx")
+        sequences = pq.read_table(Path(dm.data_dir) / SEQUENCES, columns=["user_idx", "item_idx"]).sort_by("user_idx")
+        if users.column("user_idx").to_pylist() != sequences.column("user_idx").to_pylist():
+            raise ExportError(f"{dm.data_dir}: {USERS} and {SEQUENCES} list different users")
+        histories = [seq[-config.max_len:] for seq in sequences.column("item_idx").to_pylist()]
+        pq.write_table(pa.table({"user_id": users.column("user_id"),
+                                 "history": pa.array(histories, pa.list_(pa.int32()))}), tmp / "users.parquet")
+        manifest = {
+            "format": ARTIFACT_FORMAT,
+            "kind": "sasrec",
+            "created_by": "recforge export",
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "run_id": run_id,
+            "metrics": metrics or {},
+            "dataset": {"path": str(Path(dm.data_dir).resolve()), "fingerprint": dm.manifest.get("fingerprint")},
+            "num_items": config.num_items,
+            "dim": config.dim,
+            "max_len": config.max_len,
+            "opset": OPSET,
+            "inputs": [{"name": "item_ids", "dtype": "int64", "shape": ["batch", "length"],
+                        "doc": f"item indexes 1..{config.num_items}, right-padded with 0, length <= {config.max_len}"}],
+            "outputs": [{"name": "user_vector", "dtype": "float32", "shape": ["batch", config.dim]}],
+            "scoring": "score(item i) = user_vector . item_embeddings[i - 1]",
+            "parity": check,
+            "export_seconds": round(export_seconds, 2),
+        }
+        manifest["files"] = {name: sha256(tmp / name) for name in
+                             ("model.onnx", "item_embeddings.npy", "items.parquet", "users.parquet")}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def export_after_fit(trainer: Any, module: Any, logger: Any, tracking: Any) -> dict[str, Any] | None:
+    """``fit`` with ``mlflow.registered_model_name``: export the best checkpoint, log, register.
+
+    Rank zero only, and without collectives (the checkpoint is read with ``no_dist``), so the
+    other ranks may already be gone. A failure is logged, never raised: training is over and its
+    checkpoints are on disk.
+    """
+    if trainer.global_rank != 0:
+        return None
+    from trainer.registry import log_and_register
+
+    ckpt = trainer.checkpoint_callback
+    path = (ckpt.best_model_path or ckpt.last_model_path) if ckpt is not None else ""
+    if not path:
+        log.warning("MLflow: no checkpoint was saved, so nothing is exported or registered")
+        return None
+    out = Path(path).parent.parent / "export"
+    evaluation = getattr(module, "last_evaluation", None) or {}
+    metrics = {f"test/{k}": v for k, v in evaluation.get("metrics", {}).items() if not k.startswith("segment/")}
+    try:
+        export(path, out, run_id=logger.run_id, metrics=metrics, overwrite=True)
+        return log_and_register(out, logger._tracking_uri, logger.run_id, tracking.registered_model_name,
+                                tracking.registered_model_alias)
+    except Exception as exc:
+        log.error("export/registration after fit failed (%s: %s); the checkpoint %s is intact, rerun "
+                  "`recforge export --checkpoint %s --register %s`", type(exc).__name__, exc, path, path,
+                  tracking.registered_model_name)
+        return None
+
+
+def run_cli(args: Any) -> int:
+    import sys
+
+    from trainer.tracking import TrackingConfig, TrackingError, resolve_tracking
+
+    try:
+        needs_mlflow = bool(args.run_id or args.register or args.log_to_run)
+        uri = resolve_tracking(TrackingConfig(tracking_uri=args.tracking_uri))[0] if needs_mlflow else None
+        checkpoint, run_id = args.checkpoint, args.run_id or args.log_to_run
+        if args.run_id:
+            from mlflow import MlflowClient
+
+            tags = MlflowClient(uri).get_run(args.run_id).data.tags
+            checkpoint = tags.get("recforge.best_checkpoint") or tags.get("recforge.last_checkpoint")
+            if not checkpoint:
+                raise ExportError(f"MLflow run {args.run_id} records no checkpoint (tag recforge.best_checkpoint)")
+        metrics = None
+        if run_id:
+            from mlflow import MlflowClient
+
+            metrics = {k: v for k, v in MlflowClient(uri).get_run(run_id).data.metrics.items() if k.startswith("test/")}
+        manifest = export(checkpoint, args.out, data_dir=args.data_dir, run_id=run_id, metrics=metrics,
+                          tolerance=args.tolerance, overwrite=args.overwrite)
+        print(f"exported {checkpoint} -> {args.out} (parity: max |diff| {manifest['parity']['max_abs_diff']:.2e})")
+        if needs_mlflow:
+            if not run_id:
+                raise ExportError("--register needs an MLflow run to log into: pass --run-id or --log-to-run")
+            from trainer.registry import log_and_register
+
+            result = log_and_register(args.out, uri, run_id, args.register, args.alias)
+            print(json.dumps(result))
+    except (ExportError, CheckpointError, TrackingError) as exc:
+        print(f"recforge export: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
