@@ -16,15 +16,17 @@ import numpy as np
 class HNSWIndex:
     """HNSW (inner product) over item vectors (N, D); ``search`` returns catalogue positions."""
 
-    def __init__(self, vectors: np.ndarray, m: int = 32, ef_construction: int = 200, ef_search: int = 128) -> None:
+    def __init__(self, vectors: np.ndarray, m: int = 32, ef_construction: int = 80, ef_search: int = 128) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import faiss
 
-        faiss.omp_set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         self.index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = ef_construction
         self.index.hnsw.efSearch = ef_search
+        # Building is a one-off batch job: all cores. Queries then run on one OpenMP thread.
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        faiss.omp_set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
     def search(self, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
         k = min(k, self.index.ntotal)

@@ -56,6 +56,8 @@ def _add_export_parser(sub: Any) -> None:
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="parity: max |diff| of the user vector")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--triton", metavar="DIR", help="also write a Triton model repository (onnxruntime backend)")
+    parser.add_argument("--triton-name", default="recforge", help="model name in the Triton repository")
     parser.set_defaults(func=_export)
 
 

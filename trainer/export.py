@@ -309,6 +309,10 @@ def run_cli(args: Any) -> int:
         manifest = export(checkpoint, args.out, data_dir=args.data_dir, run_id=run_id, metrics=metrics,
                           tolerance=args.tolerance, overwrite=args.overwrite)
         print(f"exported {checkpoint} -> {args.out} (parity: max |diff| {manifest['parity']['max_abs_diff']:.2e})")
+        if args.triton:
+            from trainer.triton import write_triton_repository
+
+            print(f"Triton model repository: {write_triton_repository(args.out, args.triton, args.triton_name)}")
         if needs_mlflow:
             if not run_id:
                 raise ExportError("--register needs an MLflow run to log into: pass --run-id or --log-to-run")

@@ -249,3 +249,27 @@ def test_reload_under_load_drops_no_request(server: dict, artifacts: dict[str, P
     assert shas[0] != before and shas[1] == before
     assert refused.status_code == 409 and "still serving the old model" in refused.json()["detail"]
     assert requests.get(url + "/healthz", timeout=10).json()["model"]["sha256"] == shas[2]
+
+
+def test_triton_repository_matches_the_onnx_graph(artifacts: dict[str, Path]) -> None:
+    import hashlib
+    import re
+
+    import onnx
+
+    tmp = artifacts["tmp"]
+    ckpt = json.loads((artifacts["first"] / "manifest.json").read_text())["checkpoint"]
+    proc = run("export", "--checkpoint", ckpt, "--out", str(tmp / "for-triton"), "--triton", str(tmp / "triton"),
+               "--triton-name", "sasrec", cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model_dir = tmp / "triton" / "sasrec"
+    config = (model_dir / "config.pbtxt").read_text()
+    onnx_path = model_dir / "1" / "model.onnx"
+    graph = onnx.load(str(onnx_path)).graph
+    assert re.search(r'backend: "onnxruntime"', config) and 'name: "sasrec"' in config
+    assert [i.name for i in graph.input] == re.findall(r'input \[\s*\{\s*name: "(\w+)"', config)
+    assert [o.name for o in graph.output] == re.findall(r'output \[\s*\{\s*name: "(\w+)"', config)
+    dim = json.loads((tmp / "for-triton" / "manifest.json").read_text())["dim"]
+    assert f"dims: [ -1, {dim} ]" in config and "TYPE_INT64" in config and "TYPE_FP32" in config
+    sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    assert sha == json.loads((tmp / "for-triton" / "manifest.json").read_text())["files"]["model.onnx"]
