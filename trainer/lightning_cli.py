@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from data.datamodule import SequenceDataModule
 from trainer.tracking import TrackingConfig, TrackingError
@@ -50,20 +49,23 @@ class RecforgeCLI(LightningCLI):
         from trainer.run_record import MLflowRecorder, flatten_config
         from trainer.tracking import MLflowLogger, bound_http_retries, resolve_tracking
 
-        uri, artifact_location = resolve_tracking(tracking)
+        uri, artifact_location = resolve_tracking(tracking)  # every rank: all fail alike, none hangs
         bound_http_retries()
+        if not _is_rank_zero():
+            # Only rank zero talks to MLflow. Not even a client on the others: under torchrun
+            # every rank runs this at once, and two clients would race to create a sqlite store.
+            return
         family = getattr(self.datamodule, "model_family", type(self.model).__name__)
         dataset = Path(getattr(self.datamodule, "data_dir", "data")).name
         experiment = tracking.experiment_name or f"{family}-{dataset}"
         run_name = tracking.run_name or f"{experiment}-{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         logger = MLflowLogger(uri, experiment, run_name, artifact_location=artifact_location)
-        if rank_zero_only.rank == 0:
-            try:
-                run_id = logger.run_id  # creates the experiment and the run now, before any training
-            except Exception as exc:
-                raise TrackingError(f"MLflow store {uri}: cannot create experiment {experiment!r} or its run "
-                                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
-            log.info("MLflow: run %s (%s) in experiment %r at %s", run_id, run_name, experiment, uri)
+        try:
+            run_id = logger.run_id  # creates the experiment and the run now, before any training
+        except Exception as exc:
+            raise TrackingError(f"MLflow store {uri}: cannot create experiment {experiment!r} or its run "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+        log.info("MLflow: run %s (%s) in experiment %r at %s", run_id, run_name, experiment, uri)
         config = self.config.get(str(self.subcommand), self.config)
         config_yaml = self._parser(self.subcommand).dump(config, skip_none=False)
         flat = flatten_config(yaml.safe_load(config_yaml) or {})
@@ -94,6 +96,14 @@ class RecforgeCLI(LightningCLI):
     def _finish(self) -> None:
         if self.recorder is not None:
             self.recorder.stop_system_metrics()
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process is global rank 0, as its launcher (torchrun, or Lightning for the
+    processes it starts) says in the environment; a process started by hand is rank 0."""
+    import os
+
+    return all(int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _as_tracking(value: Any) -> TrackingConfig:
