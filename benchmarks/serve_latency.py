@@ -34,7 +34,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from models.sasrec import SASRec, SASRecConfig  # noqa: E402
-from trainer.export import SASRecUserEncoder, _export_onnx, sha256  # noqa: E402
+from data.readers import file_sha256  # noqa: E402
+from trainer.export import SASRecUserEncoder, _export_onnx  # noqa: E402
 
 
 def build_artifact(out: Path, encoder: SASRecUserEncoder, item_vectors: np.ndarray, max_len: int) -> None:
@@ -48,7 +49,7 @@ def build_artifact(out: Path, encoder: SASRecUserEncoder, item_vectors: np.ndarr
                 "max_len": max_len, "opset": 18,
                 "inputs": [{"name": "item_ids", "dtype": "int64", "shape": ["batch", "length"]}],
                 "outputs": [{"name": "user_vector", "dtype": "float32", "shape": ["batch", item_vectors.shape[1]]}]}
-    manifest["files"] = {n: sha256(out / n) for n in ("model.onnx", "item_embeddings.npy", "items.parquet")}
+    manifest["files"] = {n: file_sha256(out / n) for n in ("model.onnx", "item_embeddings.npy", "items.parquet")}
     (out / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -6,10 +6,11 @@ name a kind this version serves. Nothing here imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from data.readers import file_sha256
 
 SUPPORTED_FORMAT = 1
 SUPPORTED_KINDS = ("sasrec",)
@@ -18,14 +19,6 @@ REQUIRED_FILES = ("model.onnx", "item_embeddings.npy", "items.parquet")
 
 class ArtifactError(RuntimeError):
     """The artifact is missing, incomplete, tampered with or of an unknown kind."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_verified_manifest(directory: str | Path) -> dict[str, Any]:
@@ -54,7 +47,7 @@ def read_verified_manifest(directory: str | Path) -> dict[str, Any]:
             raise ArtifactError(f"{path}: file name {name!r} is not a plain name")
         if not file.is_file():
             raise ArtifactError(f"{directory}: {name} is missing (listed in manifest.json); the artifact is incomplete")
-        actual = _sha256(file)
+        actual = file_sha256(file)
         if actual != expected:
             raise ArtifactError(f"{file}: sha256 {actual[:16]}... does not match the manifest's {str(expected)[:16]}...; "
                                 "the file was modified or damaged after export — refusing to serve it")

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from serve.artifact import ArtifactError
-from serve.recommender import MAX_K, Recommender, RequestError
+from serve.recommender import MAX_K, Recommender, RequestError, UnknownUserError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri:
         try:
             results = model.recommend_batch([r.model_dump() for r in requests])
         except RequestError as exc:
-            raise HTTPException(status_code=404 if "unknown" in str(exc) else 422, detail=str(exc)) from None
+            raise HTTPException(status_code=404 if isinstance(exc, UnknownUserError) else 422, detail=str(exc)) from None
         return [{**r.as_dict(), "model": describe(model)} for r in results]
 
     @app.post("/v1/recommend", summary="Top-k items for one user or history")

@@ -26,7 +26,11 @@ EXACT_LIMIT = 200_000
 
 
 class RequestError(ValueError):
-    """A request that cannot be answered as asked (unknown user, bad k, ...): a 4xx, never a 500."""
+    """A request that cannot be answered as asked (bad k, nothing to go on, ...): a 4xx, never a 500."""
+
+
+class UnknownUserError(RequestError):
+    """A ``user_id`` the model has no history for (HTTP 404)."""
 
 
 @dataclass
@@ -100,7 +104,7 @@ class Recommender:
     def _history_indexes(self, user_id: Any, history: Sequence[Any] | None) -> tuple[list[int], list[Any]]:
         if user_id is not None:
             if user_id not in self.histories:
-                raise RequestError(f"user_id {user_id!r} is unknown to this model (pass 'history' instead)")
+                raise UnknownUserError(f"user_id {user_id!r} is unknown to this model (pass 'history' instead)")
             indexes = list(self.histories[user_id])
         else:
             indexes = []
@@ -136,6 +140,8 @@ class Recommender:
             parsed.append((k, indexes[-self.max_len:], unknown, excluded))
         with_history = [j for j, p in enumerate(parsed) if p[1]]
         vectors = self._encode([parsed[j][1] for j in with_history]) if with_history else None
+        # Exact search scores the whole batch with one (B, N) matrix product.
+        scores = vectors @ self.item_embeddings.T if vectors is not None and self.ann is None else None
         out: list[Recommendation] = []
         row = {j: r for r, j in enumerate(with_history)}
         for j, (k, indexes, unknown, excluded) in enumerate(parsed):
@@ -146,8 +152,11 @@ class Recommender:
                                           [float(self.counts[p]) for p in positions],
                                           fallback=True, unknown_history_items=unknown))
                 continue
-            positions, scores = self._top_k(vectors[row[j]], k, excluded)
-            out.append(Recommendation([self.item_ids[p] for p in positions], [float(s) for s in scores],
+            if scores is None:
+                positions, top = self._ann_top_k(vectors[row[j]], k, excluded)
+            else:
+                positions, top = self._exact_top_k(scores[row[j]], k, excluded)
+            out.append(Recommendation([self.item_ids[p] for p in positions], [float(s) for s in top],
                                       unknown_history_items=unknown))
         return out
 
@@ -162,12 +171,13 @@ class Recommender:
         """The raw model: padded item indexes (B, L) int64 -> user vectors (B, D)."""
         return self.session.run(["user_vector"], {"item_ids": ids})[0]
 
-    def _top_k(self, vector: np.ndarray, k: int, excluded: set[int]) -> tuple[list[int], np.ndarray]:
-        if self.ann is not None:
-            positions, scores = self.ann.search(vector, k + len(excluded))
-            keep = [(p, s) for p, s in zip(positions, scores) if p >= 0 and p + 1 not in excluded][:k]
-            return [p for p, _ in keep], np.array([s for _, s in keep], dtype=np.float32)
-        scores = self.item_embeddings @ vector  # (N,)
+    def _ann_top_k(self, vector: np.ndarray, k: int, excluded: set[int]) -> tuple[list[int], np.ndarray]:
+        positions, scores = self.ann.search(vector, k + len(excluded))
+        keep = [(p, s) for p, s in zip(positions, scores) if p >= 0 and p + 1 not in excluded][:k]
+        return [p for p, _ in keep], np.array([s for _, s in keep], dtype=np.float32)
+
+    def _exact_top_k(self, scores: np.ndarray, k: int, excluded: set[int]) -> tuple[list[int], np.ndarray]:
+        """Top-k positions of one row of scores (N,), excluded item indexes removed."""
         if excluded:
             scores = scores.copy()
             scores[np.fromiter((i - 1 for i in excluded), dtype=np.int64)] = -np.inf

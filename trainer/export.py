@@ -22,7 +22,6 @@ export fails naming the measured difference.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from data.readers import file_sha256
 from trainer.checkpoint import CheckpointError, read_trainer_state
 
 log = logging.getLogger(__name__)
@@ -123,14 +123,6 @@ def _import(class_path: str) -> type:
 
     module_name, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module_name), name)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _export_onnx(encoder: nn.Module, example: Tensor, path: Path) -> None:
@@ -243,7 +235,7 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
             "parity": check,
             "export_seconds": round(export_seconds, 2),
         }
-        manifest["files"] = {name: sha256(tmp / name) for name in
+        manifest["files"] = {name: file_sha256(tmp / name) for name in
                              ("model.onnx", "item_embeddings.npy", "items.parquet", "users.parquet")}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         if out.exists():

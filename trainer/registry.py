@@ -56,9 +56,6 @@ def log_and_register(artifact_dir: str | Path, tracking_uri: str, run_id: str, r
                               "artifact_uri": f"runs:/{run_id}/{EXPORT_ARTIFACT_PATH}"}
     if registered_model_name:
         version = info.registered_model_version
-        if version is None:  # older clients: find the version this run just created
-            versions = client.search_model_versions(f"name='{registered_model_name}' and run_id='{run_id}'")
-            version = max(int(v.version) for v in versions)
         client.set_model_version_tag(registered_model_name, str(version), ARTIFACT_TAG, result["artifact_uri"])
         if alias:
             client.set_registered_model_alias(registered_model_name, alias, str(version))
