@@ -36,6 +36,7 @@ class SequenceDataModule(L.LightningDataModule):
     def __init__(self, data_dir: str, model_family: Literal["sasrec", "two_tower"] = "sasrec", batch_size: int = 128,
                  eval_batch_size: int = 256, max_len: int = 50, history_len: int = 50, min_history: int = 1,
                  num_workers: int = 0, seed: int = 0, shuffle_window: int = 1_000_000,
+                 train_windows: Literal["last", "all"] = "last",
                  synthesize: dict[str, Any] | None = None) -> None:
         """
         Args:
@@ -51,6 +52,10 @@ class SequenceDataModule(L.LightningDataModule):
             seed: Seed of the per-epoch shuffle; the same seed gives the same batches.
             shuffle_window: Examples shuffled together: row groups are read in windows holding at
                 least this many, and each DataLoader worker keeps its current window in memory.
+            train_windows: SASRec training sequences: ``last`` keeps the last ``max_len`` targets
+                of each user's training part (the SASRec paper); ``all`` cuts the whole training
+                part into consecutive windows of ``max_len`` targets, so items beyond the last
+                ``max_len`` of long histories are trained on too.
             synthesize: If set and ``data_dir`` holds no prepared dataset, generate synthetic data
                 with these :class:`data.synth.SynthConfig` fields (e.g. ``{users: 500, items: 300}``)
                 and prepare it into ``data_dir`` first. The tiny configs use it to run anywhere.
@@ -64,12 +69,15 @@ class SequenceDataModule(L.LightningDataModule):
                                  ("shuffle_window", shuffle_window, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if train_windows not in ("last", "all"):
+            raise ValueError(f"train_windows must be 'last' or 'all', got {train_windows!r}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.model_family = model_family
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_len, self.history_len, self.min_history = max_len, history_len, min_history
         self.num_workers, self.seed, self.shuffle_window = num_workers, seed, shuffle_window
+        self.train_windows = train_windows
         if synthesize is not None:
             ensure_synthetic(data_dir, synthesize)
         # Read now so a wrong path fails before any training starts, and so that a model built
@@ -150,7 +158,7 @@ class SequenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._indexes is None:
             specs = [ExampleSpec(self.model_family, s, max_len=self.max_len, history_len=self.history_len,
-                                 min_history=self.min_history) for s in STAGES]
+                                 min_history=self.min_history, train_windows=self.train_windows) for s in STAGES]
             self._indexes = dict(zip(STAGES, scan_examples(self.data_dir, self.manifest["split"], specs)))
         if self.model_family == "two_tower" and self._features is None:
             self._features = load_feature_tables(self.data_dir, self.manifest)

@@ -57,6 +57,9 @@ class ExampleSpec:
     max_len: int = 50
     history_len: int = 50
     min_history: int = 1
+    train_windows: Literal["last", "all"] = "last"
+    """SASRec training: ``last`` takes the last ``max_len`` targets of each training part (the
+    SASRec paper); ``all`` cuts the whole training part into windows of ``max_len`` targets."""
 
     def __post_init__(self) -> None:
         if self.model not in ("sasrec", "two_tower"):
@@ -66,13 +69,26 @@ class ExampleSpec:
         for name, low in (("max_len", 1), ("history_len", 1), ("min_history", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.train_windows not in ("last", "all"):
+            raise ValueError(f"train_windows must be 'last' or 'all', got {self.train_windows!r}")
+
+    @property
+    def stride(self) -> int:
+        """Distance in ``t`` between a user's consecutive examples."""
+        windowed = self.stage == "train" and self.model == "sasrec" and self.train_windows == "all"
+        return self.max_len if windowed else 1
 
     def per_user(self, lengths: np.ndarray, train_end: np.ndarray, val_end: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
         """``(count, t0)`` per user: the user's examples are ``t0, t0 + 1, ..., t0 + count - 1``."""
         if self.stage == "train":
             if self.model == "sasrec":
-                return (train_end >= 2).astype(np.int64), train_end
+                if self.train_windows == "last":
+                    return (train_end >= 2).astype(np.int64), train_end
+                # Window ends train_end, train_end - L, ... while a window still has an input and
+                # a target: every training target is predicted exactly once per epoch.
+                count = np.where(train_end >= 2, (train_end - 2) // self.max_len + 1, 0)
+                return count, train_end - np.maximum(count - 1, 0) * self.max_len
             return np.maximum(train_end - self.min_history, 0), np.full_like(train_end, self.min_history)
         # An evaluation example needs a target and a non-empty history (nothing to encode
         # otherwise); both models use the same rule so their metrics cover the same users.
@@ -294,12 +310,13 @@ class _Window:
     example_start: np.ndarray  # (U + 1,) int64, cumulative example counts
     t0: np.ndarray  # (U,) int64
     permutation: np.ndarray | None
+    stride: int = 1
 
     def examples(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(user row, t)`` of window-local stream positions."""
         e = local if self.permutation is None else self.permutation[local]
         row = np.searchsorted(self.example_start, e, side="right") - 1
-        return row, self.t0[row] + (e - self.example_start[row])
+        return row, self.t0[row] + (e - self.example_start[row]) * self.stride
 
 
 def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -383,7 +400,7 @@ class SequenceBatchDataset(Dataset):
                 user_idx=table.column("user_idx").to_numpy().astype(np.int64),
                 seq_start=np.cumsum(lengths) - lengths, items=items,
                 example_start=np.concatenate([[0], np.cumsum(counts)]), t0=t0.astype(np.int64),
-                permutation=plan.window_permutation(w))
+                permutation=plan.window_permutation(w), stride=self.spec.stride)
         return self._windows[w]
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:

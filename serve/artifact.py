@@ -13,7 +13,7 @@ from typing import Any
 from data.readers import file_sha256
 
 SUPPORTED_FORMAT = 1
-SUPPORTED_KINDS = ("sasrec",)
+SUPPORTED_KINDS = ("sasrec", "two_tower")
 REQUIRED_FILES = ("model.onnx", "item_embeddings.npy", "items.parquet")
 
 

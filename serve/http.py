@@ -62,7 +62,7 @@ class InferTensor(BaseModel):
 
 class InferRequest(BaseModel):
     id: StrictStr | None = None
-    inputs: list[InferTensor] = Field(..., min_length=1, max_length=1)
+    inputs: list[InferTensor] = Field(..., min_length=1, max_length=16)
 
 
 class ModelHolder:
@@ -159,20 +159,24 @@ def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri:
     def v2_infer(name: str, body: InferRequest) -> dict[str, Any]:
         check_name(name)
         model = holder.current
-        tensor = body.inputs[0]
-        if tensor.name != "item_ids" or tensor.datatype != "INT64" or len(tensor.shape) != 2:
-            raise HTTPException(status_code=422, detail="expected one INT64 input 'item_ids' of shape [batch, length]")
-        batch, length = tensor.shape
-        if not (1 <= batch <= MAX_BATCH and 1 <= length <= model.max_len) or len(tensor.data) != batch * length:
-            raise HTTPException(status_code=422, detail=f"shape {tensor.shape}: need 1..{MAX_BATCH} rows, length "
-                                f"1..{model.max_len}, and len(data) == batch * length")
+        v2_types = {"INT64": np.int64, "FP32": np.float32}
+        feeds = {}
+        for tensor in body.inputs:
+            dtype = v2_types.get(tensor.datatype)
+            size = int(np.prod(tensor.shape)) if tensor.shape else 1
+            if dtype is None or tensor.name in feeds or not tensor.shape or min(tensor.shape) < 1 \
+                    or tensor.shape[0] > MAX_BATCH or len(tensor.data) != size:
+                raise HTTPException(status_code=422, detail=f"input {tensor.name!r}: need datatype INT64 or FP32, "
+                                    f"a shape of positive dims with batch <= {MAX_BATCH}, len(data) == its "
+                                    "product, and each name once")
+            try:
+                feeds[tensor.name] = np.asarray(tensor.data, dtype=dtype).reshape(tensor.shape)
+            except (ValueError, TypeError, OverflowError):
+                raise HTTPException(status_code=422, detail=f"input {tensor.name!r}: data must be numbers") from None
         try:
-            ids = np.asarray(tensor.data, dtype=np.int64).reshape(batch, length)  # (B, L)
-        except (ValueError, TypeError, OverflowError):
-            raise HTTPException(status_code=422, detail="item_ids data must be integers") from None
-        if ids.min() < 0 or ids.max() > model.num_items:
-            raise HTTPException(status_code=422, detail=f"item_ids must be item indexes 0..{model.num_items} (0 = padding)")
-        out = model.encode_histories(ids)  # (B, D)
+            out = model.run_model(feeds)  # (B, D)
+        except RequestError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
         return {"model_name": model_name, "id": body.id,
                 "outputs": [{"name": "user_vector", "datatype": "FP32", "shape": list(out.shape),
                              "data": out.reshape(-1).tolist()}]}

@@ -1,6 +1,7 @@
 """`Recommender`: recommendations from an exported artifact, on CPU, without torch (DESIGN §9).
 
-The ONNX user encoder runs in onnxruntime; items are scored by a matrix product with
+Both model kinds serve the same way: the ONNX user encoder (SASRec, or the two-tower user tower,
+which also reads the known user's index and features from ``users.parquet``) runs in onnxruntime; items are scored by a matrix product with
 ``item_embeddings.npy`` (exact top-k), or through a faiss HNSW index (inner product) for large
 catalogues. History items are original item ids; unknown ones are skipped and reported. A
 request whose history has no usable item gets the most-popular items, marked ``fallback``.
@@ -17,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from serve.artifact import ArtifactError, read_verified_manifest, resolve_source
+from serve.topk import top_k_rows
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +73,21 @@ class Recommender:
         self.counts = counts
         self.popular = np.argsort(-counts, kind="stable")  # positions, most popular first
         self.max_len = int(manifest["max_len"])
+        self.kind = manifest.get("kind", "sasrec")
+        self.inputs: list[dict[str, Any]] = manifest["inputs"]
+        self.input_names = [spec["name"] for spec in self.inputs]
         self.histories: dict[Any, list[int]] = {}
+        self.user_rows: dict[Any, int] = {}
+        self.user_inputs: dict[str, list[Any]] = {}
+        """Per user input of the model other than ``item_ids``: its value for each known user."""
         if (directory / "users.parquet").is_file():
             users = pq.read_table(directory / "users.parquet").to_pydict()
             self.histories = dict(zip(users["user_id"], users["history"]))
+            self.user_rows = {user: row for row, user in enumerate(users["user_id"])}
+            self.user_inputs = {name: users[name] for name in self.input_names[1:] if name in users}
+        missing = [name for name in self.input_names[1:] if name not in self.user_inputs]
+        if missing:
+            raise ArtifactError(f"{directory}: users.parquet lacks the column(s) {missing} that model.onnx takes")
         num_items = self.item_embeddings.shape[0]
         if self.item_embeddings.shape != (int(manifest["num_items"]), int(manifest["dim"])):
             raise ArtifactError(f"{directory}: item_embeddings.npy has shape {self.item_embeddings.shape}, "
@@ -103,7 +116,7 @@ class Recommender:
 
     def _history_indexes(self, user_id: Any, history: Sequence[Any] | None) -> tuple[list[int], list[Any]]:
         if user_id is not None:
-            if user_id not in self.histories:
+            if user_id not in self.user_rows:
                 raise UnknownUserError(f"user_id {user_id!r} is unknown to this model (pass 'history' instead)")
             indexes = list(self.histories[user_id])
         else:
@@ -139,9 +152,17 @@ class Recommender:
                 excluded.update(indexes)
             parsed.append((k, indexes[-self.max_len:], unknown, excluded))
         with_history = [j for j, p in enumerate(parsed) if p[1]]
-        vectors = self._encode([parsed[j][1] for j in with_history]) if with_history else None
-        # Exact search scores the whole batch with one (B, N) matrix product.
-        scores = vectors @ self.item_embeddings.T if vectors is not None and self.ann is None else None
+        user_rows = [self.user_rows.get(requests[j].get("user_id")) if requests[j].get("user_id") is not None
+                     else None for j in with_history]
+        vectors = self._encode([parsed[j][1] for j in with_history], user_rows) if with_history else None
+        exact = None
+        if vectors is not None and self.ann is None:
+            # Exact search: one (B, N) matrix product and one blocked top-k for the whole batch.
+            scores = vectors @ self.item_embeddings.T  # (B, N)
+            for r, j in enumerate(with_history):
+                if parsed[j][3]:
+                    scores[r, np.fromiter((i - 1 for i in parsed[j][3]), dtype=np.int64)] = -np.inf
+            exact = top_k_rows(scores, max(parsed[j][0] for j in with_history))
         out: list[Recommendation] = []
         row = {j: r for r, j in enumerate(with_history)}
         for j, (k, indexes, unknown, excluded) in enumerate(parsed):
@@ -152,38 +173,67 @@ class Recommender:
                                           [float(self.counts[p]) for p in positions],
                                           fallback=True, unknown_history_items=unknown))
                 continue
-            if scores is None:
+            if exact is None:
                 positions, top = self._ann_top_k(vectors[row[j]], k, excluded)
             else:
-                positions, top = self._exact_top_k(scores[row[j]], k, excluded)
+                keep = exact[1][row[j]] > -np.inf  # excluded items score -inf
+                positions, top = exact[0][row[j]][keep][:k].tolist(), exact[1][row[j]][keep][:k]
             out.append(Recommendation([self.item_ids[p] for p in positions], [float(s) for s in top],
                                       unknown_history_items=unknown))
         return out
 
-    def _encode(self, histories: list[list[int]]) -> np.ndarray:
-        length = max(len(h) for h in histories)
-        ids = np.zeros((len(histories), length), dtype=np.int64)  # (B, L) right-padded
-        for r, h in enumerate(histories):
-            ids[r, :len(h)] = h
-        return self.session.run(["user_vector"], {"item_ids": ids})[0]  # (B, D)
+    def _encode(self, histories: list[list[int]], user_rows: list[int | None]) -> np.ndarray:
+        feeds = {"item_ids": _padded(histories, 0)}  # (B, L) right-padded
+        for spec in self.inputs[1:]:
+            name, known = spec["name"], self.user_inputs[spec["name"]]
+            if name == "user_idx":  # 0: a history without a known user
+                feeds[name] = np.array([known[r] if r is not None else 0 for r in user_rows], dtype=np.int64)
+            elif spec["dtype"] == "float32":  # raw numeric features; missing = 0 as in training
+                width = int(spec["shape"][1])
+                feeds[name] = np.array([known[r] if r is not None else [0.0] * width for r in user_rows],
+                                       dtype=np.float32).reshape(len(user_rows), width)
+            else:  # feature codes, right-padded with -1 (no code: a zero embedding)
+                feeds[name] = _padded([known[r] if r is not None else [] for r in user_rows], -1)
+        return self.session.run(["user_vector"], feeds)[0]  # (B, D)
 
     def encode_histories(self, ids: np.ndarray) -> np.ndarray:
-        """The raw model: padded item indexes (B, L) int64 -> user vectors (B, D)."""
-        return self.session.run(["user_vector"], {"item_ids": ids})[0]
+        """SASRec's raw model: padded item indexes (B, L) int64 -> user vectors (B, D)."""
+        return self.run_model({"item_ids": ids})
+
+    def run_model(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The raw ONNX model on the manifest's inputs, validated first (names, dtypes, shapes,
+        ranges: an out-of-range index would otherwise fail inside onnxruntime)."""
+        if sorted(feeds) != sorted(self.input_names):
+            raise RequestError(f"inputs {sorted(feeds)}: the model takes exactly {self.input_names}")
+        batch = None
+        for spec in self.inputs:
+            name, x = spec["name"], feeds[spec["name"]]
+            if x.dtype != np.dtype(spec["dtype"]) or x.ndim != len(spec["shape"]):
+                raise RequestError(f"input {name!r}: expected {spec['dtype']} of shape {spec['shape']}, "
+                                   f"got {x.dtype} of shape {list(x.shape)}")
+            fixed = [(i, d) for i, d in enumerate(spec["shape"]) if isinstance(d, int)]
+            if any(x.shape[i] != d for i, d in fixed) or 0 in x.shape:
+                raise RequestError(f"input {name!r}: shape {list(x.shape)} does not fit {spec['shape']}")
+            if x.ndim == 2 and "max_width" in spec and x.shape[1] > spec["max_width"]:
+                raise RequestError(f"input {name!r}: width {x.shape[1]} is over {spec['max_width']}")
+            if batch is not None and x.shape[0] != batch:
+                raise RequestError(f"input {name!r}: batch {x.shape[0]}, other inputs have {batch}")
+            batch = x.shape[0]
+            if "range" in spec and (x.min() < spec["range"][0] or x.max() > spec["range"][1]):
+                raise RequestError(f"input {name!r}: values must lie in {spec['range'][0]}..{spec['range'][1]}")
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise RequestError(f"input {name!r}: values must be finite")
+        return self.session.run(["user_vector"], feeds)[0]
 
     def _ann_top_k(self, vector: np.ndarray, k: int, excluded: set[int]) -> tuple[list[int], np.ndarray]:
         positions, scores = self.ann.search(vector, k + len(excluded))
         keep = [(p, s) for p, s in zip(positions, scores) if p >= 0 and p + 1 not in excluded][:k]
         return [p for p, _ in keep], np.array([s for _, s in keep], dtype=np.float32)
 
-    def _exact_top_k(self, scores: np.ndarray, k: int, excluded: set[int]) -> tuple[list[int], np.ndarray]:
-        """Top-k positions of one row of scores (N,), excluded item indexes removed."""
-        if excluded:
-            scores = scores.copy()
-            scores[np.fromiter((i - 1 for i in excluded), dtype=np.int64)] = -np.inf
-        k = min(k, self.num_items - len(excluded))
-        if k <= 0:
-            return [], np.zeros(0, dtype=np.float32)
-        top = np.argpartition(-scores, k - 1)[:k]
-        order = top[np.lexsort((top, -scores[top]))]  # by score, ties by index
-        return order.tolist(), scores[order]
+
+def _padded(rows: list[list[int]], pad: int) -> np.ndarray:
+    """(B, max(1, longest row)) int64, each row right-padded with ``pad``."""
+    out = np.full((len(rows), max([1] + [len(r) for r in rows])), pad, dtype=np.int64)
+    for r, values in enumerate(rows):
+        out[r, :len(values)] = values
+    return out

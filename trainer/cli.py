@@ -55,6 +55,10 @@ def _add_export_parser(sub: Any) -> None:
     parser.add_argument("--log-to-run", metavar="RUN_ID", help="MLflow run to log into (with --checkpoint)")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="parity: max |diff| of the user vector")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="serve a dynamically int8-quantized model.onnx (checked against the float one)")
+    parser.add_argument("--min-recall", type=float, default=0.9,
+                        help="--quantize: least recall@10 of the int8 model against the float one")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--triton", metavar="DIR", help="also write a Triton model repository (onnxruntime backend)")
     parser.add_argument("--triton-name", default="recforge", help="model name in the Triton repository")

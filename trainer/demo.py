@@ -2,9 +2,9 @@
 
 Synthesise interactions with item/user features and prepare them; stream a first batch of each
 model family; train SASRec and the two-tower model (each a real `recforge fit` process, tracked in
-an MLflow store inside the work dir); export SASRec's best checkpoint to ONNX and register it;
-serve it over HTTP from the registry (`models:/demo-sasrec@champion`) and print recommendations
-for a sample user. Two-tower export is not implemented yet, so only SASRec is served.
+an MLflow store inside the work dir); export each best checkpoint to ONNX (parity-checked) and
+register it; serve each over HTTP from the registry (`models:/demo-sasrec@champion`,
+`models:/demo-two-tower@champion`) and print recommendations for a sample user.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def run_demo(workdir: str) -> int:
     print(f"[4/6] training SASRec and the two-tower model (tracked in {tracking})")
     for name, config, data, extra in (
             ("sasrec", "configs/sasrec/tiny.yaml", prepared_dir, ["--mlflow.registered_model_name", "demo-sasrec"]),
-            ("two_tower", "configs/two_tower/tiny.yaml", root / "data-two-tower", ["--trainer.max_epochs", "2"])):
+            ("two_tower", "configs/two_tower/tiny.yaml", root / "data-two-tower",
+             ["--trainer.max_epochs", "2", "--mlflow.registered_model_name", "demo-two-tower"])):
         start = time.perf_counter()
         args = [*recforge, "fit", "--config", str(REPO / config), "--data.data_dir", str(data),
                 "--trainer.default_root_dir", str(root / "runs"), "--trainer.logger.init_args.save_dir",
@@ -77,9 +78,13 @@ def run_demo(workdir: str) -> int:
         print(f"      {name}: {time.perf_counter() - start:.0f} s, test ndcg@10 (filtered) "
               f"{metrics.get('ndcg@10_filtered', float('nan')):.3f}, hr@10 {metrics.get('hr@10_filtered', float('nan')):.3f}")
 
-    print("[5/6] SASRec exported to ONNX (parity-checked) and registered as models:/demo-sasrec@champion")
-    print("[6/6] serving it over HTTP from the registry")
-    return _serve_and_ask(tracking)
+    print("[5/6] both exported to ONNX (parity-checked) and registered as models:/demo-sasrec@champion "
+          "and models:/demo-two-tower@champion")
+    print("[6/6] serving each over HTTP from the registry")
+    for name in ("demo-sasrec", "demo-two-tower"):
+        _serve_and_ask(f"models:/{name}@champion", tracking)
+    print(f"done. Review the runs: mlflow ui --backend-store-uri {tracking}")
+    return 0
 
 
 def _test_metrics(runs: Path) -> dict[str, float]:
@@ -87,13 +92,13 @@ def _test_metrics(runs: Path) -> dict[str, float]:
     return json.loads(newest.read_text())["metrics"]
 
 
-def _serve_and_ask(tracking: str) -> int:
+def _serve_and_ask(source: str, tracking: str) -> None:
     import requests
     import uvicorn
 
     from serve.http import create_app
 
-    app = create_app("models:/demo-sasrec@champion", tracking_uri=tracking)
+    app = create_app(source, tracking_uri=tracking)
     rec = app.state.holder.current
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,7 +116,7 @@ def _serve_and_ask(tracking: str) -> int:
     user = next(iter(rec.histories))
     history = [rec.item_ids[i - 1] for i in rec.histories[user]]
     answer = requests.post(url + "/v1/recommend", json={"user_id": user, "k": 5}, timeout=10).json()
-    print(f"      POST {url}/v1/recommend {{\"user_id\": {user!r}, \"k\": 5}}")
+    print(f"      {source} ({rec.kind}): POST {url}/v1/recommend {{\"user_id\": {user!r}, \"k\": 5}}")
     print(f"      user {user!r} (last items {history[-5:]}) ->")
     for item in answer["items"]:
         print(f"        item {item['item_id']!r}  score {item['score']:.3f}")
@@ -120,5 +125,3 @@ def _serve_and_ask(tracking: str) -> int:
           f"fallback={cold['fallback']}, unknown={cold['unknown_history_items']}")
     server.should_exit = True
     thread.join(timeout=10)
-    print(f"done. Review the runs: mlflow ui --backend-store-uri {tracking}")
-    return 0

@@ -6,12 +6,15 @@ that takes padded tensors (TorchRec's KeyedJaggedTensor does not export, DESIGN 
 exported with the dynamo exporter, dynamic in batch and sequence length. The artifact
 directory (written to a temp dir, then renamed):
 
-- ``model.onnx``: SASRec: ``item_ids`` (B, L) int64, right-padded with 0 -> ``user_vector``
-  (B, D) float32;
-- ``item_embeddings.npy``: (N, D) float32, row i - 1 = item index i (padding row dropped);
+- ``model.onnx``: the user encoder (:mod:`trainer.encoders`). SASRec: ``item_ids`` (B, L) int64,
+  right-padded with 0 -> ``user_vector`` (B, D) float32. Two-tower: ``item_ids`` (B, H) plus the
+  user inputs the model uses (``user_idx``, ``user_<feature>`` codes, ``user_dense``) ->
+  ``user_vector`` (B, out_dim), unit rows;
+- ``item_embeddings.npy``: (N, D) float32, row i - 1 = item index i (padding row dropped): the
+  SASRec item table, or the two-tower item tower's output for every item (its features baked in);
 - ``items.parquet``: ``item_idx`` (1..N), original ``item_id``, training ``count``;
-- ``users.parquet``: ``user_id`` and ``history`` (item indexes, oldest first, at most L), so
-  known users can be served by id;
+- ``users.parquet``: ``user_id``, ``user_idx`` and ``history`` (item indexes, oldest first, at
+  most L or H), plus each user input of a two-tower model, so known users can be served by id;
 - ``manifest.json``: kind, dims, opset, inputs/outputs (names, dtypes, shapes), sha256 of every
   other file, run id, metrics, dataset fingerprint, parity figures.
 
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 
 from data.readers import file_sha256
 from trainer.checkpoint import CheckpointError, read_trainer_state
+from trainer.encoders import item_vectors, user_encoder
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +52,6 @@ PARITY_SHAPES = ((1, 1), (3, 7), (16, 50), (64, 200))
 
 class ExportError(RuntimeError):
     """Export cannot produce a faithful artifact (unknown model, failed parity, bad input)."""
-
-
-class SASRecUserEncoder(nn.Module):
-    """Padded ``item_ids`` (B, L) -> user vectors (B, D): the ONNX-exportable face of SASRec."""
-
-    def __init__(self, sasrec: nn.Module) -> None:
-        super().__init__()
-        self.sasrec = sasrec
-        self.items = nn.Embedding.from_pretrained(sasrec.item_table.weight.detach().clone(), freeze=True)
-
-    def forward(self, item_ids: Tensor) -> Tensor:
-        lengths = (item_ids != 0).sum(dim=1)  # (B,) right padding: real items come first
-        hidden = self.sasrec.encode(self.items(item_ids), lengths)  # (B, L, D)
-        return self.sasrec.user_vector(hidden, lengths)  # (B, D)
 
 
 @dataclass
@@ -125,39 +115,30 @@ def _import(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), name)
 
 
-def _export_onnx(encoder: nn.Module, example: Tensor, path: Path) -> None:
+def _export_onnx(encoder: nn.Module, example: tuple[Tensor, ...], path: Path) -> None:
     from torch.export import Dim
 
-    batch, length = Dim("batch", min=1, max=65536), Dim("length", min=1, max=encoder.sasrec.config.max_len)
-    program = torch.onnx.export(encoder, (example,), dynamo=True, external_data=False, opset_version=OPSET,
-                                input_names=["item_ids"], output_names=["user_vector"],
-                                dynamic_shapes=({0: batch, 1: length},), verbose=False)
+    batch, length = Dim("batch", min=1, max=65536), Dim("length", min=1, max=encoder.max_length)
+    program = torch.onnx.export(encoder, example, dynamo=True, external_data=False, opset_version=OPSET,
+                                input_names=list(encoder.names), output_names=["user_vector"],
+                                dynamic_shapes=encoder.dynamic_shapes(batch, length), verbose=False)
     program.save(str(path), external_data=False)
-
-
-def _random_histories(batch: int, length: int, num_items: int, generator: torch.Generator) -> Tensor:
-    ids = torch.randint(1, num_items + 1, (batch, length), generator=generator)
-    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
-    lengths[0] = length  # one full row per batch
-    return ids * (torch.arange(length)[None, :] < lengths[:, None])  # (B, L) right-padded
 
 
 def parity(encoder: nn.Module, onnx_path: Path, item_embeddings: np.ndarray, tolerance: float,
            seed: int = 0) -> dict[str, Any]:
-    """onnxruntime vs PyTorch on random histories; raises :class:`ExportError` past ``tolerance``."""
+    """onnxruntime vs PyTorch on random inputs; raises :class:`ExportError` past ``tolerance``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(seed)
-    max_len = encoder.sasrec.config.max_len
-    num_items = item_embeddings.shape[0]
     worst, shapes = 0.0, []
     for batch, length in PARITY_SHAPES:
-        length = min(length, max_len)
-        ids = _random_histories(batch, length, num_items, generator)
+        length = min(length, encoder.max_length)
+        inputs = encoder.random_inputs(batch, length, generator)
         with torch.no_grad():
-            expected = encoder(ids).numpy()
-        got = session.run(["user_vector"], {"item_ids": ids.numpy()})[0]
+            expected = encoder(*inputs).numpy()
+        got = session.run(["user_vector"], {name: x.numpy() for name, x in zip(encoder.names, inputs)})[0]
         diff = float(np.abs(expected - got).max())
         worst = max(worst, diff)
         top_expected = _top_k(expected @ item_embeddings.T, 10)
@@ -176,64 +157,69 @@ def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None, run_id: str | None = None,
-           metrics: dict[str, float] | None = None, tolerance: float = 1e-4, overwrite: bool = False
-           ) -> dict[str, Any]:
-    """Export ``checkpoint`` into the artifact directory ``out``; returns the manifest."""
-    import pyarrow as pa
+           metrics: dict[str, float] | None = None, tolerance: float = 1e-4, overwrite: bool = False,
+           quantize: str | None = None, min_recall: float = 0.9) -> dict[str, Any]:
+    """Export ``checkpoint`` into the artifact directory ``out``; returns the manifest.
+
+    ``quantize="int8"``: ``model.onnx`` is the dynamically int8-quantized graph of the float one
+    that passed the parity gate (see :mod:`trainer.quantize`; ``min_recall`` gates it)."""
+    if quantize not in (None, "int8"):
+        raise ExportError(f"quantize={quantize!r}: expected 'int8' or none")
     import pyarrow.parquet as pq
 
-    from data.layout import ITEMS, USERS, SEQUENCES
+    from data.layout import ITEMS
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     loaded = load_checkpoint(checkpoint, data_dir)
-    if loaded.family != "sasrec":
-        raise ExportError(f"checkpoint {checkpoint}: exporting {loaded.family} models is not implemented yet "
-                          "(SASRec only)")
-    sasrec = loaded.network
-    config = sasrec.config
     dm = loaded.datamodule
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        encoder = SASRecUserEncoder(sasrec).eval()
-        item_embeddings = encoder.items.weight[1:].numpy().astype(np.float32)  # (N, D)
+        encoder = user_encoder(loaded.family, loaded.network)
+        item_embeddings = item_vectors(encoder, loaded.network)  # (N, D)
         np.save(tmp / "item_embeddings.npy", item_embeddings)
-        example = _random_histories(2, min(8, config.max_len), config.num_items, torch.Generator().manual_seed(1))
+        example = encoder.random_inputs(2, min(8, encoder.max_length), torch.Generator().manual_seed(1))
         start = time.perf_counter()
         _export_onnx(encoder, example, tmp / "model.onnx")
         export_seconds = time.perf_counter() - start
         check = parity(encoder, tmp / "model.onnx", item_embeddings, tolerance)
+        quantization = None
+        if quantize == "int8":
+            from trainer.quantize import quantize_int8
+
+            quantization = quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx", encoder, item_embeddings,
+                                         PARITY_SHAPES, min_recall)
+            os.replace(tmp / "model.int8.onnx", tmp / "model.onnx")
         items = pq.read_table(Path(dm.data_dir) / ITEMS, columns=["item_idx", "item_id", "count"])
         pq.write_table(items.sort_by("item_idx"), tmp / "items.parquet")
-        users = pq.read_table(Path(dm.data_dir) / USERS, columns=["user_idx", "user_id"]).sort_by("user_idx")
-        sequences = pq.read_table(Path(dm.data_dir) / SEQUENCES, columns=["user_idx", "item_idx"]).sort_by("user_idx")
-        if users.column("user_idx").to_pylist() != sequences.column("user_idx").to_pylist():
-            raise ExportError(f"{dm.data_dir}: {USERS} and {SEQUENCES} list different users")
-        histories = [seq[-config.max_len:] for seq in sequences.column("item_idx").to_pylist()]
-        pq.write_table(pa.table({"user_id": users.column("user_id"),
-                                 "history": pa.array(histories, pa.list_(pa.int32()))}), tmp / "users.parquet")
+        pq.write_table(_users_table(dm, encoder), tmp / "users.parquet")
+        config = encoder.config
+        num_items, dim = item_embeddings.shape
         manifest = {
             "format": ARTIFACT_FORMAT,
-            "kind": "sasrec",
+            "kind": encoder.kind,
             "created_by": "recforge export",
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "checkpoint": str(Path(checkpoint).resolve()),
             "run_id": run_id,
             "metrics": metrics or {},
             "dataset": {"path": str(Path(dm.data_dir).resolve()), "fingerprint": dm.manifest.get("fingerprint")},
-            "num_items": config.num_items,
-            "dim": config.dim,
-            "max_len": config.max_len,
+            "num_items": num_items,
+            "dim": dim,
+            "max_len": encoder.max_length,
             "opset": OPSET,
-            "inputs": [{"name": "item_ids", "dtype": "int64", "shape": ["batch", "length"],
-                        "doc": f"item indexes 1..{config.num_items}, right-padded with 0, length <= {config.max_len}"}],
-            "outputs": [{"name": "user_vector", "dtype": "float32", "shape": ["batch", config.dim]}],
-            "scoring": "score(item i) = user_vector . item_embeddings[i - 1]",
+            "inputs": encoder.input_specs(),
+            "outputs": [{"name": "user_vector", "dtype": "float32", "shape": ["batch", dim]}],
+            "input_example": {name: x[:1].tolist() for name, x in zip(encoder.names, example)},
+            "scoring": "score(item i) = user_vector . item_embeddings[i - 1]"
+                       + (" (cosine: both sides are unit vectors)" if encoder.kind == "two_tower" else ""),
             "parity": check,
+            "quantization": quantization,
             "export_seconds": round(export_seconds, 2),
+            "model_config": _plain(config),
         }
         manifest["files"] = {name: file_sha256(tmp / name) for name in
                              ("model.onnx", "item_embeddings.npy", "items.parquet", "users.parquet")}
@@ -245,6 +231,41 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _users_table(dm: Any, encoder: nn.Module) -> Any:
+    """Known users: ``user_id``, ``user_idx``, recent ``history``, and (two-tower) each user input."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.layout import SEQUENCES, USERS
+    from data.loader import load_feature_tables
+
+    users = pq.read_table(Path(dm.data_dir) / USERS, columns=["user_idx", "user_id"]).sort_by("user_idx")
+    sequences = pq.read_table(Path(dm.data_dir) / SEQUENCES, columns=["user_idx", "item_idx"]).sort_by("user_idx")
+    if users.column("user_idx").to_pylist() != sequences.column("user_idx").to_pylist():
+        raise ExportError(f"{dm.data_dir}: {USERS} and {SEQUENCES} list different users")
+    histories = [seq[-encoder.max_length:] for seq in sequences.column("item_idx").to_pylist()]
+    columns = {"user_id": users.column("user_id"), "user_idx": users.column("user_idx"),
+               "history": pa.array(histories, pa.list_(pa.int32()))}
+    config = encoder.config
+    if encoder.kind == "two_tower" and (config.user_feature_keys or config.user_numeric_features):
+        table = load_feature_tables(dm.data_dir, dm.manifest).user
+        idx = users.column("user_idx").to_numpy().astype(np.int64)
+        for name in config.user_feature_cardinalities:
+            offsets, codes = table.sparse_columns[name]
+            columns[f"user_{name}"] = pa.array([codes[offsets[i]:offsets[i + 1]].tolist() for i in idx],
+                                               pa.list_(pa.int64()))
+        if config.user_numeric_features:
+            cols = [table.dense_names.index(name) for name in config.user_numeric_features]
+            columns["user_dense"] = pa.array(table.dense[idx][:, cols].tolist(), pa.list_(pa.float32()))
+    return pa.table(columns)
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(config), default=str))
 
 
 def export_after_fit(trainer: Any, module: Any, logger: Any, tracking: Any) -> dict[str, Any] | None:
@@ -299,8 +320,13 @@ def run_cli(args: Any) -> int:
 
             metrics = {k: v for k, v in MlflowClient(uri).get_run(run_id).data.metrics.items() if k.startswith("test/")}
         manifest = export(checkpoint, args.out, data_dir=args.data_dir, run_id=run_id, metrics=metrics,
-                          tolerance=args.tolerance, overwrite=args.overwrite)
+                          tolerance=args.tolerance, overwrite=args.overwrite, quantize=args.quantize,
+                          min_recall=args.min_recall)
         print(f"exported {checkpoint} -> {args.out} (parity: max |diff| {manifest['parity']['max_abs_diff']:.2e})")
+        q = manifest["quantization"]
+        if q:
+            print(f"int8: recall@10 vs float {q['recall@10_vs_float']:.3f}, max |diff| vs PyTorch "
+                  f"{q['max_abs_diff_vs_pytorch']:.2e}, {q['bytes_float']} -> {q['bytes_int8']} bytes")
         if args.triton:
             from trainer.triton import write_triton_repository
 

@@ -38,8 +38,8 @@ def log_and_register(artifact_dir: str | Path, tracking_uri: str, run_id: str, r
                                 spec["name"]) for spec in manifest["inputs"]])
     outputs = Schema([TensorSpec(np.dtype(spec["dtype"]), tuple(-1 if isinstance(d, str) else d for d in spec["shape"]),
                                  spec["name"]) for spec in manifest["outputs"]])
-    example_len = min(5, manifest["max_len"])
-    example = {"item_ids": np.array([[1, 2, 3, 0, 0][:example_len]], dtype=np.int64)}
+    example = {spec["name"]: np.asarray(manifest["input_example"][spec["name"]], dtype=spec["dtype"])
+               for spec in manifest["inputs"]}
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     extra = [str(artifact_dir / name) for name in manifest["files"] if name != "model.onnx"] + \

@@ -5,10 +5,7 @@ concurrent load), and the serving library never importing torch."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,15 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from serve_fixtures import run, serving
 
 REPO = Path(__file__).resolve().parents[2]
-RECFORGE = str(Path(sys.executable).with_name("recforge"))
 TINY = str(REPO / "configs" / "sasrec" / "tiny.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-
-def run(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([RECFORGE, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -136,25 +129,8 @@ def test_serving_does_not_import_torch(artifacts: dict[str, Path]) -> None:
 
 @pytest.fixture(scope="module")
 def server(artifacts: dict[str, Path]):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([RECFORGE, "serve", str(artifacts["first"]), "--port", str(port)], cwd=artifacts["tmp"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if requests.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError(proc.stdout.read()[-3000:] if proc.stdout else "server did not start")
-    yield {"url": url, "proc": proc}
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=20)
+    with serving(artifacts["first"], artifacts["tmp"]) as (url, proc):
+        yield {"url": url, "proc": proc}
 
 
 def test_http_routes(server: dict, artifacts: dict[str, Path]) -> None:

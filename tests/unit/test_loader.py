@@ -25,9 +25,10 @@ L, H = 4, 3  # SASRec max_len and two-tower history_len used with the random dat
 
 def make_loader(directory: Path, model: str, stage: str, *, rank: int = 0, world: int = 1, batch_size: int = 5,
                 workers: int = 0, seed: int = 0, shuffle_window: int = 13, max_len: int = L,
-                history_len: int = H) -> DataLoader:
+                history_len: int = H, train_windows: str = "last") -> DataLoader:
     manifest = read_manifest(directory)
-    spec = ExampleSpec(model, stage, max_len=max_len, history_len=history_len)  # type: ignore[arg-type]
+    spec = ExampleSpec(model, stage, max_len=max_len, history_len=history_len,  # type: ignore[arg-type]
+                       train_windows=train_windows)  # type: ignore[arg-type]
     (index,) = scan_examples(directory, manifest["split"], [spec])
     features = load_feature_tables(directory, manifest) if model == "two_tower" else None
     dataset = SequenceBatchDataset(directory, index, manifest["split"], batch_size=batch_size, rank=rank,
@@ -113,6 +114,30 @@ def test_two_ranks_two_workers_see_every_example_once(random_dir, model: str, st
     counts = Counter(key for key, _ in seen)
     assert set(counts) == set(want) and max(counts.values()) == 1
     assert all(content == want[key] for key, content in seen)
+
+
+def test_all_windows_train_every_target_once(random_dir) -> None:
+    # Every training target of every user is predicted exactly once per epoch (2 ranks x 2
+    # workers), each window is a contiguous run of the training part, and only a user's earliest
+    # window may be shorter than L.
+    directory, sequences = random_dir
+    want = Counter((u, t) for u, s in enumerate(sequences, start=1)
+                   for t in range(1, len(s) - 2 if len(s) >= 3 else len(s)))
+    got: Counter = Counter()
+    starts: dict[int, list[tuple[int, int]]] = {}
+    for rank in (0, 1):
+        loader = make_loader(directory, "sasrec", "train", rank=rank, world=2, workers=2, train_windows="all")
+        for batch in loader:
+            for u, (inputs, targets), w in decode(batch, "sasrec", "train"):
+                if w == 1.0:
+                    s = sequences[u - 1]
+                    a = s.index(inputs[0])  # items are distinct within a user
+                    assert inputs == s[a:a + len(inputs)] and targets == s[a + 1:a + 1 + len(inputs)]
+                    got.update((u, t) for t in range(a + 1, a + 1 + len(targets)))
+                    starts.setdefault(u, []).append((a, len(inputs)))
+    assert got == want
+    assert all(n == L for windows in starts.values() for a, n in sorted(windows)[1:])
+    assert sum(len(w) > 1 for w in starts.values()) > 10  # long histories were really cut
 
 
 def test_last_global_batch_gets_filler_row(tmp_path: Path) -> None:

@@ -1,0 +1,174 @@
+"""The ONNX-exportable faces of the models: user encoders on padded tensors (DESIGN §9, §11).
+
+TorchRec's KeyedJaggedTensor does not export, so each encoder copies the unsharded tables into
+plain ``nn.Embedding`` modules and takes right-padded dense tensors. Each encoder also says how
+it is exported: its input specs (names, dtypes, symbolic shapes), dynamic dimensions, random
+inputs for the parity gate, and the item vectors that its user vectors are scored against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.towers import hash_user_ids
+
+
+def _frozen(weight: Tensor) -> nn.Embedding:
+    return nn.Embedding.from_pretrained(weight.detach().clone(), freeze=True)
+
+
+def _right_padded(batch: int, length: int, low: int, high: int, pad: int, generator: torch.Generator) -> Tensor:
+    """(B, length) random ids in [low, high], each row a random prefix then ``pad``; row 0 full."""
+    ids = torch.randint(low, high + 1, (batch, length), generator=generator)
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    lengths[0] = length
+    return torch.where(torch.arange(length)[None, :] < lengths[:, None], ids, torch.full_like(ids, pad))
+
+
+class SASRecUserEncoder(nn.Module):
+    """Padded ``item_ids`` (B, L) -> user vectors (B, D): the last position's hidden state."""
+
+    kind = "sasrec"
+
+    def __init__(self, sasrec: nn.Module) -> None:
+        super().__init__()
+        self.sasrec = sasrec
+        self.items = _frozen(sasrec.item_table.weight)
+        self.config = sasrec.config
+        self.max_length = sasrec.config.max_len
+        self.out_dim = sasrec.config.dim
+        self.names = ["item_ids"]
+
+    def forward(self, item_ids: Tensor) -> Tensor:
+        lengths = (item_ids != 0).sum(dim=1)  # (B,) right padding: real items come first
+        hidden = self.sasrec.encode(self.items(item_ids), lengths)  # (B, L, D)
+        return self.sasrec.user_vector(hidden, lengths)  # (B, D)
+
+    def input_specs(self) -> list[dict[str, Any]]:
+        n, L = self.config.num_items, self.max_length
+        return [{"name": "item_ids", "dtype": "int64", "shape": ["batch", "length"], "range": [0, n],
+                 "max_width": L, "doc": f"item indexes 1..{n}, right-padded with 0, length <= {L}"}]
+
+    def dynamic_shapes(self, batch: Any, length: Any) -> tuple:
+        return ({0: batch, 1: length},)
+
+    def random_inputs(self, batch: int, length: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+        return (_right_padded(batch, length, 1, self.config.num_items, 0, generator),)
+
+    @torch.no_grad()
+    def item_vectors(self) -> np.ndarray:
+        return self.items.weight[1:].numpy().astype(np.float32)  # (N, D), row i - 1 = item i
+
+
+class TwoTowerUserEncoder(nn.Module):
+    """The two-tower user tower on padded tensors.
+
+    Inputs, in order (only those the model uses):
+
+    - ``item_ids`` (B, H') int64: the most recent history, oldest first, right-padded with 0;
+      H' <= history_len (pooling weights depend on recency, not on the width);
+    - ``user_idx`` (B,) int64: the user's training index (1..num_users), 0 = unknown user (its id
+      embedding is then zero);
+    - ``user_<name>`` (B, W) int64 per user categorical/list feature: codes, right-padded with
+      -1; the rows are mean-pooled as the training ``EmbeddingBagCollection`` did (no code: zero);
+    - ``user_dense`` (B, k) float32: raw numeric user features (missing = 0, as in training).
+    """
+
+    kind = "two_tower"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        c = model.config
+        self.config = c
+        self.max_length = c.history_len
+        self.out_dim = c.out_dim
+        self.items = _frozen(model.embedding_collection.embeddings[c.table_name].weight)
+        bags = model.feature_collection.embedding_bags if model.feature_collection is not None else {}
+        self.user_id = _frozen(bags["user_id"].weight) if c.use_user_id else None
+        self.user_features = nn.ModuleList([_frozen(bags[key].weight) for key in c.user_feature_keys])
+        self.tower = model.user_tower
+        self.names = (["item_ids"] + (["user_idx"] if c.use_user_id else []) + list(c.user_feature_keys)
+                      + (["user_dense"] if c.user_numeric_features else []))
+
+    def forward(self, item_ids: Tensor, *user: Tensor) -> Tensor:
+        c = self.config
+        lengths = (item_ids != 0).sum(dim=1)  # (B,)
+        history = self.items(item_ids)  # (B, H', D); padding rows get pooling weight 0
+        parts: list[Tensor] = []
+        rest = list(user)
+        if self.user_id is not None:
+            idx = rest.pop(0)
+            rows = hash_user_ids(idx, c.user_id_hash_buckets) if c.user_id_hash_buckets > 0 else idx
+            parts.append(self.user_id(rows) * (idx != 0).to(history.dtype)[:, None])  # (B, user_id_dim)
+        for table in self.user_features:
+            codes = rest.pop(0)  # (B, W)
+            valid = (codes >= 0).to(history.dtype)
+            summed = (table(codes.clamp_min(0)) * valid[..., None]).sum(dim=1)  # (B, feature_dim)
+            parts.append(summed / valid.sum(dim=1).clamp_min(1.0)[:, None])
+        b = item_ids.shape[0]
+        dense = rest.pop(0) if c.user_numeric_features else history.new_zeros(b, 0)
+        emb = torch.cat(parts, dim=1) if parts else history.new_zeros(b, 0)
+        return self.tower(history, lengths, emb, dense)
+
+    def input_specs(self) -> list[dict[str, Any]]:
+        c = self.config
+        specs = [{"name": "item_ids", "dtype": "int64", "shape": ["batch", "length"], "range": [0, c.num_items],
+                  "max_width": c.history_len, "doc": f"recent history item indexes 1..{c.num_items}, oldest first, right-padded with 0, "
+                         f"length <= {c.history_len}"}]
+        if c.use_user_id:
+            top = 2**63 - 1 if c.user_id_hash_buckets else c.num_users
+            specs.append({"name": "user_idx", "dtype": "int64", "shape": ["batch"], "range": [0, top],
+                          "doc": "user index from users.parquet (user_idx); 0 = unknown user"})
+        for key, card in zip(c.user_feature_keys, c.user_feature_cardinalities.values()):
+            specs.append({"name": key, "dtype": "int64", "shape": ["batch", f"{key}_width"], "range": [-1, card - 1],
+                          "max_width": 1024, "doc": f"codes 0..{card - 1} of user feature {key[len('user_'):]!r}, right-padded with -1"})
+        if c.user_numeric_features:
+            specs.append({"name": "user_dense", "dtype": "float32", "shape": ["batch", len(c.user_numeric_features)],
+                          "doc": f"raw user numeric features {c.user_numeric_features} (missing = 0)"})
+        return specs
+
+    def dynamic_shapes(self, batch: Any, length: Any) -> tuple:
+        from torch.export import Dim
+
+        shapes: list[dict[int, Any]] = [{0: batch, 1: length}]
+        if self.config.use_user_id:
+            shapes.append({0: batch})
+        for key in self.config.user_feature_keys:
+            shapes.append({0: batch, 1: Dim(f"{key}_width", min=1, max=1024)})
+        if self.config.user_numeric_features:
+            shapes.append({0: batch})
+        return (shapes[0], tuple(shapes[1:]))  # forward(item_ids, *user)
+
+    def random_inputs(self, batch: int, length: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+        c = self.config
+        out = [_right_padded(batch, length, 1, c.num_items, 0, generator)]
+        if c.use_user_id:
+            users = c.user_id_hash_buckets * 4 if c.user_id_hash_buckets else c.num_users
+            out.append(torch.randint(0, users + 1, (batch,), generator=generator))
+        for card in c.user_feature_cardinalities.values():
+            out.append(_right_padded(batch, 3, 0, card - 1, -1, generator))
+        if c.user_numeric_features:
+            out.append(torch.randn(batch, len(c.user_numeric_features), generator=generator) * 10)
+        return tuple(out)
+
+    @torch.no_grad()
+    def item_vectors_of(self, model: nn.Module) -> np.ndarray:
+        ids = torch.arange(1, self.config.num_items + 1)
+        return model.item_vectors(ids).numpy().astype(np.float32)  # (N, out_dim)
+
+
+def user_encoder(family: str, network: nn.Module) -> nn.Module:
+    """The exportable user encoder of a loaded network (``sasrec`` or ``two_tower``)."""
+    encoder = SASRecUserEncoder(network) if family == "sasrec" else TwoTowerUserEncoder(network)
+    return encoder.eval()
+
+
+def item_vectors(encoder: nn.Module, network: nn.Module) -> np.ndarray:
+    """(N, D) float32 item vectors that the encoder's user vectors are scored against."""
+    if isinstance(encoder, SASRecUserEncoder):
+        return encoder.item_vectors()
+    return encoder.item_vectors_of(network)
