@@ -1,14 +1,18 @@
-"""Serving latency: `Recommender.recommend` (onnxruntime + exact or HNSW top-k) vs the PyTorch
-module on the same inputs, and a bounded HTTP load test with a hot reload.
+"""Serving latency: `Recommender.recommend_batch` (onnxruntime + exact or HNSW top-k) vs the
+PyTorch module on the same inputs, for SASRec and the two-tower user tower, float and int8; and a
+bounded HTTP load test with a hot reload.
 
     python benchmarks/serve_latency.py [--large 1000000] [--repeats 200] [--load-seconds 30]
 
-The model is SASRec with the `configs/sasrec/ml1m.yaml` shape (D=64, 2 layers, L=200, 3,416
-items) and random weights (latency does not depend on training); histories are full length
-(L=200). Catalogues: the model's own 3,416 items, and ``--large`` synthetic item vectors
-(Gaussian) searched exactly and through faiss HNSW, with HNSW's recall@10 against exact.
-The load test runs `recforge serve` on loopback with 20 concurrent clients for
-``--load-seconds``, reloading the model once halfway. Prints tables.
+Models have the shapes of `configs/sasrec/ml1m.yaml` (D=64, 2 layers, L=200) and
+`configs/two_tower/ml1m.yaml` (D=64, H=50, learned 2-head pooling, 256-wide towers), 3,416 items,
+random weights (latency does not depend on training); histories are full length (L or H).
+Catalogues: the model's own 3,416 items (float, and the `--quantize int8` graph with its
+recall@10 against float), and ``--large`` synthetic item vectors searched exactly and (SASRec;
+HNSW latency depends on the catalogue, not on the user model) through faiss HNSW, with recall@10
+against exact. PyTorch columns are the encoder plus `torch.topk` over the same catalogue (exact).
+The load test runs `recforge serve` (SASRec, 3,416 items) on loopback with 20 concurrent clients
+for ``--load-seconds``, reloading the model once halfway. Prints tables.
 """
 
 from __future__ import annotations
@@ -33,24 +37,39 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from models.sasrec import SASRec, SASRecConfig  # noqa: E402
 from data.readers import file_sha256  # noqa: E402
-from trainer.export import SASRecUserEncoder, _export_onnx  # noqa: E402
+from models.sasrec import SASRec, SASRecConfig  # noqa: E402
+from models.towers import TowerConfig  # noqa: E402
+from models.two_tower import TwoTower, TwoTowerConfig  # noqa: E402
+from trainer.encoders import SASRecUserEncoder, TwoTowerUserEncoder, item_vectors  # noqa: E402
+from trainer.export import PARITY_SHAPES, _export_onnx  # noqa: E402
+from trainer.quantize import quantize_int8  # noqa: E402
+
+NUM_ITEMS = 3416
 
 
-def build_artifact(out: Path, encoder: SASRecUserEncoder, item_vectors: np.ndarray, max_len: int) -> None:
+def build_artifact(out: Path, encoder: torch.nn.Module, vectors: np.ndarray, int8: bool = False) -> dict:
+    """A servable artifact dir for ``encoder`` scored against ``vectors`` (N, D); returns the
+    int8 report when ``int8``."""
     out.mkdir(parents=True)
-    np.save(out / "item_embeddings.npy", item_vectors.astype(np.float32))
-    ids = np.arange(1, len(item_vectors) + 1)
+    np.save(out / "item_embeddings.npy", vectors.astype(np.float32))
+    ids = np.arange(1, len(vectors) + 1)
     pq.write_table(pa.table({"item_idx": ids.astype(np.int32), "item_id": ids, "count": np.ones(len(ids), np.int64)}),
                    out / "items.parquet")
-    _export_onnx(encoder, torch.randint(1, 100, (2, 8)), out / "model.onnx")
-    manifest = {"format": 1, "kind": "sasrec", "num_items": len(item_vectors), "dim": item_vectors.shape[1],
-                "max_len": max_len, "opset": 18,
-                "inputs": [{"name": "item_ids", "dtype": "int64", "shape": ["batch", "length"]}],
-                "outputs": [{"name": "user_vector", "dtype": "float32", "shape": ["batch", item_vectors.shape[1]]}]}
-    manifest["files"] = {n: file_sha256(out / n) for n in ("model.onnx", "item_embeddings.npy", "items.parquet")}
+    pq.write_table(pa.table({"user_id": [1], "user_idx": [1], "history": pa.array([[1, 2, 3]], pa.list_(pa.int32()))}),
+                   out / "users.parquet")
+    _export_onnx(encoder, encoder.random_inputs(2, 8, torch.Generator().manual_seed(0)), out / "model.onnx")
+    report = {}
+    if int8:
+        report = quantize_int8(out / "model.onnx", out / "model.int8.onnx", encoder, vectors, PARITY_SHAPES, 0.0)
+        os.replace(out / "model.int8.onnx", out / "model.onnx")
+    manifest = {"format": 1, "kind": encoder.kind, "num_items": len(vectors), "dim": vectors.shape[1],
+                "max_len": encoder.max_length, "opset": 18, "inputs": encoder.input_specs(),
+                "outputs": [{"name": "user_vector", "dtype": "float32", "shape": ["batch", vectors.shape[1]]}]}
+    manifest["files"] = {n: file_sha256(out / n) for n in ("model.onnx", "item_embeddings.npy", "items.parquet",
+                                                          "users.parquet")}
     (out / "manifest.json").write_text(json.dumps(manifest))
+    return report
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
@@ -59,7 +78,7 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
 
 
 def time_calls(fn, repeats: int) -> tuple[float, float]:
-    for _ in range(5):
+    for _ in range(3):
         fn()
     samples = []
     for _ in range(repeats):
@@ -69,6 +88,17 @@ def time_calls(fn, repeats: int) -> tuple[float, float]:
     return percentiles(samples)
 
 
+def models() -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
+    torch.manual_seed(0)
+    sasrec = SASRec(SASRecConfig(num_items=NUM_ITEMS, max_len=200, dim=64, num_layers=2, num_heads=1,
+                                 dropout=0.0)).eval()
+    two_tower = TwoTower(TwoTowerConfig(num_items=NUM_ITEMS, dim=64, out_dim=64, history_len=50, pooling="learned",
+                                        decay=0.9, pooling_heads=2, item_tower=TowerConfig([256], 0.0),
+                                        user_tower=TowerConfig([256], 0.0))).eval()
+    return {"SASRec": (sasrec, SASRecUserEncoder(sasrec).eval()),
+            "two-tower": (two_tower, TwoTowerUserEncoder(two_tower).eval())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--large", type=int, default=1_000_000, help="synthetic catalogue size")
@@ -76,52 +106,68 @@ def main() -> None:
     parser.add_argument("--load-seconds", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=20)
     args = parser.parse_args()
-    torch.manual_seed(0)
     torch.set_num_threads(1)
     from serve.recommender import Recommender
 
-    config = SASRecConfig(num_items=3416, max_len=200, dim=64, num_layers=2, num_heads=1, dropout=0.0)
-    sasrec = SASRec(config).eval()
-    encoder = SASRecUserEncoder(sasrec).eval()
     rng = np.random.default_rng(0)
-    rows = []
+    large = rng.standard_normal((args.large, 64), dtype=np.float32)
+    large /= np.linalg.norm(large, axis=1, keepdims=True)  # unit vectors: cosine scores, as the two-tower's
+    big = f"{args.large / 1e6:g}M"
+    rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        small = Path(tmp) / "small"
-        build_artifact(small, encoder, encoder.items.weight[1:].numpy(), config.max_len)
-        large = Path(tmp) / "large"
-        vectors = rng.standard_normal((args.large, config.dim), dtype=np.float32) / np.sqrt(config.dim)
-        build_artifact(large, encoder, vectors, config.max_len)
-        for catalogue, path, index in (("3.4k", small, "exact"), (f"{args.large / 1e6:g}M", large, "exact"),
-                                       (f"{args.large / 1e6:g}M", large, "hnsw")):
-            start = time.perf_counter()
-            rec = Recommender.load(path, index=index)
-            load_s = time.perf_counter() - start
-            table = torch.from_numpy(rec.item_embeddings)
-            for batch in (1, 64):
-                hist = rng.integers(1, config.num_items + 1, (batch, config.max_len))
-                requests = [{"history": h.tolist(), "k": 10, "exclude_seen": False} for h in hist]
-                ids = torch.from_numpy(hist)
-                ort_p50, ort_p99 = time_calls(lambda: rec.recommend_batch(requests), args.repeats if batch == 1
-                                              else max(20, args.repeats // 10))
+        for name, (network, encoder) in models().items():
+            own = item_vectors(encoder, network)
+            paths = {}
+            for label, vectors, int8 in (("float", own, False), ("int8", own, True), ("large", large, False)):
+                paths[label] = Path(tmp) / f"{name}-{label}"
+                start = time.perf_counter()
+                report = build_artifact(paths[label], encoder, vectors, int8=int8)
+                if int8:
+                    notes.append(f"{name} int8: {report['bytes_float']} -> {report['bytes_int8']} bytes, max |diff| "
+                                 f"vs PyTorch {report['max_abs_diff_vs_pytorch']:.2e}, parity-case recall@10 vs "
+                                 f"float {report['recall@10_vs_float']:.3f} ({time.perf_counter() - start:.0f} s)")
+            cases = [("3.4k", "float", paths["float"], "exact"), ("3.4k", "int8", paths["int8"], "exact"),
+                     (big, "float", paths["large"], "exact")]
+            if name == "SASRec":
+                cases.append((big, "float", paths["large"], "hnsw"))
+            reference = {}
+            for catalogue, precision, path, index in cases:
+                start = time.perf_counter()
+                rec = Recommender.load(path, index=index)
+                load_s = time.perf_counter() - start
+                table = torch.from_numpy(rec.item_embeddings)
+                for batch in (1, 64):
+                    hist = rng.integers(1, NUM_ITEMS + 1, (batch, encoder.max_length)) if (catalogue, batch) not in \
+                        reference else reference[(catalogue, batch)][0]
+                    requests = [{"history": h.tolist(), "k": 10, "exclude_seen": False} for h in hist]
+                    repeats = args.repeats if batch == 1 else max(20, args.repeats // 10)
+                    ort_p50, ort_p99 = time_calls(lambda: rec.recommend_batch(requests), repeats)
+                    ids = torch.from_numpy(hist)
 
-                def torch_call() -> None:
-                    with torch.no_grad():
-                        torch.topk(encoder(ids) @ table.T, 10)
+                    def torch_call() -> None:
+                        with torch.no_grad():
+                            torch.topk(encoder(ids) @ table.T, 10)
 
-                pt_p50, pt_p99 = time_calls(torch_call, args.repeats if batch == 1 else max(20, args.repeats // 10))
-                recall = ""
-                if index == "hnsw":
-                    exact = Recommender.load(path, index="exact")
-                    hits = sum(len(set(a.items) & set(b.items)) for a, b in
-                               zip(rec.recommend_batch(requests), exact.recommend_batch(requests)))
-                    recall = f"{hits / (10 * batch):.3f}"
-                rows.append((catalogue, index, batch, ort_p50, ort_p99, pt_p50, pt_p99, recall, load_s))
-        print("\nrecommend() latency, SASRec D=64 L=200, top-10, 1 thread (ms)")
-        print(f"{'catalogue':>9} {'search':>6} {'batch':>5} | {'onnxruntime p50':>15} {'p99':>8} | "
-              f"{'PyTorch p50':>11} {'p99':>8} | {'recall@10':>9} | {'load s':>6}")
-        for c, i, b, o50, o99, p50, p99, r, ls in rows:
-            print(f"{c:>9} {i:>6} {b:>5} | {o50:15.2f} {o99:8.2f} | {p50:11.2f} {p99:8.2f} | {r:>9} | {ls:6.1f}")
-        load_test(small, args.clients, args.load_seconds)
+                    pt_p50, pt_p99 = time_calls(torch_call, repeats)
+                    answers = rec.recommend_batch(requests)
+                    recall = ""
+                    if (catalogue, batch) in reference:  # int8 or HNSW against the float, exact answers
+                        hits = sum(len(set(a.items) & set(b.items)) for a, b in
+                                   zip(answers, reference[(catalogue, batch)][1]))
+                        recall = f"{hits / (10 * batch):.3f}"
+                    else:
+                        reference[(catalogue, batch)] = (hist, answers)
+                    rows.append((name, catalogue, index, precision, batch, ort_p50, ort_p99, pt_p50, pt_p99, recall,
+                                 load_s))
+        print("\nrecommend_batch() latency, top-10, 1 thread (ms); recall@10 against float exact search")
+        print(f"{'model':>9} {'catalogue':>9} {'search':>6} {'weights':>7} {'batch':>5} | {'onnxruntime p50':>15} "
+              f"{'p99':>8} | {'PyTorch p50':>11} {'p99':>8} | {'recall@10':>9} | {'load s':>6}")
+        for m, c, i, w, b, o50, o99, p50, p99, r, ls in rows:
+            print(f"{m:>9} {c:>9} {i:>6} {w:>7} {b:>5} | {o50:15.2f} {o99:8.2f} | {p50:11.2f} {p99:8.2f} | {r:>9} | "
+                  f"{ls:6.1f}")
+        for note in notes:
+            print(note)
+        load_test(Path(tmp) / "SASRec-float", args.clients, args.load_seconds)
 
 
 def load_test(artifact: Path, clients: int, seconds: float) -> None:

@@ -141,7 +141,8 @@ class TwoTowerUserEncoder(nn.Module):
             shapes.append({0: batch, 1: Dim(f"{key}_width", min=1, max=1024)})
         if self.config.user_numeric_features:
             shapes.append({0: batch})
-        return (shapes[0], tuple(shapes[1:]))  # forward(item_ids, *user)
+        # forward(item_ids, *user): the varargs get a nested tuple, absent when empty.
+        return (shapes[0], tuple(shapes[1:])) if len(shapes) > 1 else (shapes[0],)
 
     def random_inputs(self, batch: int, length: int, generator: torch.Generator) -> tuple[Tensor, ...]:
         c = self.config

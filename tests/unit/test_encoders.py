@@ -111,6 +111,17 @@ def test_two_tower_encoder_exports_with_dynamic_widths(tmp_path: Path) -> None:
         parity(encoder, path, item_vectors(encoder, model), tolerance=0.0)
 
 
+def test_two_tower_without_user_inputs_exports(tmp_path: Path) -> None:
+    # The ML-1M shape: history only (no user id, no user features).
+    torch.manual_seed(0)
+    model = TwoTower(TwoTowerConfig(num_items=N, dim=16, out_dim=8, history_len=H, pooling="exp_decay",
+                                    item_tower=TowerConfig([], 0.0), user_tower=TowerConfig([16], 0.0))).eval()
+    encoder = TwoTowerUserEncoder(model).eval()
+    assert encoder.names == ["item_ids"]
+    _export_onnx(encoder, encoder.random_inputs(2, 4, torch.Generator().manual_seed(0)), tmp_path / "m.onnx")
+    assert parity(encoder, tmp_path / "m.onnx", item_vectors(encoder, model), tolerance=1e-4)["max_abs_diff"] <= 1e-5
+
+
 def test_sasrec_encoder_scores_like_the_model() -> None:
     # The evaluation path (score_all: TorchRec lookup, tied output) ranks as encoder . item vectors.
     torch.manual_seed(0)
