@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install test test-all demo clean bench
 
@@ -16,7 +17,7 @@ test-all: install
 	$(PY) -m pytest -m "" $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/recforge demo
+	$(VENV)/bin/recforge demo $(DEMO_ARGS)
 
 bench: install
 	$(PY) benchmarks/loader.py

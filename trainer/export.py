@@ -165,6 +165,8 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
     that passed the parity gate (see :mod:`trainer.quantize`; ``min_recall`` gates it)."""
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r}: expected 'int8' or none")
+    if not 0.0 <= min_recall <= 1.0:
+        raise ExportError(f"min_recall={min_recall}: expected a recall in [0, 1]")
     import pyarrow.parquet as pq
 
     from data.layout import ITEMS
