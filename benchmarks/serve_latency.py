@@ -105,7 +105,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--load-seconds", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--ef-search", default="128,512,2048", help="HNSW efSearch values to sweep")
+    parser.add_argument("--only-large", action="store_true", help="only the SASRec --large rows (exact, HNSW)")
     args = parser.parse_args()
+    ef_values = [int(x) for x in args.ef_search.split(",")]
     torch.set_num_threads(1)
     from serve.recommender import Recommender
 
@@ -116,6 +119,8 @@ def main() -> None:
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (network, encoder) in models().items():
+            if args.only_large and name != "SASRec":
+                continue
             own = item_vectors(encoder, network)
             paths = {}
             for label, vectors, int8 in (("float", own, False), ("int8", own, True), ("large", large, False)):
@@ -128,6 +133,8 @@ def main() -> None:
                                  f"float {report['recall@10_vs_float']:.3f} ({time.perf_counter() - start:.0f} s)")
             cases = [("3.4k", "float", paths["float"], "exact"), ("3.4k", "int8", paths["int8"], "exact"),
                      (big, "float", paths["large"], "exact")]
+            if args.only_large:
+                cases = cases[2:]
             if name == "SASRec":
                 cases.append((big, "float", paths["large"], "hnsw"))
             reference = {}
@@ -136,7 +143,10 @@ def main() -> None:
                 rec = Recommender.load(path, index=index)
                 load_s = time.perf_counter() - start
                 table = torch.from_numpy(rec.item_embeddings)
-                for batch in (1, 64):
+                for batch, ef in [(b, ef) for ef in (ef_values if index == "hnsw" else [0]) for b in (1, 64)]:
+                    if ef:
+                        rec.ann.ef_search = ef
+                    label = f"hnsw{ef}" if ef else index
                     hist = rng.integers(1, NUM_ITEMS + 1, (batch, encoder.max_length)) if (catalogue, batch) not in \
                         reference else reference[(catalogue, batch)][0]
                     requests = [{"history": h.tolist(), "k": 10, "exclude_seen": False} for h in hist]
@@ -157,17 +167,18 @@ def main() -> None:
                         recall = f"{hits / (10 * batch):.3f}"
                     else:
                         reference[(catalogue, batch)] = (hist, answers)
-                    rows.append((name, catalogue, index, precision, batch, ort_p50, ort_p99, pt_p50, pt_p99, recall,
+                    rows.append((name, catalogue, label, precision, batch, ort_p50, ort_p99, pt_p50, pt_p99, recall,
                                  load_s))
         print("\nrecommend_batch() latency, top-10, 1 thread (ms); recall@10 against float exact search")
-        print(f"{'model':>9} {'catalogue':>9} {'search':>6} {'weights':>7} {'batch':>5} | {'onnxruntime p50':>15} "
+        print(f"{'model':>9} {'catalogue':>9} {'search':>8} {'weights':>7} {'batch':>5} | {'onnxruntime p50':>15} "
               f"{'p99':>8} | {'PyTorch p50':>11} {'p99':>8} | {'recall@10':>9} | {'load s':>6}")
         for m, c, i, w, b, o50, o99, p50, p99, r, ls in rows:
-            print(f"{m:>9} {c:>9} {i:>6} {w:>7} {b:>5} | {o50:15.2f} {o99:8.2f} | {p50:11.2f} {p99:8.2f} | {r:>9} | "
+            print(f"{m:>9} {c:>9} {i:>8} {w:>7} {b:>5} | {o50:15.2f} {o99:8.2f} | {p50:11.2f} {p99:8.2f} | {r:>9} | "
                   f"{ls:6.1f}")
         for note in notes:
             print(note)
-        load_test(Path(tmp) / "SASRec-float", args.clients, args.load_seconds)
+        if not args.only_large:
+            load_test(Path(tmp) / "SASRec-float", args.clients, args.load_seconds)
 
 
 def load_test(artifact: Path, clients: int, seconds: float) -> None:

@@ -68,26 +68,30 @@ class InferRequest(BaseModel):
 class ModelHolder:
     """The current model; replaced whole on reload."""
 
-    def __init__(self, source: str, threads: int, index: str, tracking_uri: str | None) -> None:
+    def __init__(self, source: str, threads: int, index: str, tracking_uri: str | None, ef_search: int = 512) -> None:
         self.source, self.threads, self.index, self.tracking_uri = source, threads, index, tracking_uri
+        self.ef_search = ef_search
         self.lock = threading.Lock()
-        self.current = Recommender.load(source, threads=threads, index=index, tracking_uri=tracking_uri)
+        self.current = self._load(source)
         self.loaded_at = time.time()
         self.reloads = 0
 
     def reload(self, source: str | None = None) -> Recommender:
         with self.lock:  # one reload at a time; readers never wait
-            new = Recommender.load(source or self.source, threads=self.threads, index=self.index,
-                                   tracking_uri=self.tracking_uri)
+            new = self._load(source or self.source)
             self.source = source or self.source
             self.current, self.loaded_at = new, time.time()
             self.reloads += 1
             return new
 
+    def _load(self, source: str) -> Recommender:
+        return Recommender.load(source, threads=self.threads, index=self.index, ef_search=self.ef_search,
+                                tracking_uri=self.tracking_uri)
+
 
 def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri: str | None = None,
-               max_body_bytes: int = 1 << 20, model_name: str = "recforge") -> FastAPI:
-    holder = ModelHolder(source, threads, index, tracking_uri)
+               max_body_bytes: int = 1 << 20, model_name: str = "recforge", ef_search: int = 512) -> FastAPI:
+    holder = ModelHolder(source, threads, index, tracking_uri, ef_search)
     app = FastAPI(title="recforge", description="Recommendations from a recforge ONNX artifact.", version="1")
     app.state.holder = holder
 
@@ -209,8 +213,8 @@ def main(args: Any) -> int:
 
     try:
         app = create_app(args.source, threads=args.threads, index=args.index, tracking_uri=args.tracking_uri,
-                         model_name=args.model_name)
-    except (ArtifactError, OSError) as exc:
+                         model_name=args.model_name, ef_search=args.ef_search)
+    except (ArtifactError, OSError, ValueError) as exc:
         print(f"recforge serve: error: {exc}", file=sys.stderr)
         return 2
     install_sighup(app)

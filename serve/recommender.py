@@ -52,7 +52,8 @@ class Recommendation:
 class Recommender:
     """Loaded artifact: user encoder session, item vectors, id maps, known users' histories."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], threads: int = 1, index: str = "auto") -> None:
+    def __init__(self, directory: Path, manifest: dict[str, Any], threads: int = 1, index: str = "auto",
+                 ef_search: int = 512) -> None:
         import onnxruntime as ort
         import pyarrow.parquet as pq
 
@@ -96,17 +97,19 @@ class Recommender:
         if index == "hnsw" or (index == "auto" and num_items > EXACT_LIMIT):
             from serve.ann import HNSWIndex
 
-            self.ann = HNSWIndex(self.item_embeddings)
+            self.ann = HNSWIndex(self.item_embeddings, ef_search=ef_search)
 
     @classmethod
-    def load(cls, source: str | os.PathLike, threads: int = 1, index: str = "auto",
+    def load(cls, source: str | os.PathLike, threads: int = 1, index: str = "auto", ef_search: int = 512,
              tracking_uri: str | None = None) -> "Recommender":
         """Load a directory, ``models:/NAME@ALIAS`` or ``runs:/RUN/export``; verifies every sha256."""
         if index not in ("auto", "exact", "hnsw"):
             raise ValueError(f"index={index!r}: expected 'auto', 'exact' or 'hnsw'")
+        if ef_search < 1:
+            raise ValueError(f"ef_search={ef_search}: must be >= 1")
         directory = resolve_source(str(source), tracking_uri)
         manifest = read_verified_manifest(directory)
-        return cls(directory, manifest, threads=threads, index=index)
+        return cls(directory, manifest, threads=threads, index=index, ef_search=ef_search)
 
     @property
     def num_items(self) -> int:

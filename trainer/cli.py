@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per request")
     serve.add_argument("--index", choices=("auto", "exact", "hnsw"), default="auto",
                        help="top-k search: exact matrix product, faiss HNSW, or auto (HNSW above 200k items)")
+    serve.add_argument("--ef-search", type=int, default=512,
+                       help="HNSW search breadth: higher raises recall and latency (see benchmarks/serve_latency.py)")
     serve.add_argument("--model-name", default="recforge", help="name on the KServe v2 routes")
     serve.add_argument("--tracking-uri", help="MLflow URI for models:/ sources (default: $MLFLOW_TRACKING_URI, "
                        "else sqlite:///mlflow.db)")

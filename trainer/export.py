@@ -13,8 +13,9 @@ directory (written to a temp dir, then renamed):
 - ``item_embeddings.npy``: (N, D) float32, row i - 1 = item index i (padding row dropped): the
   SASRec item table, or the two-tower item tower's output for every item (its features baked in);
 - ``items.parquet``: ``item_idx`` (1..N), original ``item_id``, training ``count``;
-- ``users.parquet``: ``user_id``, ``user_idx`` and ``history`` (item indexes, oldest first, at
-  most L or H), plus each user input of a two-tower model, so known users can be served by id;
+- ``users.parquet``: ``user_id``, ``user_idx`` and ``history`` (all item indexes, oldest first:
+  the encoder reads the last L or H, ``exclude_seen`` all), plus each user input of a two-tower
+  model, so known users can be served by id;
 - ``manifest.json``: kind, dims, opset, inputs/outputs (names, dtypes, shapes), sha256 of every
   other file, run id, metrics, dataset fingerprint, parity figures.
 
@@ -236,7 +237,7 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
 
 
 def _users_table(dm: Any, encoder: nn.Module) -> Any:
-    """Known users: ``user_id``, ``user_idx``, recent ``history``, and (two-tower) each user input."""
+    """Known users: ``user_id``, ``user_idx``, ``history``, and (two-tower) each user input."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -247,9 +248,9 @@ def _users_table(dm: Any, encoder: nn.Module) -> Any:
     sequences = pq.read_table(Path(dm.data_dir) / SEQUENCES, columns=["user_idx", "item_idx"]).sort_by("user_idx")
     if users.column("user_idx").to_pylist() != sequences.column("user_idx").to_pylist():
         raise ExportError(f"{dm.data_dir}: {USERS} and {SEQUENCES} list different users")
-    histories = [seq[-encoder.max_length:] for seq in sequences.column("item_idx").to_pylist()]
+    # The whole history: the encoder reads its last L (or H) items, exclude_seen all of them.
     columns = {"user_id": users.column("user_id"), "user_idx": users.column("user_idx"),
-               "history": pa.array(histories, pa.list_(pa.int32()))}
+               "history": sequences.column("item_idx").cast(pa.list_(pa.int32()))}
     config = encoder.config
     if encoder.kind == "two_tower" and (config.user_feature_keys or config.user_numeric_features):
         table = load_feature_tables(dm.data_dir, dm.manifest).user

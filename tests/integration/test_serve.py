@@ -97,11 +97,13 @@ def test_library_recommends_by_user_and_history(artifacts: dict[str, Path]) -> N
     from serve.recommender import Recommender, RequestError
 
     rec = Recommender.load(artifacts["first"])
-    user = next(iter(rec.histories))
+    user = max(rec.histories, key=lambda u: len(rec.histories[u]))
+    assert len(rec.histories[user]) > rec.max_len, "a history longer than the encoder reads"
     seen = {rec.item_ids[i - 1] for i in rec.histories[user]}
     result = rec.recommend(user_id=user, k=10)
     assert len(result.items) == 10 and not result.fallback
-    assert not seen & set(result.items), "exclude_seen removes the user's items"
+    assert not seen & set(result.items), "exclude_seen removes all the user's items, not only the last L"
+    assert not seen & set(rec.recommend(user_id=user, k=rec.num_items - len(seen)).items)
     assert result.scores == sorted(result.scores, reverse=True)
     unfiltered = rec.recommend(user_id=user, k=10, exclude_seen=False, exclude=[result.items[0]])
     assert result.items[0] not in unfiltered.items
