@@ -71,6 +71,9 @@ class SequenceDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if train_windows not in ("last", "all"):
             raise ValueError(f"train_windows must be 'last' or 'all', got {train_windows!r}")
+        if train_windows == "all" and model_family != "sasrec":
+            raise ValueError("train_windows='all' cuts SASRec training sequences; a two_tower model already "
+                             "trains on every position of the history (leave it at 'last')")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.model_family = model_family

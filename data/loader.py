@@ -80,7 +80,7 @@ class ExampleSpec:
 
     def per_user(self, lengths: np.ndarray, train_end: np.ndarray, val_end: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """``(count, t0)`` per user: the user's examples are ``t0, t0 + 1, ..., t0 + count - 1``."""
+        """``(count, t0)`` per user: the user's examples are ``t0 + i * stride``, ``i < count``."""
         if self.stage == "train":
             if self.model == "sasrec":
                 if self.train_windows == "last":

@@ -33,13 +33,20 @@ class HNSWIndex:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         faiss.omp_set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    def search(self, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+    def search(self, vector: np.ndarray, k: int, excluded: np.ndarray | None = None) -> tuple[list[int], list[float]]:
+        """Top-``k`` catalogue positions (and scores) for one vector, ``excluded`` positions left
+        out inside the search (so a long seen-history does not widen it)."""
         import faiss
 
         k = min(k, self.index.ntotal)
+        selector = None
+        if excluded is not None and len(excluded):
+            batch = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
+            selector = faiss.IDSelectorNot(batch)
         # Per call, not on the index: efSearch must cover k, or HNSW returns fewer than k results,
         # and one large-k request must not slow every later one down.
-        params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+        params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k), sel=selector)
         scores, positions = self.index.search(np.ascontiguousarray(vector[None, :], dtype=np.float32), k,
                                               params=params)
-        return positions[0].tolist(), scores[0].tolist()
+        keep = positions[0] >= 0  # fewer than k reachable items: -1 padding
+        return positions[0][keep].tolist(), scores[0][keep].tolist()

@@ -9,6 +9,7 @@ request whose history has no usable item gets the most-popular items, marked ``f
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class Recommender:
         if missing:
             raise ArtifactError(f"{directory}: users.parquet lacks the column(s) {missing} that model.onnx takes")
         num_items = self.item_embeddings.shape[0]
+        if not np.isfinite(self.item_embeddings).all():
+            raise ArtifactError(f"{directory}: item_embeddings.npy holds NaN or inf")
         if self.item_embeddings.shape != (int(manifest["num_items"]), int(manifest["dim"])):
             raise ArtifactError(f"{directory}: item_embeddings.npy has shape {self.item_embeddings.shape}, "
                                 f"manifest says ({manifest['num_items']}, {manifest['dim']})")
@@ -170,7 +173,7 @@ class Recommender:
         row = {j: r for r, j in enumerate(with_history)}
         for j, (k, indexes, unknown, excluded) in enumerate(parsed):
             if not indexes:
-                positions = [p for p in self.popular if p + 1 not in excluded][:k]
+                positions = list(itertools.islice((p for p in self.popular if p + 1 not in excluded), k))
                 # Fallback scores are training interaction counts, not model scores.
                 out.append(Recommendation([self.item_ids[p] for p in positions],
                                           [float(self.counts[p]) for p in positions],
@@ -195,8 +198,9 @@ class Recommender:
                 width = int(spec["shape"][1])
                 feeds[name] = np.array([known[r] if r is not None else [0.0] * width for r in user_rows],
                                        dtype=np.float32).reshape(len(user_rows), width)
-            else:  # feature codes, right-padded with -1 (no code: a zero embedding)
-                feeds[name] = _padded([known[r] if r is not None else [] for r in user_rows], -1)
+            else:  # feature codes, right-padded with -1; an unknown user gets the "missing" codes
+                missing = list(spec.get("missing", []))
+                feeds[name] = _padded([known[r] if r is not None else missing for r in user_rows], -1)
         return self.session.run(["user_vector"], feeds)[0]  # (B, D)
 
     def encode_histories(self, ids: np.ndarray) -> np.ndarray:
@@ -222,6 +226,8 @@ class Recommender:
             if batch is not None and x.shape[0] != batch:
                 raise RequestError(f"input {name!r}: batch {x.shape[0]}, other inputs have {batch}")
             batch = x.shape[0]
+            if name == "item_ids" and x.shape[1] > 1 and ((x[:, 1:] != 0) & (x[:, :-1] == 0)).any():
+                raise RequestError("input 'item_ids': rows must be right-padded (no item after a 0)")
             if "range" in spec and (x.min() < spec["range"][0] or x.max() > spec["range"][1]):
                 raise RequestError(f"input {name!r}: values must lie in {spec['range'][0]}..{spec['range'][1]}")
             if x.dtype.kind == "f" and not np.isfinite(x).all():
@@ -229,9 +235,8 @@ class Recommender:
         return self.session.run(["user_vector"], feeds)[0]
 
     def _ann_top_k(self, vector: np.ndarray, k: int, excluded: set[int]) -> tuple[list[int], np.ndarray]:
-        positions, scores = self.ann.search(vector, k + len(excluded))
-        keep = [(p, s) for p, s in zip(positions, scores) if p >= 0 and p + 1 not in excluded][:k]
-        return [p for p, _ in keep], np.array([s for _, s in keep], dtype=np.float32)
+        positions, scores = self.ann.search(vector, k, np.fromiter((i - 1 for i in excluded), dtype=np.int64))
+        return positions, np.array(scores, dtype=np.float32)
 
 
 def _padded(rows: list[list[int]], pad: int) -> np.ndarray:

@@ -90,9 +90,9 @@ def load_checkpoint(path: str | Path, data_dir: str | None = None) -> LoadedChec
     module_cls = _import(class_path)
     module = instantiate_module(module_cls, hparams)
     network, _ = module.build_model(dm)  # tables on meta
-    network = network.to_empty(device="cpu")
+    _materialize_meta(network)
     if class_path.endswith("TwoTowerModule"):
-        module.set_data_state(network, dm)  # buffers to_empty left uninitialised
+        module.set_data_state(network, dm)  # data-derived buffers: not in the checkpoint
     else:
         network.set_item_frequencies(torch.as_tensor(dm.item_counts, dtype=torch.float32))
     skeleton = {f"model.{k}": v for k, v in network.state_dict().items()}
@@ -107,6 +107,20 @@ def load_checkpoint(path: str | Path, data_dir: str | None = None) -> LoadedChec
     network.eval()
     family = "sasrec" if class_path.endswith("SASRecModule") else "two_tower"
     return LoadedCheckpoint(family, network, dm, hparams, path)
+
+
+def _materialize_meta(network: nn.Module) -> None:
+    """Give the meta tensors (the TorchRec tables) uninitialised CPU storage for the checkpoint
+    to fill. Not ``to_empty`` on the whole network: that would also wipe the buffers the
+    constructor computed and the checkpoint does not hold (e.g. fixed pooling weights)."""
+    for module in network.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                setattr(module, name, nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                   requires_grad=param.requires_grad))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device="cpu")
 
 
 def _import(class_path: str) -> type:
@@ -146,7 +160,7 @@ def parity(encoder: nn.Module, onnx_path: Path, item_embeddings: np.ndarray, tol
         top_got = _top_k(got @ item_embeddings.T, 10)
         same_top = bool((top_expected == top_got).all())
         shapes.append({"batch": batch, "length": length, "max_abs_diff": diff, "same_top10": same_top})
-        if diff > tolerance or not same_top:
+        if not np.isfinite(diff) or diff > tolerance or not same_top:
             raise ExportError(f"ONNX parity failed at batch={batch}, length={length}: max |diff| of user_vector "
                               f"{diff:.3g} (tolerance {tolerance:g}), identical top-10: {same_top}")
     return {"max_abs_diff": worst, "tolerance": tolerance, "cases": shapes}
@@ -183,6 +197,8 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
     try:
         encoder = user_encoder(loaded.family, loaded.network)
         item_embeddings = item_vectors(encoder, loaded.network)  # (N, D)
+        if not np.isfinite(item_embeddings).all():
+            raise ExportError(f"checkpoint {checkpoint}: item vectors hold NaN or inf (a diverged model?)")
         np.save(tmp / "item_embeddings.npy", item_embeddings)
         example = encoder.random_inputs(2, min(8, encoder.max_length), torch.Generator().manual_seed(1))
         start = time.perf_counter()
@@ -214,7 +230,7 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
             "dim": dim,
             "max_len": encoder.max_length,
             "opset": OPSET,
-            "inputs": encoder.input_specs(),
+            "inputs": _with_feature_kinds(encoder.input_specs(), dm.manifest),
             "outputs": [{"name": "user_vector", "dtype": "float32", "shape": ["batch", dim]}],
             "input_example": {name: x[:1].tolist() for name, x in zip(encoder.names, example)},
             "scoring": "score(item i) = user_vector . item_embeddings[i - 1]"
@@ -227,9 +243,12 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
         manifest["files"] = {name: file_sha256(tmp / name) for name in
                              ("model.onnx", "item_embeddings.npy", "items.parquet", "users.parquet")}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        # Old artifact aside, new one in, old one deleted: never a moment without a complete one.
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, old)
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -263,6 +282,18 @@ def _users_table(dm: Any, encoder: nn.Module) -> Any:
             cols = [table.dense_names.index(name) for name in config.user_numeric_features]
             columns["user_dense"] = pa.array(table.dense[idx][:, cols].tolist(), pa.list_(pa.float32()))
     return pa.table(columns)
+
+
+def _with_feature_kinds(specs: list[dict[str, Any]], data_manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mark user feature inputs ``categorical`` (one code per user, 0 = missing: what a user
+    without known features must be given, as in training) or ``list`` (missing = no codes)."""
+    kinds = {f"user_{name}": spec.get("kind") for name, spec in
+             (data_manifest.get("features") or {}).get("user", {}).items()}
+    for spec in specs:
+        if spec["name"] in kinds:
+            spec["feature_kind"] = kinds[spec["name"]]
+            spec["missing"] = [0] if kinds[spec["name"]] == "categorical" else []
+    return specs
 
 
 def _plain(config: Any) -> dict[str, Any]:

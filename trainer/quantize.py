@@ -57,7 +57,7 @@ def quantize_int8(float_path: Path, out_path: Path, encoder: nn.Module, item_emb
     report = {"type": "dynamic", "weight_type": "int8", "max_abs_diff_vs_pytorch": worst,
               f"recall@{RECALL_K}_vs_float": float(np.mean(recalls)), "min_recall": min_recall,
               "bytes_float": float_path.stat().st_size, "bytes_int8": out_path.stat().st_size, "cases": per_case}
-    if min(recalls) < min_recall:
+    if not np.isfinite(worst) or min(recalls) < min_recall:
         raise ExportError(f"int8 quantization lost too much: recall@{RECALL_K} against the float model "
                           f"{min(recalls):.3f} < {min_recall} (max |diff| of user_vector {worst:.3g}); "
                           "export without --quantize, or lower --min-recall")

@@ -23,7 +23,10 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp / "run"
     proc = run("fit", "--config", TINY, "--data.data_dir", str(tmp / "data"), "--trainer.default_root_dir",
                str(root), "--trainer.logger.init_args.save_dir", str(root), "--trainer.max_epochs", "1",
-               "--mlflow.enabled", "false", "--test_after_fit", "false", cwd=tmp)
+               "--mlflow.enabled", "false", "--test_after_fit", "false",
+               # Fixed (not learned) pooling weights live in a buffer the checkpoint does not hold:
+               # the export must rebuild them, not leave them uninitialised.
+               "--model.init_args.model.pooling", "exp_decay", "--model.init_args.model.pooling_heads", "1", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = root / "two-tower-tiny" / "version_0" / "checkpoints" / "last.ckpt"
     proc = run("export", "--checkpoint", str(ckpt), "--out", str(tmp / "export"), "--triton", str(tmp / "triton"),
@@ -43,6 +46,7 @@ def _padded(values: np.ndarray, lengths: np.ndarray, pad: int) -> np.ndarray:
 def test_served_vectors_equal_the_training_network(artifact: dict[str, Path]) -> None:
     import torch
 
+    from models.towers import HistoryPooling
     from serve.recommender import Recommender
     from trainer.export import load_checkpoint
 
@@ -53,6 +57,11 @@ def test_served_vectors_equal_the_training_network(artifact: dict[str, Path]) ->
     rec = Recommender.load(artifact["export"])
     loaded = load_checkpoint(artifact["ckpt"])
     network = loaded.network
+    c = network.config
+    assert c.pooling == "exp_decay"
+    fresh = HistoryPooling(c.pooling, c.history_len, c.decay, c.pooling_heads)
+    assert torch.equal(network.user_tower.pooling.position_logits, fresh.position_logits)
+    assert [spec.get("feature_kind") for spec in manifest["inputs"][2:]] == ["categorical", "categorical"]
     with torch.no_grad():
         catalogue = network.item_vectors(torch.arange(1, network.config.num_items + 1)).numpy()
     assert np.allclose(rec.item_embeddings, catalogue, atol=1e-6)
@@ -74,6 +83,12 @@ def test_served_vectors_equal_the_training_network(artifact: dict[str, Path]) ->
     history_only = rec.recommend(history=[rec.item_ids[i - 1] for i in rec.histories[user]], k=10, exclude_seen=False)
     assert not by_id.fallback and len(by_id.items) == 10 and by_id.scores == sorted(by_id.scores, reverse=True)
     assert by_id.scores != history_only.scores, "user id and features change the user vector"
+    # Without a known user: user_idx 0 and the "missing" code 0 of each categorical feature, as
+    # training saw for users without that feature.
+    recent = np.array([rec.histories[user][-rec.max_len:]], dtype=np.int64)
+    cold = rec.run_model({"item_ids": recent, "user_idx": np.zeros(1, np.int64),
+                          "user_age_bucket": np.zeros((1, 1), np.int64), "user_country": np.zeros((1, 1), np.int64)})
+    assert np.allclose(rec._encode([list(recent[0])], [None]), cold, atol=1e-6)
     assert all(-1.0 - 1e-5 <= s <= 1.0 + 1e-5 for s in by_id.scores), "cosine scores"
 
 
@@ -112,7 +127,8 @@ def test_http_by_user_history_and_kserve_v2(server: str, artifact: dict[str, Pat
     for bad, message in ((inputs[:1], "takes exactly"),
                          ([*inputs[:2], {**inputs[2], "data": [2, 99]}, inputs[3]], "must lie in"),
                          ([*inputs[:1], {**inputs[1], "shape": [1], "data": [1]}, *inputs[2:]], "batch"),
-                         ([*inputs[:3], {**inputs[3], "datatype": "FP32"}], "expected int64")):
+                         ([*inputs[:3], {**inputs[3], "datatype": "FP32"}], "expected int64"),
+                         ([{**inputs[0], "data": [1, 0, 2, 3, 0, 0]}, *inputs[1:]], "right-padded")):
         response = requests.post(server + "/v2/models/recforge/infer", json={"inputs": bad}, timeout=10)
         assert response.status_code == 422 and message in response.json()["detail"], response.text
 
