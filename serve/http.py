@@ -21,7 +21,7 @@ from typing import Any, Union
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from serve.artifact import ArtifactError
 from serve.recommender import MAX_K, Recommender, RequestError, UnknownUserError
@@ -29,6 +29,7 @@ from serve.recommender import MAX_K, Recommender, RequestError, UnknownUserError
 log = logging.getLogger(__name__)
 
 ItemId = Union[StrictInt, StrictStr]
+FeatureValue = Union[StrictStr, StrictInt, StrictFloat, StrictBool, list[Union[StrictStr, StrictInt]]]
 MAX_BATCH = 256
 MAX_HISTORY = 10_000
 
@@ -41,6 +42,10 @@ class RecommendRequest(BaseModel):
     k: StrictInt = Field(10, ge=1, le=MAX_K, description="number of items")
     exclude_seen: StrictBool = Field(True, description="leave out items of the user's history")
     exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY, description="more items to leave out")
+    user_features: dict[StrictStr, FeatureValue] | None = Field(
+        None, max_length=256, description="two-tower models with user features: raw values by feature name "
+        "(one value per categorical feature, a list per list feature, a number per numeric one), e.g. for a "
+        "new user; unknown values are treated as missing and reported")
 
 
 class BatchRequest(BaseModel):

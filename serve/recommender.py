@@ -20,6 +20,8 @@ import numpy as np
 
 from serve.artifact import ArtifactError, read_verified_manifest, resolve_source
 from serve.topk import top_k_rows
+from serve.user_features import FILE as FEATURES_FILE
+from serve.user_features import UserFeatureError, UserFeatures
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +46,13 @@ class Recommendation:
     """True when the user had no usable history and got the most-popular items."""
     unknown_history_items: list[Any] = field(default_factory=list)
     """History items that are not in the catalogue (ignored)."""
+    unknown_user_features: list[str] = field(default_factory=list)
+    """``name=value`` of user feature values the model has no code for (treated as missing)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"items": [{"item_id": i, "score": s} for i, s in zip(self.items, self.scores)],
-                "fallback": self.fallback, "unknown_history_items": self.unknown_history_items}
+                "fallback": self.fallback, "unknown_history_items": self.unknown_history_items,
+                "unknown_user_features": self.unknown_user_features}
 
 
 class Recommender:
@@ -87,6 +92,7 @@ class Recommender:
             self.histories = dict(zip(users["user_id"], users["history"]))
             self.user_rows = {user: row for row, user in enumerate(users["user_id"])}
             self.user_inputs = {name: users[name] for name in self.input_names[1:] if name in users}
+        self.user_features = UserFeatures.load(directory) if FEATURES_FILE in manifest["files"] else None
         missing = [name for name in self.input_names[1:] if name not in self.user_inputs]
         if missing:
             raise ArtifactError(f"{directory}: users.parquet lacks the column(s) {missing} that model.onnx takes")
@@ -137,11 +143,13 @@ class Recommender:
         return indexes, unknown
 
     def recommend(self, user_id: Any = None, history: Sequence[Any] | None = None, k: int = 10,
-                  exclude_seen: bool = True, exclude: Sequence[Any] = ()) -> Recommendation:
+                  exclude_seen: bool = True, exclude: Sequence[Any] = (),
+                  user_features: dict[str, Any] | None = None) -> Recommendation:
         """Top-``k`` original item ids and scores for a known user or an explicit history (or both:
-        the history then extends the user's)."""
-        return self.recommend_batch([{"user_id": user_id, "history": history, "k": k,
-                                      "exclude_seen": exclude_seen, "exclude": exclude}])[0]
+        the history then extends the user's); a two-tower model with user features also takes
+        ``user_features`` (raw values, e.g. for a user it never saw)."""
+        return self.recommend_batch([{"user_id": user_id, "history": history, "k": k, "exclude_seen": exclude_seen,
+                                      "exclude": exclude, "user_features": user_features}])[0]
 
     def recommend_batch(self, requests: Sequence[dict[str, Any]]) -> list[Recommendation]:
         """Several requests, encoded in one onnxruntime call."""
@@ -150,17 +158,29 @@ class Recommender:
             k = request.get("k", 10)
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(MAX_K, self.num_items):
                 raise RequestError(f"request {i}: k={k!r} must be an integer in 1..{min(MAX_K, self.num_items)}")
-            if request.get("user_id") is None and request.get("history") is None:
-                raise RequestError(f"request {i}: give 'user_id' or 'history'")
+            raw_features = request.get("user_features")
+            if request.get("user_id") is None and request.get("history") is None and not raw_features:
+                raise RequestError(f"request {i}: give 'user_id', 'history' or 'user_features'")
+            if raw_features and self.user_features is None:
+                raise RequestError(f"request {i}: this model reads no user features")
             indexes, unknown = self._history_indexes(request.get("user_id"), request.get("history"))
             excluded = {self.index_of[x] for x in request.get("exclude") or () if x in self.index_of}
             if request.get("exclude_seen", True):
                 excluded.update(indexes)
-            parsed.append((k, indexes[-self.max_len:], unknown, excluded))
-        with_history = [j for j, p in enumerate(parsed) if p[1]]
-        user_rows = [self.user_rows.get(requests[j].get("user_id")) if requests[j].get("user_id") is not None
-                     else None for j in with_history]
-        vectors = self._encode([parsed[j][1] for j in with_history], user_rows) if with_history else None
+            user_values = self._user_values(self.user_rows.get(request.get("user_id"))
+                                            if request.get("user_id") is not None else None)
+            unknown_features: list[str] = []
+            if raw_features:
+                try:
+                    unknown_features = self.user_features.apply(raw_features, user_values)
+                except UserFeatureError as exc:
+                    raise RequestError(f"request {i}: {exc}") from None
+            parsed.append((k, indexes[-self.max_len:], unknown, excluded, user_values, unknown_features,
+                           bool(indexes) or bool(raw_features)))
+        # Encoded: requests with a usable history, or (two-tower) with user features to go on.
+        with_history = [j for j, p in enumerate(parsed) if p[6]]
+        vectors = self._encode([parsed[j][1] for j in with_history],
+                               [parsed[j][4] for j in with_history]) if with_history else None
         exact = None
         if vectors is not None and self.ann is None:
             # Exact search: one (B, N) matrix product and one blocked top-k for the whole batch.
@@ -171,8 +191,8 @@ class Recommender:
             exact = top_k_rows(scores, max(parsed[j][0] for j in with_history))
         out: list[Recommendation] = []
         row = {j: r for r, j in enumerate(with_history)}
-        for j, (k, indexes, unknown, excluded) in enumerate(parsed):
-            if not indexes:
+        for j, (k, indexes, unknown, excluded, _, unknown_features, encoded) in enumerate(parsed):
+            if not encoded:
                 positions = list(itertools.islice((p for p in self.popular if p + 1 not in excluded), k))
                 # Fallback scores are training interaction counts, not model scores.
                 out.append(Recommendation([self.item_ids[p] for p in positions],
@@ -185,22 +205,35 @@ class Recommender:
                 keep = exact[1][row[j]] > -np.inf  # excluded items score -inf
                 positions, top = exact[0][row[j]][keep][:k].tolist(), exact[1][row[j]][keep][:k]
             out.append(Recommendation([self.item_ids[p] for p in positions], [float(s) for s in top],
-                                      unknown_history_items=unknown))
+                                      unknown_history_items=unknown, unknown_user_features=unknown_features))
         return out
 
-    def _encode(self, histories: list[list[int]], user_rows: list[int | None]) -> np.ndarray:
-        feeds = {"item_ids": _padded(histories, 0)}  # (B, L) right-padded
+    def _user_values(self, row: int | None) -> dict[str, Any]:
+        """The user inputs (other than ``item_ids``) of a known user's row, or of an unknown user:
+        ``user_idx`` 0, each categorical feature's "missing" code, no list codes, numbers 0."""
+        values: dict[str, Any] = {}
         for spec in self.inputs[1:]:
-            name, known = spec["name"], self.user_inputs[spec["name"]]
-            if name == "user_idx":  # 0: a history without a known user
-                feeds[name] = np.array([known[r] if r is not None else 0 for r in user_rows], dtype=np.int64)
-            elif spec["dtype"] == "float32":  # raw numeric features; missing = 0 as in training
-                width = int(spec["shape"][1])
-                feeds[name] = np.array([known[r] if r is not None else [0.0] * width for r in user_rows],
-                                       dtype=np.float32).reshape(len(user_rows), width)
-            else:  # feature codes, right-padded with -1; an unknown user gets the "missing" codes
-                missing = list(spec.get("missing", []))
-                feeds[name] = _padded([known[r] if r is not None else missing for r in user_rows], -1)
+            name = spec["name"]
+            if row is not None:
+                values[name] = self.user_inputs[name][row]
+            elif name == "user_idx":
+                values[name] = 0
+            elif spec["dtype"] == "float32":
+                values[name] = [0.0] * int(spec["shape"][1])
+            else:
+                values[name] = list(spec.get("missing", []))
+        return values
+
+    def _encode(self, histories: list[list[int]], users: list[dict[str, Any]]) -> np.ndarray:
+        feeds = {"item_ids": _padded(histories, 0)}  # (B, L) right-padded; a row may be empty
+        for spec in self.inputs[1:]:
+            name = spec["name"]
+            if name == "user_idx":
+                feeds[name] = np.array([u[name] for u in users], dtype=np.int64)
+            elif spec["dtype"] == "float32":
+                feeds[name] = np.array([u[name] for u in users], dtype=np.float32).reshape(len(users), -1)
+            else:  # feature codes, right-padded with -1
+                feeds[name] = _padded([u[name] for u in users], -1)
         return self.session.run(["user_vector"], feeds)[0]  # (B, D)
 
     def encode_histories(self, ids: np.ndarray) -> np.ndarray:

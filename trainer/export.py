@@ -16,6 +16,8 @@ directory (written to a temp dir, then renamed):
 - ``users.parquet``: ``user_id``, ``user_idx`` and ``history`` (all item indexes, oldest first:
   the encoder reads the last L or H, ``exclude_seen`` all), plus each user input of a two-tower
   model, so known users can be served by id;
+- ``user_features.json`` (two-tower models that read user features): each feature's code values
+  and the numeric feature names, so a new user's raw features can be encoded when served;
 - ``manifest.json``: kind, dims, opset, inputs/outputs (names, dtypes, shapes), sha256 of every
   other file, run id, metrics, dataset fingerprint, parity figures.
 
@@ -215,6 +217,11 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
         items = pq.read_table(Path(dm.data_dir) / ITEMS, columns=["item_idx", "item_id", "count"])
         pq.write_table(items.sort_by("item_idx"), tmp / "items.parquet")
         pq.write_table(_users_table(dm, encoder), tmp / "users.parquet")
+        files = ["model.onnx", "item_embeddings.npy", "items.parquet", "users.parquet"]
+        features = _user_feature_spec(dm, encoder)
+        if features is not None:
+            (tmp / "user_features.json").write_text(json.dumps(features, indent=1, default=str))
+            files.append("user_features.json")
         config = encoder.config
         num_items, dim = item_embeddings.shape
         manifest = {
@@ -240,8 +247,7 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
             "export_seconds": round(export_seconds, 2),
             "model_config": _plain(config),
         }
-        manifest["files"] = {name: file_sha256(tmp / name) for name in
-                             ("model.onnx", "item_embeddings.npy", "items.parquet", "users.parquet")}
+        manifest["files"] = {name: file_sha256(tmp / name) for name in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         # Old artifact aside, new one in, old one deleted: never a moment without a complete one.
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -282,6 +288,25 @@ def _users_table(dm: Any, encoder: nn.Module) -> Any:
             cols = [table.dense_names.index(name) for name in config.user_numeric_features]
             columns["user_dense"] = pa.array(table.dense[idx][:, cols].tolist(), pa.list_(pa.float32()))
     return pa.table(columns)
+
+
+def _user_feature_spec(dm: Any, encoder: nn.Module) -> dict[str, Any] | None:
+    """``user_features.json`` of a two-tower model that reads user features: the value of each
+    code (1..K; 0 = missing) per categorical/list feature, and the numeric feature names, so a
+    server can encode a new user's raw features."""
+    from data.layout import FEATURE_VOCABS
+
+    config = encoder.config
+    if encoder.kind != "two_tower" or not (config.user_feature_cardinalities or config.user_numeric_features):
+        return None
+    vocabs = json.loads((Path(dm.data_dir) / FEATURE_VOCABS).read_text()).get("user", {})
+    kinds = {name: spec.get("kind") for name, spec in (dm.manifest.get("features") or {}).get("user", {}).items()}
+    spec: dict[str, Any] = {"categorical": {}, "list": {}, "numeric": list(config.user_numeric_features)}
+    for name in config.user_feature_cardinalities:
+        if kinds.get(name) not in ("categorical", "list") or name not in vocabs:
+            raise ExportError(f"{dm.data_dir}: user feature {name!r} has no vocabulary in {FEATURE_VOCABS}")
+        spec[kinds[name]][name] = vocabs[name]
+    return spec
 
 
 def _with_feature_kinds(specs: list[dict[str, Any]], data_manifest: dict[str, Any]) -> list[dict[str, Any]]:

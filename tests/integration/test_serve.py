@@ -113,6 +113,8 @@ def test_library_recommends_by_user_and_history(artifacts: dict[str, Path]) -> N
     assert cold.fallback and len(cold.items) == 3
     with pytest.raises(RequestError, match="unknown"):
         rec.recommend(user_id="nobody", k=3)
+    with pytest.raises(RequestError, match="reads no user features"):
+        rec.recommend(history=[rec.item_ids[0]], user_features={"country": "DE"})
     # Batch form equals single requests.
     batch = rec.recommend_batch([{"user_id": user, "k": 5}, {"history": [rec.item_ids[1]], "k": 5}])
     assert batch[0].items == rec.recommend(user_id=user, k=5).items

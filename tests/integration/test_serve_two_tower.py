@@ -88,8 +88,42 @@ def test_served_vectors_equal_the_training_network(artifact: dict[str, Path]) ->
     recent = np.array([rec.histories[user][-rec.max_len:]], dtype=np.int64)
     cold = rec.run_model({"item_ids": recent, "user_idx": np.zeros(1, np.int64),
                           "user_age_bucket": np.zeros((1, 1), np.int64), "user_country": np.zeros((1, 1), np.int64)})
-    assert np.allclose(rec._encode([list(recent[0])], [None]), cold, atol=1e-6)
+    _assert_ranks_like(rec, history_only, cold)
     assert all(-1.0 - 1e-5 <= s <= 1.0 + 1e-5 for s in by_id.scores), "cosine scores"
+
+
+def _assert_ranks_like(rec, result, vector: np.ndarray) -> None:
+    """``result`` (exclude_seen off) is the top of ``vector`` against the catalogue."""
+    scores = (vector @ rec.item_embeddings.T)[0]
+    top = np.lexsort((np.arange(len(scores)), -scores))[:len(result.items)]
+    assert result.items == [rec.item_ids[p] for p in top]
+    assert np.allclose(result.scores, scores[top], atol=1e-5)
+
+
+def test_new_user_served_from_raw_features(artifact: dict[str, Path]) -> None:
+    from serve.recommender import Recommender, RequestError
+
+    manifest = json.loads((artifact["export"] / "manifest.json").read_text())
+    assert "user_features.json" in manifest["files"]
+    vocab = json.loads((artifact["export"] / "user_features.json").read_text())
+    assert set(vocab["categorical"]) == {"age_bucket", "country"} and vocab["numeric"] == []
+    rec = Recommender.load(artifact["export"])
+    age, country = vocab["categorical"]["age_bucket"][2], vocab["categorical"]["country"][4]  # codes 3 and 5
+    result = rec.recommend(user_features={"age_bucket": age, "country": country}, k=10)
+    assert not result.fallback and result.unknown_user_features == []
+    vector = rec.run_model({"item_ids": np.zeros((1, 1), np.int64), "user_idx": np.zeros(1, np.int64),
+                            "user_age_bucket": np.array([[3]]), "user_country": np.array([[5]])})
+    _assert_ranks_like(rec, result, vector)
+    # With a history too; an unknown value counts as missing (code 0) and is reported.
+    mixed = rec.recommend(history=[rec.item_ids[0], rec.item_ids[7]], user_features={"country": "Atlantis"},
+                          k=5, exclude_seen=False)
+    assert mixed.unknown_user_features == ["country='Atlantis'"]
+    vector = rec.run_model({"item_ids": np.array([[1, 8]]), "user_idx": np.zeros(1, np.int64),
+                            "user_age_bucket": np.zeros((1, 1), np.int64), "user_country": np.zeros((1, 1), np.int64)})
+    _assert_ranks_like(rec, mixed, vector)
+    for bad, message in (({"height": 180}, "unknown feature 'height'"), ({"country": ["DE", "FR"]}, "one value")):
+        with pytest.raises(RequestError, match=message):
+            rec.recommend(user_features=bad)
 
 
 def test_triton_config_lists_every_input(artifact: dict[str, Path]) -> None:
@@ -113,6 +147,11 @@ def test_http_by_user_history_and_kserve_v2(server: str, artifact: dict[str, Pat
     assert [x["item_id"] for x in body["items"]] == rec.recommend(user_id=user, k=5).items
     body = requests.post(server + "/v1/recommend", json={"history": [rec.item_ids[3], "zzz"], "k": 3}, timeout=10).json()
     assert len(body["items"]) == 3 and body["unknown_history_items"] == ["zzz"] and not body["fallback"]
+    body = requests.post(server + "/v1/recommend", json={"user_features": {"country": "Atlantis"}, "k": 3},
+                         timeout=10).json()
+    assert len(body["items"]) == 3 and body["unknown_user_features"] == ["country='Atlantis'"]
+    response = requests.post(server + "/v1/recommend", json={"user_features": {"shoe_size": 44}}, timeout=10)
+    assert response.status_code == 422 and "unknown feature 'shoe_size'" in response.json()["detail"]
 
     meta = requests.get(server + "/v2/models/recforge", timeout=10).json()
     assert [t["name"] for t in meta["inputs"]] == rec.input_names
