@@ -102,9 +102,20 @@ def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
+        too_large = JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
+            return too_large
+        if length is None and request.method in ("POST", "PUT", "PATCH"):
+            # A chunked body has no length up front: read it here, capped, and hand it on (the
+            # route's receive() replays request._body).
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    return too_large
+                chunks.append(chunk)
+            request._body = b"".join(chunks)
         return await call_next(request)
 
     def describe(model: Recommender) -> dict[str, Any]:

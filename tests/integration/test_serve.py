@@ -187,6 +187,13 @@ def test_malformed_oversized_and_bad_v2_requests(server: dict) -> None:
     assert response.status_code == 422
     huge = {"history": list(range(300_000))}
     assert requests.post(url + "/v1/recommend", json=huge, timeout=30).status_code == 413
+    # Chunked bodies (no Content-Length) are capped too, and small ones still reach the route.
+    chunks = lambda body: (body[i:i + 4096] for i in range(0, len(body), 4096))  # noqa: E731
+    assert requests.post(url + "/v1/recommend", data=chunks(json.dumps(huge).encode()),
+                         headers={"content-type": "application/json"}, timeout=30).status_code == 413
+    small = requests.post(url + "/v1/recommend", data=chunks(json.dumps({"history": [1, 2], "k": 2}).encode()),
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert small.status_code == 200 and len(small.json()["items"]) == 2, small.text
     bad = {"inputs": [{"name": "item_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 10**9]}]}
     assert requests.post(url + "/v2/models/recforge/infer", json=bad, timeout=10).status_code == 422
     assert requests.post(url + "/v2/models/other/infer", json=bad, timeout=10).status_code == 404
