@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from data.readers import file_sha256  # noqa: E402
 from models.sasrec import SASRec, SASRecConfig  # noqa: E402
 from models.towers import TowerConfig  # noqa: E402
 from models.two_tower import TwoTower, TwoTowerConfig  # noqa: E402
-from trainer.encoders import SASRecUserEncoder, TwoTowerUserEncoder, item_vectors  # noqa: E402
+from trainer.encoders import SASRecUserEncoder, TwoTowerUserEncoder  # noqa: E402
 from trainer.export import PARITY_SHAPES, _export_onnx  # noqa: E402
 from trainer.quantize import quantize_int8  # noqa: E402
 
@@ -121,7 +120,7 @@ def main() -> None:
         for name, (network, encoder) in models().items():
             if args.only_large and name != "SASRec":
                 continue
-            own = item_vectors(encoder, network)
+            own = encoder.item_vectors()
             paths = {}
             for label, vectors, int8 in (("float", own, False), ("int8", own, True), ("large", large, False)):
                 paths[label] = Path(tmp) / f"{name}-{label}"
@@ -184,18 +183,13 @@ def main() -> None:
 def load_test(artifact: Path, clients: int, seconds: float) -> None:
     import requests
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from serve.local import free_port, wait_healthy
+
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("recforge")), "serve", str(artifact), "--port",
                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            requests.get(url + "/healthz", timeout=1)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
+    wait_healthy(url + "/healthz", timeout_s=60, proc=server)
     latencies: list[float] = []
     errors: list[str] = []
     stop = threading.Event()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -97,22 +96,16 @@ def _serve_and_ask(source: str, tracking: str) -> None:
     import uvicorn
 
     from serve.http import create_app
+    from serve.local import free_port, wait_healthy
 
     app = create_app(source, tracking_uri=tracking)
     rec = app.state.holder.current
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            requests.get(url + "/healthz", timeout=1)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
+    wait_healthy(url + "/healthz", timeout_s=30)
     user = next(iter(rec.histories))
     history = [rec.item_ids[i - 1] for i in rec.histories[user]]
     answer = requests.post(url + "/v1/recommend", json={"user_id": user, "k": 5}, timeout=10).json()

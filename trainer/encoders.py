@@ -93,6 +93,12 @@ class TwoTowerUserEncoder(nn.Module):
         self.tower = model.user_tower
         self.names = (["item_ids"] + (["user_idx"] if c.use_user_id else []) + list(c.user_feature_keys)
                       + (["user_dense"] if c.user_numeric_features else []))
+        # The item tower over every item, once, in eval mode (not part of the exported graph).
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            self._item_vectors = model.item_vectors(torch.arange(1, c.num_items + 1)).numpy().astype(np.float32)
+        model.train(training)
 
     def forward(self, item_ids: Tensor, *user: Tensor) -> Tensor:
         c = self.config
@@ -156,20 +162,11 @@ class TwoTowerUserEncoder(nn.Module):
             out.append(torch.randn(batch, len(c.user_numeric_features), generator=generator) * 10)
         return tuple(out)
 
-    @torch.no_grad()
-    def item_vectors_of(self, model: nn.Module) -> np.ndarray:
-        ids = torch.arange(1, self.config.num_items + 1)
-        return model.item_vectors(ids).numpy().astype(np.float32)  # (N, out_dim)
+    def item_vectors(self) -> np.ndarray:
+        return self._item_vectors  # (N, out_dim), row i - 1 = item i
 
 
 def user_encoder(family: str, network: nn.Module) -> nn.Module:
     """The exportable user encoder of a loaded network (``sasrec`` or ``two_tower``)."""
     encoder = SASRecUserEncoder(network) if family == "sasrec" else TwoTowerUserEncoder(network)
     return encoder.eval()
-
-
-def item_vectors(encoder: nn.Module, network: nn.Module) -> np.ndarray:
-    """(N, D) float32 item vectors that the encoder's user vectors are scored against."""
-    if isinstance(encoder, SASRecUserEncoder):
-        return encoder.item_vectors()
-    return encoder.item_vectors_of(network)

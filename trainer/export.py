@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from data.readers import file_sha256
 from trainer.checkpoint import CheckpointError, read_trainer_state
-from trainer.encoders import item_vectors, user_encoder
+from trainer.encoders import user_encoder
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
     tmp.mkdir(parents=True)
     try:
         encoder = user_encoder(loaded.family, loaded.network)
-        item_embeddings = item_vectors(encoder, loaded.network)  # (N, D)
+        item_embeddings = encoder.item_vectors()  # (N, D)
         if not np.isfinite(item_embeddings).all():
             raise ExportError(f"checkpoint {checkpoint}: item vectors hold NaN or inf (a diverged model?)")
         np.save(tmp / "item_embeddings.npy", item_embeddings)
@@ -237,7 +237,7 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
             "dim": dim,
             "max_len": encoder.max_length,
             "opset": OPSET,
-            "inputs": _with_feature_kinds(encoder.input_specs(), dm.manifest),
+            "inputs": _with_feature_kinds(encoder.input_specs(), _user_feature_kinds(dm.manifest)),
             "outputs": [{"name": "user_vector", "dtype": "float32", "shape": ["batch", dim]}],
             "input_example": {name: x[:1].tolist() for name, x in zip(encoder.names, example)},
             "scoring": "score(item i) = user_vector . item_embeddings[i - 1]"
@@ -300,7 +300,7 @@ def _user_feature_spec(dm: Any, encoder: nn.Module) -> dict[str, Any] | None:
     if encoder.kind != "two_tower" or not (config.user_feature_cardinalities or config.user_numeric_features):
         return None
     vocabs = json.loads((Path(dm.data_dir) / FEATURE_VOCABS).read_text()).get("user", {})
-    kinds = {name: spec.get("kind") for name, spec in (dm.manifest.get("features") or {}).get("user", {}).items()}
+    kinds = _user_feature_kinds(dm.manifest)
     spec: dict[str, Any] = {"categorical": {}, "list": {}, "numeric": list(config.user_numeric_features)}
     for name in config.user_feature_cardinalities:
         if kinds.get(name) not in ("categorical", "list") or name not in vocabs:
@@ -309,15 +309,20 @@ def _user_feature_spec(dm: Any, encoder: nn.Module) -> dict[str, Any] | None:
     return spec
 
 
-def _with_feature_kinds(specs: list[dict[str, Any]], data_manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def _user_feature_kinds(data_manifest: dict[str, Any]) -> dict[str, str]:
+    """Per user feature of the prepared data: ``categorical``, ``list`` or ``numeric``."""
+    return {name: spec.get("kind") for name, spec in (data_manifest.get("features") or {}).get("user", {}).items()}
+
+
+def _with_feature_kinds(specs: list[dict[str, Any]], kinds: dict[str, str]) -> list[dict[str, Any]]:
     """Mark user feature inputs ``categorical`` (one code per user, 0 = missing: what a user
     without known features must be given, as in training) or ``list`` (missing = no codes)."""
-    kinds = {f"user_{name}": spec.get("kind") for name, spec in
-             (data_manifest.get("features") or {}).get("user", {}).items()}
     for spec in specs:
-        if spec["name"] in kinds:
-            spec["feature_kind"] = kinds[spec["name"]]
-            spec["missing"] = [0] if kinds[spec["name"]] == "categorical" else []
+        codes = spec["name"].startswith("user_") and spec["dtype"] == "int64" and len(spec["shape"]) == 2
+        kind = kinds.get(spec["name"][len("user_"):]) if codes else None
+        if kind in ("categorical", "list"):
+            spec["feature_kind"] = kind
+            spec["missing"] = [0] if kind == "categorical" else []
     return specs
 
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from serve.local import free_port, wait_healthy
+
 REPO = Path(__file__).resolve().parents[2]
 RECFORGE = str(Path(sys.executable).with_name("recforge"))
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 TINY = str(REPO / "configs" / "sasrec" / "tiny.yaml")
 MODEL_NAME = "tiny-sasrec-ci"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
@@ -39,18 +34,12 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
                              "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not become healthy in 90 s")
+    try:
+        wait_healthy(url + "/health", timeout_s=90, proc=proc)
+    except RuntimeError as exc:
+        proc.kill()
+        raise RuntimeError(f"mlflow server: {exc}: {(root / 'server.log').read_text()[-2000:]}") from None
+    return proc, url
 
 
 def stop_server(proc: subprocess.Popen) -> None:

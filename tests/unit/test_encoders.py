@@ -15,7 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from models.sasrec import SASRec, SASRecConfig
 from models.towers import TowerConfig
 from models.two_tower import TwoTower, TwoTowerConfig
-from trainer.encoders import SASRecUserEncoder, TwoTowerUserEncoder, item_vectors
+from trainer.encoders import SASRecUserEncoder, TwoTowerUserEncoder
 from trainer.export import ExportError, _export_onnx, parity
 
 N, H = 40, 6
@@ -87,7 +87,7 @@ def test_two_tower_encoder_matches_the_torchrec_model() -> None:
     wide[0] = torch.nn.functional.pad(wide[0], (0, H - wide[0].shape[1]))
     with torch.no_grad():
         assert torch.allclose(encoder(*wide), got, atol=1e-6)
-    assert np.allclose(item_vectors(encoder, model), model.item_vectors(torch.arange(1, N + 1)).detach().numpy(),
+    assert np.allclose(encoder.item_vectors(), model.item_vectors(torch.arange(1, N + 1)).detach().numpy(),
                        atol=1e-6)
 
 
@@ -98,7 +98,7 @@ def test_two_tower_encoder_exports_with_dynamic_widths(tmp_path: Path) -> None:
     encoder = TwoTowerUserEncoder(model).eval()
     path = tmp_path / "model.onnx"
     _export_onnx(encoder, encoder.random_inputs(2, 4, torch.Generator().manual_seed(0)), path)
-    report = parity(encoder, path, item_vectors(encoder, model), tolerance=1e-4)
+    report = parity(encoder, path, encoder.item_vectors(), tolerance=1e-4)
     assert report["max_abs_diff"] <= 1e-5 and all(c["same_top10"] for c in report["cases"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == encoder.names == \
@@ -108,7 +108,7 @@ def test_two_tower_encoder_exports_with_dynamic_widths(tmp_path: Path) -> None:
     with torch.no_grad():
         assert np.allclose(got, encoder(*inputs).numpy(), atol=1e-5)
     with pytest.raises(ExportError, match="parity failed"):
-        parity(encoder, path, item_vectors(encoder, model), tolerance=0.0)
+        parity(encoder, path, encoder.item_vectors(), tolerance=0.0)
 
 
 def test_two_tower_without_user_inputs_exports(tmp_path: Path) -> None:
@@ -119,7 +119,7 @@ def test_two_tower_without_user_inputs_exports(tmp_path: Path) -> None:
     encoder = TwoTowerUserEncoder(model).eval()
     assert encoder.names == ["item_ids"]
     _export_onnx(encoder, encoder.random_inputs(2, 4, torch.Generator().manual_seed(0)), tmp_path / "m.onnx")
-    assert parity(encoder, tmp_path / "m.onnx", item_vectors(encoder, model), tolerance=1e-4)["max_abs_diff"] <= 1e-5
+    assert parity(encoder, tmp_path / "m.onnx", encoder.item_vectors(), tolerance=1e-4)["max_abs_diff"] <= 1e-5
 
 
 def test_sasrec_encoder_scores_like_the_model() -> None:
@@ -131,5 +131,5 @@ def test_sasrec_encoder_scores_like_the_model() -> None:
     ids = torch.tensor([[1, 2, 3, 0, 0], [5, 0, 0, 0, 0], [4, 4, 9, 12, 30]])
     with torch.no_grad():
         expected = model.score_all(ids, (ids != 0).sum(1))[:, 1:]  # (B, N), padding column dropped
-        got = encoder(ids).numpy() @ item_vectors(encoder, model).T
+        got = encoder(ids).numpy() @ encoder.item_vectors().T
     assert np.allclose(got, expected.numpy(), atol=1e-5)

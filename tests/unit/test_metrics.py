@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from serve.local import free_port
 from trainer.metrics import RankingEvaluator, segment_labels
 
 POP = [0, 10, 20, 30, 40, 50]  # item i has count 10 * i
@@ -235,12 +235,6 @@ def test_rejects_bad_input() -> None:
 DIST_KS, DIST_BOUNDS = (1, 5, 10), (3, 10)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Top-level so that spawn can pickle it: evaluate this rank's share, write compute()."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -269,7 +263,7 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
     single = RankingEvaluator(ex["n"], ex["pop"], ks=DIST_KS, segments=DIST_BOUNDS)
     _update(single, ex, slice(None))
     want = single.compute()
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         got = result["metrics"]
