@@ -30,6 +30,7 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from models.dropout import Dropout, dropout
 from models.losses import bce_one_negative, full_softmax_ce, log_sampling_probability, sampled_softmax
 
 LossKind = Literal["ce", "sampled_softmax", "bce"]
@@ -123,9 +124,27 @@ class CausalSelfAttention(nn.Module):
         b, length, dim = x.shape
         qkv = self.qkv(x).view(b, length, 3, self.num_heads, dim // self.num_heads)  # (B, L, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)  # (B, H, L, Dh)
+        if self.training and self.dropout > 0 and x.device.type == "cpu":
+            y = _causal_attention_with_dropout(q, k, v, self.dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)  # (B, H, L, Dh)
         return self.out(y.transpose(1, 2).reshape(b, length, dim))  # (B, L, D)
+
+
+def _causal_attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
+    """SDPA's math path, with the cheaper CPU dropout mask of ``models/dropout.py``.
+
+    With dropout on the weights, CPU ``scaled_dot_product_attention`` takes this same unfused
+    path anyway, but draws its mask with ``bernoulli_``. The causal mask is an additive bias
+    that the score GEMM accumulates onto, rather than a separate masking pass.
+    """
+    b, h, length, dh = q.shape
+    future = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # (L, L)
+    scores = torch.baddbmm(future.expand(b * h, length, length), q.reshape(b * h, length, dh),
+                           k.reshape(b * h, length, dh).transpose(1, 2), alpha=dh ** -0.5)  # (B*H, L, L)
+    weights = dropout(torch.softmax(scores, dim=-1), p, True)  # (B*H, L, L)
+    return (weights @ v.reshape(b * h, length, dh)).view(b, h, length, dh)  # (B, H, L, Dh)
 
 
 class Block(nn.Module):
@@ -136,8 +155,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, num_heads, attention_dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
-        self.drop = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop(self.attn(self.norm1(x)))
@@ -171,7 +190,7 @@ class SASRec(nn.Module):
         # reset_parameters() reproduces if the model is built on meta; items are scaled by
         # sqrt(D) in encode() to the same per-coordinate scale.
         self.positions = nn.Embedding(c.max_len, c.dim)
-        self.input_dropout = nn.Dropout(c.dropout)
+        self.input_dropout = Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout, c.attention_dropout)
                                     for _ in range(c.num_layers))
         self.final_norm = nn.LayerNorm(c.dim)

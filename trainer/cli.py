@@ -97,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from trainer.checkpoint import CheckpointError
+        from trainer.host_memory import keep_freed_memory
         from trainer.lightning_cli import run
         from trainer.tracking import TrackingError
 
+        keep_freed_memory()
         try:
             return run(argv)
         except (CheckpointError, TrackingError) as exc:

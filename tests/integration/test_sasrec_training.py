@@ -197,9 +197,10 @@ def test_pinned_loss_of_the_tiny_config(tmp_path: Path) -> None:
 
 
 # Measured with the tiny config on this CPU: the loss logged at step 5 of epoch 0, and the
-# validation NDCG@10 (filtered) after that epoch.
-PINNED_TINY_LOSSES: list[float] = [4.3246]
-PINNED_TINY_NDCG = 0.3880
+# validation NDCG@10 (filtered) after that epoch. Re-pinned when CPU dropout moved to 8-bit
+# masks (models/dropout.py) and the full-catalog CE to chunks: other random masks, same model.
+PINNED_TINY_LOSSES: list[float] = [4.3368]
+PINNED_TINY_NDCG = 0.3835
 
 
 def test_torchrun_launch(two_process_run: dict[str, Path], tmp_path: Path) -> None:

@@ -178,3 +178,60 @@ def test_gradients_reach_query_and_item_embeddings() -> None:
 def test_weighted_mean_shape_check() -> None:
     with pytest.raises(ValueError, match="weight"):
         weighted_mean(torch.ones(3), torch.ones(2))
+
+
+def _unfused_ce(query, catalog, target, weight, tau):
+    per_position = torch.nn.functional.cross_entropy((query @ catalog.T / tau).float(), target, reduction="none")
+    return (per_position * weight).sum() / weight.sum()
+
+
+@pytest.mark.parametrize("chunk_logits", [1, 40, 1 << 20])
+def test_chunked_ce_matches_full_logits_value_and_gradients(monkeypatch, chunk_logits: int) -> None:
+    # 1 logit per chunk still means one row per chunk; 40 splits 23 rows of 11 items unevenly.
+    monkeypatch.setattr("models.losses._CHUNK_LOGITS", chunk_logits)
+    g = torch.Generator().manual_seed(0)
+    query = (3 * torch.randn(23, 5, generator=g)).requires_grad_(True)
+    catalog = torch.randn(11, 5, generator=g).requires_grad_(True)
+    target = torch.randint(0, 11, (23,), generator=g)
+    weight = torch.rand(23, generator=g)
+    weight[4] = 0.0
+    got = full_softmax_ce(query, catalog, target, weight, temperature=0.7)
+    want = _unfused_ce(query, catalog, target, weight, 0.7)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for a, b in zip(torch.autograd.grad(3 * got, (query, catalog)), torch.autograd.grad(3 * want, (query, catalog))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert full_softmax_ce(query, catalog, target, weight, temperature=0.7).item() == pytest.approx(got.item())
+
+
+def test_chunked_ce_gradcheck_in_double(monkeypatch) -> None:
+    monkeypatch.setattr("models.losses._CHUNK_LOGITS", 8)
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    catalog = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    target, weight = torch.randint(0, 4, (7,), generator=g), torch.rand(7, generator=g)
+    assert torch.autograd.gradcheck(lambda q, c: full_softmax_ce(q, c, target, weight, temperature=0.5),
+                                    (query, catalog))
+
+
+def test_chunked_ce_bf16_inputs_get_bf16_gradients_of_a_float32_softmax() -> None:
+    g = torch.Generator().manual_seed(2)
+    query = torch.randn(6, 4, generator=g).bfloat16().requires_grad_(True)
+    catalog = torch.randn(9, 4, generator=g).bfloat16().requires_grad_(True)
+    target, weight = torch.randint(0, 9, (6,), generator=g), torch.ones(6)
+    loss = full_softmax_ce(query, catalog, target, weight)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(_unfused_ce(query.float(), catalog.float(), target, weight, 1.0).item(),
+                                        rel=1e-5)
+    loss.backward()
+    assert query.grad.dtype == catalog.grad.dtype == torch.bfloat16
+
+
+def test_full_softmax_ce_names_bad_inputs() -> None:
+    q, c = torch.randn(3, 2), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="target_index: values must be in"):
+        full_softmax_ce(q, c, torch.tensor([0, 4, 1]), torch.ones(3))
+    with pytest.raises(ValueError, match="catalog: 3 columns"):
+        full_softmax_ce(q, torch.randn(4, 3), torch.tensor([0, 1, 1]), torch.ones(3))
+    with pytest.raises(ValueError, match="weight"):
+        full_softmax_ce(q, c, torch.tensor([0, 1, 1]), torch.ones(2))
