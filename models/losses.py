@@ -75,7 +75,8 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
     and multiplied back into the gradients of the query and the catalog, all in the forward.
     The backward only scales them. Against ``F.cross_entropy`` on full logits this removes the
     (T, N) log-softmax, its backward, the zero-filled NLL gradient and any temperature division,
-    and the matmuls run on cache-sized blocks: a 2x faster SASRec step on ML-1M on CPU.
+    and the matmuls run on cache-sized blocks: the SASRec step on ML-1M went from 1.59 s to 1.07 s
+    on one CPU thread.
     """
 
     @staticmethod
