@@ -63,20 +63,24 @@ def full_softmax_ce(query: Tensor, catalog: Tensor, target_index: Tensor, weight
 
 
 _CHUNK_LOGITS = 1 << 20
-"""Logits per chunk of :class:`_ChunkedSoftmaxCE` (4 MB of float32): small enough to stay in
-cache between the matmul that writes a chunk and the passes that read it back."""
+"""Logits per chunk of :class:`_ChunkedSoftmaxCE` on CPU (4 MB of float32): small enough to stay
+in cache between the matmul that writes a chunk and the kernels that read it back."""
+_CHUNK_LOGITS_GPU = 1 << 26
+"""The same on GPUs (256 MB): few chunks, as each costs a host sync (the underflow check)."""
 
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
     """``sum_t w_t (logsumexp_i s(t, i) - s(t, y_t))`` and its gradients, chunk by chunk over T.
 
-    The (T, N) logits are never held whole: each chunk of rows is multiplied out, turned in
-    place into ``w_t (softmax - onehot)`` (the gradient of the loss with respect to its logits)
-    and multiplied back into the gradients of the query and the catalog, all in the forward.
-    The backward only scales them. Against ``F.cross_entropy`` on full logits this removes the
-    (T, N) log-softmax, its backward, the zero-filled NLL gradient and any temperature division,
-    and the matmuls run on cache-sized blocks: the SASRec step on ML-1M went from 1.59 s to 1.07 s
-    on one CPU thread.
+    The (T, N) logits are never held whole. Each chunk of rows is multiplied out and
+    softmaxed (one fused, row-local kernel), and the gradients follow from ``P`` (the softmax)
+    without another pass over the chunk: with ``G = W (P - Y)`` the gradient with respect to
+    the logits (W the row weights, Y the one-hot targets), ``dq = W (P c) - W c_y`` and
+    ``dc = P^T (W q) - scatter_y(W q)``, where only ``P c`` and ``P^T (W q)`` touch N. All of
+    it happens in the forward; the backward only scales. Against ``F.cross_entropy`` on full
+    logits this removes the (T, N) log-softmax, its backward, the zero-filled NLL gradient and
+    any temperature division, and the matmuls run on cache-sized blocks: the SASRec step on
+    ML-1M went from 1.59 s to 1.07 s on one CPU thread.
     """
 
     @staticmethod
@@ -86,28 +90,26 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             # float32 at least: bf16 logits under autocast would round the softmax away.
             dtype = torch.promote_types(torch.promote_types(query.dtype, catalog.dtype), torch.float32)
             q, c, weight = query.to(dtype), catalog.to(dtype), weight.to(dtype)
-            chunk = max(1, _CHUNK_LOGITS // max(1, len(c)))
+            per_chunk = _CHUNK_LOGITS if q.device.type == "cpu" else _CHUNK_LOGITS_GPU
+            chunk = max(1, per_chunk // max(1, len(c)))
             total = q.new_zeros(())
             grad_query = torch.empty_like(q) if needs_query else None
             grad_catalog = torch.zeros_like(c) if needs_catalog else None
             for start in range(0, len(q), chunk):
                 rows = slice(start, start + chunk)
-                qc, target, w = q[rows], target_index[rows, None], weight[rows, None]
+                qc, target, w = q[rows], target_index[rows], weight[rows, None]
                 logits = qc @ c.T  # (C, N)
-                top = logits.amax(dim=1, keepdim=True)  # (C, 1)
-                picked = logits.gather(1, target)  # (C, 1)
-                probs = logits.sub_(top).exp_()  # unnormalised, in place
-                norm = probs.sum(dim=1, keepdim=True)  # (C, 1)
-                total += (w * (top + norm.log() - picked)).sum()
+                probs = torch.softmax(logits, dim=1)  # (C, N)
+                total += (w[:, 0] * _row_losses(logits, probs, target)).sum()
                 if grad_query is None and grad_catalog is None:
                     continue
-                grad_logits = probs.mul_(w / norm).scatter_add_(1, target, -w)  # (C, N)
+                weighted = qc * w  # (C, D)
                 if grad_query is not None:
-                    torch.mm(grad_logits, c, out=grad_query[rows])
+                    torch.mm(probs, c, out=grad_query[rows])
+                    grad_query[rows].sub_(c[target]).mul_(w)
                 if grad_catalog is not None:
-                    # Not addmm_: torch.utils.flop_counter does not count in-place addmm, and
-                    # benchmarks/train_sasrec.py's floor would miss a third of these FLOPs.
-                    grad_catalog += grad_logits.T @ qc  # (N, D)
+                    grad_catalog += probs.T @ weighted  # (N, D); not addmm_, which flop_counter misses
+                    grad_catalog.index_add_(0, target, weighted, alpha=-1)
         ctx.save_for_backward(*(g for g in (grad_query, grad_catalog) if g is not None))
         ctx.has = (grad_query is not None, grad_catalog is not None)
         ctx.dtypes = (query.dtype, catalog.dtype)
@@ -119,6 +121,22 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         grads = [next(saved).mul(grad_total).to(dtype) if has else None for has, dtype in zip(ctx.has, ctx.dtypes)]
         return grads[0], grads[1], None, None
+
+
+def _row_losses(logits: Tensor, probs: Tensor, target: Tensor) -> Tensor:
+    """``-log softmax`` at each row's target (C,), from the softmax ``probs`` where it is
+    representable, from ``logits`` in the rows where the target's probability underflows."""
+    picked = probs.gather(1, target[:, None]).squeeze(1)  # (C,)
+    losses = -picked.log()
+    tiny = picked < _MIN_PROBABILITY
+    if bool(tiny.any()):
+        rows = logits[tiny]  # (R, N)
+        losses[tiny] = torch.logsumexp(rows, dim=1) - rows.gather(1, target[tiny, None]).squeeze(1)
+    return losses
+
+
+_MIN_PROBABILITY = 1e-30
+"""Below it a float32 probability has lost precision (normals end at 1.2e-38)."""
 
 
 def sampled_softmax_logits(query: Tensor, target_emb: Tensor, target_ids: Tensor,

@@ -25,8 +25,8 @@ def test_mask_drops_the_rounded_fraction_and_keeps_the_expectation(p: float) -> 
 
 
 def test_every_byte_of_the_random_words_is_uniform() -> None:
-    # The int64 words are drawn over their full range: a biased top byte (random_() with no
-    # bounds draws only non-negative words) would drop every 8th element too rarely.
+    # The mask reads each 64-bit random word as 8 bytes: a generator whose words were not
+    # uniform over all 64 bits (say non-negative only) would bias every 8th element.
     torch.manual_seed(1)
     mask = dropout_mask((1 << 20,), 0.5, torch.float32).view(-1, 8)
     per_byte = (mask == 0).float().mean(0)

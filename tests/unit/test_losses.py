@@ -235,3 +235,16 @@ def test_full_softmax_ce_names_bad_inputs() -> None:
         full_softmax_ce(q, torch.randn(4, 3), torch.tensor([0, 1, 1]), torch.ones(3))
     with pytest.raises(ValueError, match="weight"):
         full_softmax_ce(q, c, torch.tensor([0, 1, 1]), torch.ones(2))
+
+
+def test_chunked_ce_is_exact_where_the_target_probability_underflows() -> None:
+    # Row 0's target sits 2000 below the best item: its softmax probability is 0 in float32,
+    # and the loss must come from the logits (2000), not from -log(0) = inf.
+    query = torch.tensor([[100.0, 0.0], [0.1, 0.2]], requires_grad=True)
+    catalog = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    target, weight = torch.tensor([1, 2]), torch.tensor([1.0, 2.0])
+    got = full_softmax_ce(query, catalog, target, weight)
+    want = _unfused_ce(query, catalog, target, weight, 1.0)
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-6)
+    for a, b in zip(torch.autograd.grad(got, (query, catalog)), torch.autograd.grad(want, (query, catalog))):
+        torch.testing.assert_close(a, b)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from models.sasrec import EC_MODULE, SASRec, SASRecConfig
+from models.losses import full_softmax_ce
+from models.sasrec import EC_MODULE, Packing, SASRec, SASRecConfig
 
 N = 30
 LOSSES = ("ce", "sampled_softmax", "bce")
@@ -100,6 +101,33 @@ def test_encode_ignores_what_sits_at_padding() -> None:
     a, b = model.encode(emb, lengths), model.encode(junk, lengths)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert torch.isfinite(a).all() and torch.equal(a[0, 3:], torch.zeros(5, 16))
+
+
+def test_packed_training_path_equals_the_padded_one() -> None:
+    """Training encodes only the real positions (Packing); it must match the padded encode
+    that evaluation and the ONNX export use, values and gradients, lengths 0 to L."""
+    model = _model().eval()
+    lengths = torch.tensor([3, 8, 0, 1, 5])
+    mask = torch.arange(8) < lengths[:, None]  # (B, L)
+    emb = torch.randn(5, 8, 16) * mask[..., None]
+    real = emb[mask].clone().requires_grad_(True)  # (T, D)
+    padded = torch.zeros(5, 8, 16).masked_scatter(mask[..., None], real)
+    packed_out = model.encode_packed(real, Packing(mask))
+    padded_out = model.encode(padded, lengths)[mask]
+    assert packed_out.shape == (int(lengths.sum()), 16)
+    torch.testing.assert_close(packed_out, padded_out, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(packed_out)
+    (g_packed,) = torch.autograd.grad((packed_out * weights).sum(), real)
+    (g_padded,) = torch.autograd.grad((padded_out * weights).sum(), real)
+    torch.testing.assert_close(g_packed, g_padded, rtol=1e-4, atol=1e-5)
+    # The training loss goes through the packed path: same value as from the padded states.
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
+    targets, lengths = torch.tensor([[2, 3, 4, 0], [5, 6, 7, 8]]), torch.tensor([3, 4])
+    loss, _ = model.training_loss(ids, targets, lengths, torch.ones(2))
+    mask = ids != 0
+    query = _hidden(model, ids, lengths)[mask]
+    want = full_softmax_ce(query, model.item_table.weight[1:], targets[mask] - 1, torch.ones(len(query)))
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss", LOSSES)
