@@ -7,8 +7,10 @@ It runs the real training step (DistributedModelParallel over the item table wit
 row-wise Adagrad, AdamW on the dense part, world size 1) on real ML-1M batches from the
 DataModule, and reports tokens/s (real next-item targets) and seconds per epoch. The floor is
 the FLOPs of one epoch (counted by ``torch.utils.flop_counter`` on the same steps: every matmul
-and attention, forward and backward) divided by the machine's measured matmul rate (the best of
-a few GEMM shapes this model runs). Prints a table.
+and attention, forward and backward, as executed: attention over the padded (B, L) batch, the
+position-wise layers and the loss over real positions only) divided by the machine's measured
+matmul rate (the best of the model's logits and feed-forward GEMM shapes and a 2048^3 square,
+i.e. about the machine's peak). Prints a table; run with OMP_NUM_THREADS=1 and =2 to compare.
 """
 
 from __future__ import annotations
