@@ -1,4 +1,5 @@
-"""Training callbacks: throughput (samples/s, tokens/s) per epoch and on the progress bar."""
+"""Training callbacks: throughput (samples/s, tokens/s) per epoch and on the progress bar; a
+``last.ckpt`` written after every validation; early stopping whose patience can be raised on resume."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import early_stopping, model_checkpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class ThroughputMonitor(L.Callback):
@@ -56,3 +59,53 @@ class ThroughputMonitor(L.Callback):
         pl_module.log_dict({"train/samples_per_sec": float(totals[0]) / elapsed,
                             "train/tokens_per_sec": float(totals[1]) / elapsed,
                             "train/epoch_seconds": elapsed}, batch_size=1, sync_dist=False)
+
+
+class EarlyStopping(early_stopping.EarlyStopping):
+    """Lightning's ``EarlyStopping``, except that a resumed run keeps the *configured* patience.
+
+    Lightning restores ``patience`` from the checkpoint with the rest of the callback's state, so
+    resuming a run that early stopping ended, with a larger ``patience`` to train on, stops it
+    again after one more validation: the new value is silently replaced by the old. Here the
+    counters (best score, validations without improvement) come from the checkpoint and the
+    patience from the config, which is what an uninterrupted run with the new patience would
+    have had: since resume is exact, the continued run is that run.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        configured = self.patience
+        super().load_state_dict(state_dict)
+        if self.patience != configured:
+            rank_zero_info(f"EarlyStopping: patience {configured} from the config (the checkpoint had "
+                           f"{self.patience}); {self.wait_count} validations without improvement so far")
+        self.patience = configured
+        exhausted = early_stopping.EarlyStoppingReason.PATIENCE_EXHAUSTED
+        if self.wait_count < self.patience and self.stopping_reason == exhausted:
+            self.stopping_reason = early_stopping.EarlyStoppingReason.NOT_STOPPED
+            self.stopping_reason_message = None
+
+
+class ModelCheckpoint(model_checkpoint.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, except that ``save_last`` writes ``last.ckpt`` after every
+    validation.
+
+    Lightning 2.6 writes "last" only in a step where it also wrote a top-k checkpoint, so with
+    ``monitor`` and ``save_top_k: 1`` it is written only when the metric improves: ``last.ckpt``
+    is then the best epoch, and resuming a killed or early-stopped run silently redoes every
+    epoch since (an ML-1M run stopped at epoch 78 had left ``last.ckpt`` at its best, epoch 68).
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer: L.Trainer) -> None:
+        # Skipped when this step is already saved (a new top-k checkpoint brings "last" with it).
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
