@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from data.datamodule import SequenceDataModule  # noqa: E402
+from recforge.data.datamodule import SequenceDataModule  # noqa: E402
 
 CONFIGS: list[dict[str, Any]] = [
     {"name": "sasrec train", "model": "sasrec", "stage": "train", "batch_size": 128, "max_len": 200},
@@ -37,8 +37,8 @@ CONFIGS: list[dict[str, Any]] = [
 
 def make_dataset(root: Path, users: int, items: int, mean_length: float, seed: int) -> Path:
     """Synthetic interactions with item and user features, through ``data prepare``."""
-    from data.prepare import PrepareConfig, prepare
-    from data.synth import SynthConfig, generate
+    from recforge.data.prepare import PrepareConfig, prepare
+    from recforge.data.synth import SynthConfig, generate
 
     files = generate(SynthConfig(out=str(root / "raw"), users=users, items=items, mean_length=mean_length,
                                  max_length=1000, seed=seed))["files"]

@@ -33,7 +33,7 @@ def main() -> None:
     try:
         src = args.input
         if src is None:
-            from data.synth import SynthConfig, generate
+            from recforge.data.synth import SynthConfig, generate
 
             mean_length = 100.0
             # Lognormal lengths clipped at the bounds average slightly under the mean.
@@ -44,7 +44,7 @@ def main() -> None:
             rows.append(("synth", f"{time.perf_counter() - t0:.1f}", "-", f"{summary.get('interactions', '?')}"))
             src = str(work / "synth" / "interactions.parquet")
         out = work / "prepared"
-        cmd = [sys.executable, "-m", "trainer.cli", "data", "prepare", "--input", src, "--format", "parquet",
+        cmd = [sys.executable, "-m", "recforge.cli", "data", "prepare", "--input", src, "--format", "parquet",
                "--out", str(out), "--overwrite", "--min-user", str(args.min_user), "--min-item", str(args.min_item)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)

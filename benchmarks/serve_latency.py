@@ -36,13 +36,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from data.readers import file_sha256  # noqa: E402
-from models.sasrec import SASRec, SASRecConfig  # noqa: E402
-from models.towers import TowerConfig  # noqa: E402
-from models.two_tower import TwoTower, TwoTowerConfig  # noqa: E402
-from trainer.encoders import SASRecUserEncoder, TwoTowerUserEncoder  # noqa: E402
-from trainer.export import PARITY_SHAPES, _export_onnx  # noqa: E402
-from trainer.quantize import quantize_int8  # noqa: E402
+from recforge.data.readers import file_sha256  # noqa: E402
+from recforge.models.sasrec import SASRec, SASRecConfig  # noqa: E402
+from recforge.models.towers import TowerConfig  # noqa: E402
+from recforge.models.two_tower import TwoTower, TwoTowerConfig  # noqa: E402
+from recforge.trainer.export.encoders import SASRecUserEncoder, TwoTowerUserEncoder  # noqa: E402
+from recforge.trainer.export.onnx_export import PARITY_SHAPES, _export_onnx  # noqa: E402
+from recforge.trainer.export.quantize import quantize_int8  # noqa: E402
 
 NUM_ITEMS = 3416
 
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     ef_values = [int(x) for x in args.ef_search.split(",")]
     torch.set_num_threads(1)
-    from serve.recommender import Recommender
+    from recforge.serve.recommender import Recommender
 
     rng = np.random.default_rng(0)
     large = rng.standard_normal((args.large, 64), dtype=np.float32)
@@ -183,7 +183,7 @@ def main() -> None:
 def load_test(artifact: Path, clients: int, seconds: float) -> None:
     import requests
 
-    from serve.local import free_port, wait_healthy
+    from recforge.serve.local import free_port, wait_healthy
 
     port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("recforge")), "serve", str(artifact), "--port",

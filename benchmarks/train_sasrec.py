@@ -40,10 +40,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.datamodule import SequenceDataModule  # noqa: E402
-from models.sasrec import SASRec, SASRecConfig  # noqa: E402
-from trainer.host_memory import keep_freed_memory  # noqa: E402
-from trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig, shard  # noqa: E402
+from recforge.data.datamodule import SequenceDataModule  # noqa: E402
+from recforge.models.sasrec import SASRec, SASRecConfig  # noqa: E402
+from recforge.trainer.host_memory import keep_freed_memory  # noqa: E402
+from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig, shard  # noqa: E402
 
 
 def matmul_rate(device: torch.device, dim: int, num_items: int, tokens: int) -> float:
@@ -95,7 +95,7 @@ def _sync(device: torch.device) -> None:
 def ensure_data(path: Path) -> None:
     if (path / "manifest.json").is_file():
         return
-    from data.prepare import PrepareConfig, prepare
+    from recforge.data.prepare import PrepareConfig, prepare
 
     source = REPO.parent / "shared" / "data" / "ml-1m.txt"
     if not source.is_file():

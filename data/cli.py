@@ -1,4 +1,4 @@
-"""`recforge data ...` subcommands: argument parsing over :mod:`data.prepare` and :mod:`data.synth`."""
+"""`recforge data ...` subcommands: argument parsing over :mod:`recforge.data.prepare` and :mod:`recforge.data.synth`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from data.errors import DataError
+from recforge.data.errors import DataError
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -60,8 +60,8 @@ def _csv_list(value: str | None) -> list[str] | None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from data.prepare import PrepareConfig, prepare
-    from data.readers import Columns
+    from recforge.data.prepare import PrepareConfig, prepare
+    from recforge.data.readers import Columns
 
     config = PrepareConfig(
         input=args.input, out=args.out, format=args.format,
@@ -84,7 +84,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from data.synth import SynthConfig, generate
+    from recforge.data.synth import SynthConfig, generate
 
     summary = generate(SynthConfig(out=args.out, users=args.users, items=args.items, mean_length=args.mean_length,
                                    categories=args.categories, seed=args.seed), overwrite=args.overwrite)

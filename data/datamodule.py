@@ -1,6 +1,6 @@
 """The LightningDataModule over a prepared directory (DESIGN §1, §4): SASRec or two-tower batches.
 
-Batch construction and sharding live in :mod:`data.loader`; this module picks the rank and
+Batch construction and sharding live in :mod:`recforge.data.loader`; this module picks the rank and
 world size from the trainer, builds the loaders, reports skipped users, and exposes the
 dataset metadata a model needs (catalogue size, feature cardinalities, item counts for logQ).
 """
@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
-from data.errors import DataError
-from data.layout import ITEMS, read_manifest
-from data.loader import (STAGES, EpochBatchSampler, ExampleIndex, ExampleSpec, FeatureTables, SequenceBatchDataset,
+from recforge.data.errors import DataError
+from recforge.data.layout import ITEMS, read_manifest
+from recforge.data.loader import (STAGES, EpochBatchSampler, ExampleIndex, ExampleSpec, FeatureTables, SequenceBatchDataset,
                          Stage, load_feature_tables, scan_examples)
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class SequenceDataModule(L.LightningDataModule):
     """Streams a prepared dataset directory as padded SASRec batches or two-tower KJT batches.
 
     Every rank yields the same number of batches per epoch and each example is seen exactly
-    once per epoch across ranks and DataLoader workers (see :mod:`data.loader`).
+    once per epoch across ranks and DataLoader workers (see :mod:`recforge.data.loader`).
     """
 
     def __init__(self, data_dir: str, model_family: Literal["sasrec", "two_tower"] = "sasrec", batch_size: int = 128,
@@ -57,7 +57,7 @@ class SequenceDataModule(L.LightningDataModule):
                 part into consecutive windows of ``max_len`` targets, so items beyond the last
                 ``max_len`` of long histories are trained on too.
             synthesize: If set and ``data_dir`` holds no prepared dataset, generate synthetic data
-                with these :class:`data.synth.SynthConfig` fields (e.g. ``{users: 500, items: 300}``)
+                with these :class:`recforge.data.synth.SynthConfig` fields (e.g. ``{users: 500, items: 300}``)
                 and prepare it into ``data_dir`` first. The tiny configs use it to run anywhere.
         """
         super().__init__()
@@ -206,9 +206,9 @@ def ensure_synthetic(data_dir: str, fields: dict[str, Any]) -> None:
     import tempfile
     from pathlib import Path
 
-    from data.layout import MANIFEST
-    from data.prepare import PrepareConfig, prepare
-    from data.synth import SynthConfig, generate
+    from recforge.data.layout import MANIFEST
+    from recforge.data.prepare import PrepareConfig, prepare
+    from recforge.data.synth import SynthConfig, generate
 
     out = Path(data_dir)
     if (out / MANIFEST).is_file():

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data.errors import DataError
-from data.readers import file_sha256, read_recbole_table
+from recforge.data.errors import DataError
+from recforge.data.readers import file_sha256, read_recbole_table
 
 
 @dataclass

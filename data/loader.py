@@ -36,8 +36,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.errors import DataError
-from data.layout import ITEMS, SEQUENCES, USERS, split_bounds
+from recforge.data.errors import DataError
+from recforge.data.layout import ITEMS, SEQUENCES, USERS, split_bounds
 
 ModelKind = Literal["sasrec", "two_tower"]
 Stage = Literal["train", "validate", "test"]

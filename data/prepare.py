@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data import layout
-from data.errors import DataError
-from data.features import EncodedFeatures, encode_features, read_feature_table
-from data.readers import FORMATS, Columns, read_interactions
+from recforge.data import layout
+from recforge.data.errors import DataError
+from recforge.data.features import EncodedFeatures, encode_features, read_feature_table
+from recforge.data.readers import FORMATS, Columns, read_interactions
 
 log = logging.getLogger(__name__)
 

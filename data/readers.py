@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from data.errors import DataError
+from recforge.data.errors import DataError
 
 FORMATS = ("parquet", "csv", "movielens", "recbole", "sasrec-txt")
 _SUFFIXES = {

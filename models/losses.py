@@ -209,7 +209,7 @@ def sampled_softmax(query: Tensor, target_emb: Tensor, target_ids: Tensor, negat
     al. 2019 for in-batch sampling): popular items are in-batch negatives more often, and
     without the correction the model learns to demote popularity. The caller picks Q; with
     T in-batch draws ~ p (item frequency) and M uniform draws over N items, the principled
-    pooled value for any item c is ``Q(c) = T p(c) + M / N`` (what :class:`models.sasrec.SASRec`
+    pooled value for any item c is ``Q(c) = T p(c) + M / N`` (what :class:`recforge.models.sasrec.SASRec`
     passes). Adding a constant to every log Q changes nothing.
 
     Accidental hits: a candidate whose id equals ``y_t`` (other than column 0) is a copy of the

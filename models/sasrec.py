@@ -30,8 +30,8 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.dropout import Dropout, dropout
-from models.losses import bce_one_negative, full_softmax_ce, log_sampling_probability, sampled_softmax
+from recforge.models.dropout import Dropout, dropout
+from recforge.models.losses import bce_one_negative, full_softmax_ce, log_sampling_probability, sampled_softmax
 
 LossKind = Literal["ce", "sampled_softmax", "bce"]
 LOSSES: tuple[LossKind, ...] = ("ce", "sampled_softmax", "bce")

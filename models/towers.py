@@ -1,6 +1,6 @@
 """The towers of the two-tower model and their parts, on plain tensors (no TorchRec), so an
 exporter can run them after ordinary ``nn.Embedding``/``nn.EmbeddingBag`` lookups.
-See :mod:`models.two_tower` for the model that feeds them.
+See :mod:`recforge.models.two_tower` for the model that feeds them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from models.two_tower import TwoTowerConfig
+    from recforge.models.two_tower import TwoTowerConfig
 
 PoolingKind = Literal["mean", "exp_decay", "learned"]
 POOLINGS: tuple[PoolingKind, ...] = ("mean", "exp_decay", "learned")

@@ -5,7 +5,7 @@
 - **User tower**: position-aware pooling of the user's recent history (the last ``history_len``
   items, looked up in the *same* item table) + optional user id embedding (optionally hashed)
   + pooled user categorical features (+ numeric features) -> MLP -> L2 norm.
-- **Loss**: sampled softmax (``models.losses.sampled_softmax``) over in-batch negatives (the
+- **Loss**: sampled softmax (``recforge.models.losses.sampled_softmax``) over in-batch negatives (the
   other rows' targets) and optional uniform negatives shared by the batch (mixed negative
   sampling), at a temperature, with logQ (sampling-bias) correction from item frequencies and
   accidental-hit masking.
@@ -17,7 +17,7 @@ TorchRec layout (DESIGN §5):
   by three KJT keys: ``history``, ``target`` and ``candidates`` (uniform negatives while
   training, the whole catalogue when scoring). A training step looks it up **once**, with one
   KJT holding all three, so the fused optimizer applies one update per row per step. As in
-  :mod:`models.sasrec`, every key has stride B and ``candidates`` sits in row 0.
+  :mod:`recforge.models.sasrec`, every key has stride B and ``candidates`` sits in row 0.
 - ``feature_collection``: an ``EmbeddingBagCollection`` (mean pooling) with one table per
   categorical/list feature, named like its KJT key (``item_<name>``, ``user_<name>``), and the
   ``user_id`` table when ``use_user_id``. It is also looked up once per step: the KJT has
@@ -49,8 +49,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from models.losses import log_sampling_probability, sampled_softmax
-from models.towers import POOLINGS, ItemTower, PoolingKind, TowerConfig, UserTower, hash_user_ids, signed_log1p
+from recforge.models.losses import log_sampling_probability, sampled_softmax
+from recforge.models.towers import POOLINGS, ItemTower, PoolingKind, TowerConfig, UserTower, hash_user_ids, signed_log1p
 
 ITEM_KEYS = ("history", "target", "candidates")
 """The KJT keys of the item table, in the order every lookup uses."""
@@ -239,7 +239,7 @@ class TwoTower(nn.Module):
     def set_item_frequencies(self, counts: Tensor | np.ndarray) -> None:
         """In-batch sampling distribution from training counts (N + 1,), index 0 ignored.
 
-        ``p(i) = max(count_i, 1) / sum_j max(count_j, 1)`` (as :meth:`models.sasrec.SASRec.set_item_frequencies`).
+        ``p(i) = max(count_i, 1) / sum_j max(count_j, 1)`` (as :meth:`recforge.models.sasrec.SASRec.set_item_frequencies`).
         """
         log_p = log_sampling_probability(counts, self.config.num_items)
         self.log_item_prob.copy_(log_p.to(self.log_item_prob))
@@ -250,7 +250,7 @@ class TwoTower(nn.Module):
         Args:
             sparse: per item feature of the config, ``(offsets (N + 2,), codes)``: the codes of item
                 ``i`` are ``codes[offsets[i]:offsets[i + 1]]`` (the layout of
-                ``data.loader.FeatureTable.sparse_columns``); codes lie in ``[0, cardinality)``.
+                ``recforge.data.loader.FeatureTable.sparse_columns``); codes lie in ``[0, cardinality)``.
             dense: (N + 1, len(item_numeric_features)) raw numeric features; stored as
                 standardised ``signed_log1p`` values (statistics over rows 1..N).
         """

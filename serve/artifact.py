@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from data.readers import file_sha256
+from recforge.data.readers import file_sha256
 
 SUPPORTED_FORMAT = 1
 SUPPORTED_KINDS = ("sasrec", "two_tower")

@@ -1,4 +1,4 @@
-"""`recforge serve`: the HTTP service over :class:`serve.recommender.Recommender` (DESIGN §9).
+"""`recforge serve`: the HTTP service over :class:`recforge.serve.recommender.Recommender` (DESIGN §9).
 
 Routes: ``POST /v1/recommend``, ``POST /v1/recommend:batch``, ``GET /healthz``, ``GET /v1/model``
 (the manifest), ``POST /v1/admin/reload`` (also on SIGHUP), OpenAPI docs at ``/docs``, and the
@@ -23,8 +23,8 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from serve.artifact import ArtifactError
-from serve.recommender import MAX_K, Recommender, RequestError, UnknownUserError
+from recforge.serve.artifact import ArtifactError
+from recforge.serve.recommender import MAX_K, Recommender, RequestError, UnknownUserError
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from serve.artifact import ArtifactError, read_verified_manifest, resolve_source
-from serve.topk import top_k_rows
-from serve.user_features import FILE as FEATURES_FILE
-from serve.user_features import UserFeatureError, UserFeatures
+from recforge.serve.artifact import ArtifactError, read_verified_manifest, resolve_source
+from recforge.serve.topk import top_k_rows
+from recforge.serve.user_features import FILE as FEATURES_FILE
+from recforge.serve.user_features import UserFeatureError, UserFeatures
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Recommender:
                                 f"manifest says ({manifest['num_items']}, {manifest['dim']})")
         self.ann = None
         if index == "hnsw" or (index == "auto" and num_items > EXACT_LIMIT):
-            from serve.ann import HNSWIndex
+            from recforge.serve.ann import HNSWIndex
 
             self.ann = HNSWIndex(self.item_embeddings, ef_search=ef_search)
 

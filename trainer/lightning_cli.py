@@ -1,6 +1,6 @@
 """`recforge fit | validate | test`: LightningCLI over the recforge modules and DataModule.
 
-Beyond Lightning's own sections, a config has ``mlflow:`` (:class:`trainer.tracking.TrackingConfig`:
+Beyond Lightning's own sections, a config has ``mlflow:`` (:class:`recforge.trainer.tracking.logger.TrackingConfig`:
 every run is tracked unless ``enabled: false``) and ``test_after_fit`` (``fit`` then tests the
 best checkpoint, so the run holds its test metrics and evaluation report).
 """
@@ -17,13 +17,13 @@ import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from data.datamodule import SequenceDataModule
-from trainer.tracking import TrackingConfig, TrackingError
+from recforge.data.datamodule import SequenceDataModule
+from recforge.trainer.tracking.logger import TrackingConfig, TrackingError
 
 log = logging.getLogger(__name__)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "strategy": {"class_path": "trainer.strategy.TorchRecStrategy"},
+    "strategy": {"class_path": "recforge.trainer.strategy.TorchRecStrategy"},
     "use_distributed_sampler": False,
 }
 
@@ -46,8 +46,8 @@ class RecforgeCLI(LightningCLI):
         return trainer
 
     def _attach_mlflow(self, trainer: Trainer, tracking: TrackingConfig) -> None:
-        from trainer.run_record import MLflowRecorder, flatten_config
-        from trainer.tracking import MLflowLogger, bound_http_retries, resolve_tracking
+        from recforge.trainer.tracking.recorder import MLflowRecorder, flatten_config
+        from recforge.trainer.tracking.logger import MLflowLogger, bound_http_retries, resolve_tracking
 
         uri, artifact_location = resolve_tracking(tracking)  # every rank: all fail alike, none hangs
         bound_http_retries()
@@ -82,7 +82,7 @@ class RecforgeCLI(LightningCLI):
             log.info("testing %s", best or "the final weights")
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
         if self.mlflow_logger is not None and self.tracking.registered_model_name:
-            from trainer.export import export_after_fit
+            from recforge.trainer.export.onnx_export import export_after_fit
 
             export_after_fit(self.trainer, self.model, self.mlflow_logger, self.tracking)
         self._finish()

@@ -17,8 +17,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from trainer.metrics import RankingEvaluator
-from trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig, local_shards, plan_summary, shard
+from recforge.trainer.evaluation.metrics import RankingEvaluator
+from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig, local_shards, plan_summary, shard
 
 log = logging.getLogger(__name__)
 @dataclass

@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from models.sasrec import SASRec, SASRecConfig
-from trainer.recommender_module import DenseOptimizerConfig, EvalConfig, ShardedRecommenderModule
-from trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig
+from recforge.models.sasrec import SASRec, SASRecConfig
+from recforge.trainer.recommender_module import DenseOptimizerConfig, EvalConfig, ShardedRecommenderModule
+from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig
 
 
 class SASRecModule(ShardedRecommenderModule):
-    """Trains :class:`models.sasrec.SASRec`; the network is built and sharded in ``configure_model``."""
+    """Trains :class:`recforge.models.sasrec.SASRec`; the network is built and sharded in ``configure_model``."""
 
     def __init__(self, model: SASRecConfig, optimizer: DenseOptimizerConfig = DenseOptimizerConfig(),
                  embedding_optimizer: EmbeddingOptimizerConfig = EmbeddingOptimizerConfig(),

@@ -3,10 +3,10 @@
 It is Lightning's DDP strategy (same launchers: Lightning's own, ``torchrun``, multi-node), except
 that it never wraps the model in DDP: the LightningModule wraps its network in TorchRec's
 ``DistributedModelParallel`` in ``configure_model``, and DMP data-parallelises the dense part
-itself. Checkpoints are sharded directories (:mod:`trainer.checkpoint`).
+itself. Checkpoints are sharded directories (:mod:`recforge.trainer.checkpoint`).
 
 The LightningModule must provide ``sharded_state_dict()``, ``load_sharded_state_dict(state)``,
-``fused_optimizer`` and ``sharding_plan()`` (see :class:`trainer.sasrec_module.SASRecModule`).
+``fused_optimizer`` and ``sharding_plan()`` (see :class:`recforge.trainer.sasrec_module.SASRecModule`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
-from trainer import checkpoint as ckpt
+from recforge.trainer import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 
-from data.loader import load_feature_tables
-from models.two_tower import TwoTower, TwoTowerConfig
-from trainer.recommender_module import DenseOptimizerConfig, EvalConfig, ShardedRecommenderModule
-from trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig
+from recforge.data.loader import load_feature_tables
+from recforge.models.two_tower import TwoTower, TwoTowerConfig
+from recforge.trainer.recommender_module import DenseOptimizerConfig, EvalConfig, ShardedRecommenderModule
+from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig
 
 
 class TwoTowerModule(ShardedRecommenderModule):
-    """Trains :class:`models.two_tower.TwoTower` on ``model_family: two_tower`` batches.
+    """Trains :class:`recforge.models.two_tower.TwoTower` on ``model_family: two_tower`` batches.
 
     The network is built and sharded in ``configure_model``; the item table
     (``model.table_name``) and every feature table (named like its KJT key: ``item_<name>``,

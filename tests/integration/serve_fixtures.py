@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from serve.local import free_port, wait_healthy
+from recforge.serve.local import free_port, wait_healthy
 
 RECFORGE = str(Path(sys.executable).with_name("recforge"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.prepare import PrepareConfig, prepare
-from trainer.baselines import (_markov_scores, _Sequences, evaluate_baseline, main, popularity_counts,
+from recforge.data.prepare import PrepareConfig, prepare
+from recforge.trainer.evaluation.baselines import (_markov_scores, _Sequences, evaluate_baseline, main, popularity_counts,
                                transition_counts)
 
 REPO = Path(__file__).resolve().parents[2]

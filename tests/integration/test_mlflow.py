@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from serve.local import free_port, wait_healthy
+from recforge.serve.local import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 RECFORGE = str(Path(sys.executable).with_name("recforge"))
@@ -106,7 +106,7 @@ def test_two_process_fit_is_one_complete_run(server: str, tracked_run: dict) -> 
     params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
     assert params["trainer.max_epochs"] == "2"
     assert params["trainer.devices"] == "2"
-    assert params["model.class_path"] == "trainer.sasrec_module.SASRecModule"
+    assert params["model.class_path"] == "recforge.trainer.sasrec_module.SASRecModule"
     assert params["model.init_args.model.dim"] == "32"
     assert params["mlflow.registered_model_name"] == MODEL_NAME
 
@@ -214,7 +214,7 @@ def test_unreachable_server_fails_before_training(tmp_path: Path) -> None:
 
 
 def test_server_dying_mid_run_does_not_raise(tmp_path: Path) -> None:
-    from trainer.tracking import MLflowLogger, bound_http_retries
+    from recforge.trainer.tracking.logger import MLflowLogger, bound_http_retries
 
     bound_http_retries()
     proc, url = start_server(tmp_path)

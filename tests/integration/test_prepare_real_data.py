@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from data import layout
+from recforge.data import layout
 
 RECFORGE = shutil.which("recforge", path=os.path.dirname(sys.executable)) or "recforge"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.baselines import evaluate_baseline
+from recforge.trainer.evaluation.baselines import evaluate_baseline
 
 REPO = Path(__file__).resolve().parents[2]
 RECFORGE = str(Path(sys.executable).with_name("recforge"))
@@ -208,7 +208,7 @@ def test_torchrun_launch(two_process_run: dict[str, Path], tmp_path: Path) -> No
     """`torchrun` starts the ranks itself; Lightning must join them instead of launching its own."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     root = tmp_path / "run"
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29671", "-m", "trainer.cli",
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29671", "-m", "recforge.cli",
                            *fit_args(root, two_process_run["data"], "--trainer.devices", "2",
                                      "--trainer.max_epochs", "1")],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -72,8 +72,8 @@ def test_parity_gate_fails_loudly(artifacts: dict[str, Path]) -> None:
 
 
 def test_tampered_or_incomplete_artifact_is_refused(artifacts: dict[str, Path], tmp_path: Path) -> None:
-    from serve.artifact import ArtifactError
-    from serve.recommender import Recommender
+    from recforge.serve.artifact import ArtifactError
+    from recforge.serve.recommender import Recommender
 
     bad = tmp_path / "tampered"
     shutil.copytree(artifacts["first"], bad)
@@ -93,8 +93,8 @@ def test_tampered_or_incomplete_artifact_is_refused(artifacts: dict[str, Path], 
 
 
 def test_library_recommends_by_user_and_history(artifacts: dict[str, Path]) -> None:
-    from serve.artifact import ArtifactError  # noqa: F401  (import check only)
-    from serve.recommender import Recommender, RequestError
+    from recforge.serve.artifact import ArtifactError  # noqa: F401  (import check only)
+    from recforge.serve.recommender import Recommender, RequestError
 
     rec = Recommender.load(artifacts["first"])
     user = max(rec.histories, key=lambda u: len(rec.histories[u]))
@@ -141,7 +141,7 @@ def test_http_routes(server: dict, artifacts: dict[str, Path]) -> None:
     url = server["url"]
     manifest = requests.get(url + "/v1/model", timeout=10).json()
     assert manifest["files"] == json.loads((artifacts["first"] / "manifest.json").read_text())["files"]
-    from serve.recommender import Recommender
+    from recforge.serve.recommender import Recommender
 
     rec = Recommender.load(artifacts["first"])
     user = next(iter(rec.histories))

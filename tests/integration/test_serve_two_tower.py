@@ -46,9 +46,9 @@ def _padded(values: np.ndarray, lengths: np.ndarray, pad: int) -> np.ndarray:
 def test_served_vectors_equal_the_training_network(artifact: dict[str, Path]) -> None:
     import torch
 
-    from models.towers import HistoryPooling
-    from serve.recommender import Recommender
-    from trainer.export import load_checkpoint
+    from recforge.models.towers import HistoryPooling
+    from recforge.serve.recommender import Recommender
+    from recforge.trainer.export.onnx_export import load_checkpoint
 
     manifest = json.loads((artifact["export"] / "manifest.json").read_text())
     assert manifest["kind"] == "two_tower" and manifest["parity"]["max_abs_diff"] <= 1e-4
@@ -101,7 +101,7 @@ def _assert_ranks_like(rec, result, vector: np.ndarray) -> None:
 
 
 def test_new_user_served_from_raw_features(artifact: dict[str, Path]) -> None:
-    from serve.recommender import Recommender, RequestError
+    from recforge.serve.recommender import Recommender, RequestError
 
     manifest = json.loads((artifact["export"] / "manifest.json").read_text())
     assert "user_features.json" in manifest["files"]
@@ -139,7 +139,7 @@ def server(artifact: dict[str, Path]):
 
 
 def test_http_by_user_history_and_kserve_v2(server: str, artifact: dict[str, Path]) -> None:
-    from serve.recommender import Recommender
+    from recforge.serve.recommender import Recommender
 
     rec = Recommender.load(artifact["export"])
     user = next(iter(rec.histories))
@@ -173,7 +173,7 @@ def test_http_by_user_history_and_kserve_v2(server: str, artifact: dict[str, Pat
 
 
 def test_int8_export_is_checked_reported_and_served(artifact: dict[str, Path]) -> None:
-    from serve.recommender import Recommender
+    from recforge.serve.recommender import Recommender
 
     tmp, ckpt = artifact["tmp"], str(artifact["ckpt"])
     proc = run("export", "--checkpoint", ckpt, "--out", str(tmp / "int8"), "--quantize", "int8", cwd=tmp)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.baselines import evaluate_baseline
+from recforge.trainer.evaluation.baselines import evaluate_baseline
 
 REPO = Path(__file__).resolve().parents[2]
 RECFORGE = str(Path(sys.executable).with_name("recforge"))

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import layout
+from recforge.data import layout
 
 # A feature: (kind, one value per id 1..N, cardinality). Values: int code, list of codes, float.
 Feature = tuple[str, list[Any], int]

@@ -1,4 +1,4 @@
-"""trainer.callbacks: last.ckpt after every validation, and early stopping whose patience a resumed
+"""recforge.trainer.callbacks: last.ckpt after every validation, and early stopping whose patience a resumed
 run can raise. Real Lightning trainers on a tiny module whose validation metric follows a script."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from trainer.callbacks import EarlyStopping, ModelCheckpoint
+from recforge.trainer.callbacks import EarlyStopping, ModelCheckpoint
 
 # The monitored metric per epoch: best at epoch 1, never better afterwards.
 SCRIPT = [0.1, 0.5, 0.4, 0.3, 0.45, 0.2, 0.1, 0.1, 0.1, 0.1]

@@ -1,4 +1,4 @@
-"""models.dropout: the cheaper CPU dropout mask keeps F.dropout's contract."""
+"""recforge.models.dropout: the cheaper CPU dropout mask keeps F.dropout's contract."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.dropout import Dropout, dropout, dropout_mask, effective_p
+from recforge.models.dropout import Dropout, dropout, dropout_mask, effective_p
 
 
 @pytest.mark.parametrize("p", [0.2, 0.1, 0.5, 0.9])

@@ -1,4 +1,4 @@
-"""trainer.encoders: the padded-tensor user encoders compute what the TorchRec models compute
+"""recforge.trainer.export.encoders: the padded-tensor user encoders compute what the TorchRec models compute
 (two-tower with hashed user ids, list and numeric user features; SASRec), and export to ONNX
 with dynamic batch, length and feature widths that onnxruntime reproduces."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from models.sasrec import SASRec, SASRecConfig
-from models.towers import TowerConfig
-from models.two_tower import TwoTower, TwoTowerConfig
-from trainer.encoders import SASRecUserEncoder, TwoTowerUserEncoder
-from trainer.export import ExportError, _export_onnx, parity
+from recforge.models.sasrec import SASRec, SASRecConfig
+from recforge.models.towers import TowerConfig
+from recforge.models.two_tower import TwoTower, TwoTowerConfig
+from recforge.trainer.export.encoders import SASRecUserEncoder, TwoTowerUserEncoder
+from recforge.trainer.export.onnx_export import ExportError, _export_onnx, parity
 
 N, H = 40, 6
 

@@ -1,4 +1,4 @@
-"""trainer.host_memory: freed activation memory is reused, not page-faulted in again."""
+"""recforge.trainer.host_memory: freed activation memory is reused, not page-faulted in again."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 # its (B, L, 4D) activations are allocated in the forward and freed in the backward.
 SCRIPT = """
 import resource, sys, torch
-from trainer.host_memory import keep_freed_memory
+from recforge.trainer.host_memory import keep_freed_memory
 print(keep_freed_memory() if sys.argv[1] == "tuned" else None)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))

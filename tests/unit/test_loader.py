@@ -1,4 +1,4 @@
-"""data.loader / data.datamodule: sharding, determinism and batch content."""
+"""recforge.data.loader / data.datamodule: sharding, determinism and batch content."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data.datamodule import SequenceDataModule
-from data.layout import read_manifest
-from data.loader import (EpochBatchSampler, EpochPlan, ExampleSpec, SequenceBatchDataset, load_feature_tables,
+from recforge.data.datamodule import SequenceDataModule
+from recforge.data.layout import read_manifest
+from recforge.data.loader import (EpochBatchSampler, EpochPlan, ExampleSpec, SequenceBatchDataset, load_feature_tables,
                          scan_examples)
 from loader_fixtures import random_prepared, write_prepared
 
@@ -304,7 +304,7 @@ def test_time_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     directory = write_prepared(tmp_path, seqs, timestamps=ts, num_items=9,
                                split={"type": "time", "val_start": 30, "test_start": 40})
     # train: user 1 [1, 2], user 2 [] (no training example), user 3 [7] (too short for SASRec)
-    with caplog.at_level(logging.INFO, logger="data.datamodule"):
+    with caplog.at_level(logging.INFO, logger="recforge.data.datamodule"):
         dm = SequenceDataModule(str(directory), batch_size=4, eval_batch_size=4, max_len=3)
         dm.setup("fit")
     assert "train (sasrec): 1 examples from 3 users; 2 users have none: 1 no interaction in the training part; " \

@@ -1,4 +1,4 @@
-"""models.losses: hand-computed values, logQ, accidental hits, weights, gradients."""
+"""recforge.models.losses: hand-computed values, logQ, accidental hits, weights, gradients."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.losses import bce_one_negative, full_softmax_ce, sampled_softmax, sampled_softmax_logits, weighted_mean
+from recforge.models.losses import bce_one_negative, full_softmax_ce, sampled_softmax, sampled_softmax_logits, weighted_mean
 
 
 def _lse(xs: list[float]) -> float:
@@ -188,7 +188,7 @@ def _unfused_ce(query, catalog, target, weight, tau):
 @pytest.mark.parametrize("chunk_logits", [1, 40, 1 << 20])
 def test_chunked_ce_matches_full_logits_value_and_gradients(monkeypatch, chunk_logits: int) -> None:
     # 1 logit per chunk still means one row per chunk; 40 splits 23 rows of 11 items unevenly.
-    monkeypatch.setattr("models.losses._CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr("recforge.models.losses._CHUNK_LOGITS", chunk_logits)
     g = torch.Generator().manual_seed(0)
     query = (3 * torch.randn(23, 5, generator=g)).requires_grad_(True)
     catalog = torch.randn(11, 5, generator=g).requires_grad_(True)
@@ -205,7 +205,7 @@ def test_chunked_ce_matches_full_logits_value_and_gradients(monkeypatch, chunk_l
 
 
 def test_chunked_ce_gradcheck_in_double(monkeypatch) -> None:
-    monkeypatch.setattr("models.losses._CHUNK_LOGITS", 8)
+    monkeypatch.setattr("recforge.models.losses._CHUNK_LOGITS", 8)
     g = torch.Generator().manual_seed(1)
     query = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
     catalog = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from serve.local import free_port
-from trainer.metrics import RankingEvaluator, segment_labels
+from recforge.serve.local import free_port
+from recforge.trainer.evaluation.metrics import RankingEvaluator, segment_labels
 
 POP = [0, 10, 20, 30, 40, 50]  # item i has count 10 * i
 

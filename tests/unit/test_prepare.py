@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import layout
-from data.prepare import PrepareConfig, prepare
-from trainer.cli import main
+from recforge.data import layout
+from recforge.data.prepare import PrepareConfig, prepare
+from recforge.cli import main
 
 
 def write_parquet(path: Path, **columns) -> Path:
@@ -72,7 +72,7 @@ def test_duplicates_removed_and_ties_keep_input_order(tmp_path: Path) -> None:
 def test_rating_distinguishes_duplicates(tmp_path: Path) -> None:
     src = write_parquet(tmp_path / "in.parquet", user_id=[1, 1, 1], item_id=[5, 5, 5],
                         timestamp=[1, 1, 1], rating=[4.0, 5.0, 4.0])
-    from data.readers import Columns
+    from recforge.data.readers import Columns
 
     m = prepare(PrepareConfig(input=[str(src)], out=str(tmp_path / "out"), columns=Columns(rating="rating")))
     assert m["rows_removed"]["exact_duplicates"] == 1 and m["interactions"] == 2
@@ -275,7 +275,7 @@ def test_bad_input_is_refused_with_a_named_error(case: str, tmp_path: Path, caps
 
 def test_bad_input_exit_code_from_the_real_command(tmp_path: Path) -> None:
     p = write_parquet(tmp_path / "x.parquet", user_id=[1], item_id=[1])
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "data", "prepare", "--input", str(p), "--format",
+    proc = subprocess.run([sys.executable, "-m", "recforge.cli", "data", "prepare", "--input", str(p), "--format",
                            "parquet", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "x.parquet" in proc.stderr and "'timestamp'" in proc.stderr

@@ -1,4 +1,4 @@
-"""models.sasrec: padding, causality, one lookup per step, scoring, and a tiny model that learns."""
+"""recforge.models.sasrec: padding, causality, one lookup per step, scoring, and a tiny model that learns."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from models.losses import full_softmax_ce
-from models.sasrec import EC_MODULE, Packing, SASRec, SASRecConfig
+from recforge.models.losses import full_softmax_ce
+from recforge.models.sasrec import EC_MODULE, Packing, SASRec, SASRecConfig
 
 N = 30
 LOSSES = ("ce", "sampled_softmax", "bce")

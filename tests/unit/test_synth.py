@@ -1,4 +1,4 @@
-"""data.synth: determinism, schema, atomic writes, validation, and a learnable signal."""
+"""recforge.data.synth: determinism, schema, atomic writes, validation, and a learnable signal."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from data import synth
-from data.synth import SynthConfig, generate
+from recforge.data import synth
+from recforge.data.synth import SynthConfig, generate
 
 SMALL = dict(users=300, items=400, mean_length=20.0, categories=10)
 

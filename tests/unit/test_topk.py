@@ -1,11 +1,11 @@
-"""serve.topk: the blocked top-k equals a stable full sort, with ties, -inf and short last blocks."""
+"""recforge.serve.topk: the blocked top-k equals a stable full sort, with ties, -inf and short last blocks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serve.topk import top_k_rows
+from recforge.serve.topk import top_k_rows
 
 
 @pytest.mark.parametrize("n", [1, 9, 50, 3416, 20_000, 20_011])

@@ -1,4 +1,4 @@
-"""models.two_tower: one item-table lookup per step, position-aware pooling, L2-normalised
+"""recforge.models.two_tower: one item-table lookup per step, position-aware pooling, L2-normalised
 towers, logQ and accidental hits through the shared loss, user id hashing, feature codes traced
 from prepared data into the model's KJT, and a tiny model that learns."""
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-import models.two_tower as tt
-from models.towers import HistoryPooling, TowerConfig, hash_user_ids
-from models.two_tower import EBC_MODULE, EC_MODULE, TwoTower, TwoTowerConfig
+import recforge.models.two_tower as tt
+from recforge.models.towers import HistoryPooling, TowerConfig, hash_user_ids
+from recforge.models.two_tower import EBC_MODULE, EC_MODULE, TwoTower, TwoTowerConfig
 
 N, U, H = 30, 12, 6
 
@@ -327,7 +327,7 @@ def _write_raw(tmp: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from data.prepare import PrepareConfig, prepare
+    from recforge.data.prepare import PrepareConfig, prepare
 
     tmp = tmp_path_factory.mktemp("tt_features")
     raw = _write_raw(tmp)
@@ -337,8 +337,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_feature_codes_of_known_rows_reach_the_models_kjt(prepared: Path) -> None:
-    from data.datamodule import SequenceDataModule
-    from trainer.two_tower_module import TwoTowerModule
+    from recforge.data.datamodule import SequenceDataModule
+    from recforge.trainer.two_tower_module import TwoTowerModule
 
     out = prepared / "prepared"
     dm = SequenceDataModule(str(out), model_family="two_tower", batch_size=16, history_len=H)

@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_demo(workdir: str) -> int:
-    from data.datamodule import SequenceDataModule
-    from data.prepare import PrepareConfig, prepare
-    from data.synth import SynthConfig, generate
+    from recforge.data.datamodule import SequenceDataModule
+    from recforge.data.prepare import PrepareConfig, prepare
+    from recforge.data.synth import SynthConfig, generate
 
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def run_demo(workdir: str) -> int:
             print(f"        first row input_ids: {batch['input_ids'][0].tolist()}")
             print(f"        first row target_ids: {batch['target_ids'][0].tolist()}")
     tracking = f"sqlite:///{(root / 'mlflow.db').resolve()}"
-    recforge = [sys.executable, "-m", "trainer.cli"]
+    recforge = [sys.executable, "-m", "recforge.cli"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     print(f"[4/6] training SASRec and the two-tower model (tracked in {tracking})")
     for name, config, data, extra in (
@@ -95,8 +95,8 @@ def _serve_and_ask(source: str, tracking: str) -> None:
     import requests
     import uvicorn
 
-    from serve.http import create_app
-    from serve.local import free_port, wait_healthy
+    from recforge.serve.http import create_app
+    from recforge.serve.local import free_port, wait_healthy
 
     app = create_app(source, tracking_uri=tracking)
     rec = app.state.holder.current

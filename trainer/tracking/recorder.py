@@ -1,6 +1,6 @@
 """What a recforge run records in MLflow beyond Lightning's metric stream (DESIGN §8).
 
-:class:`MLflowRecorder` is added by the CLI next to :class:`trainer.tracking.MLflowLogger`:
+:class:`MLflowRecorder` is added by the CLI next to :class:`recforge.trainer.tracking.logger.MLflowLogger`:
 
 - at setup: tags (git commit and dirty flag, recforge/torch/torchrec/lightning versions, device
   kind and count, world size, dataset name and manifest fingerprint, command), the resolved
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 
-from trainer.tracking import MLflowLogger
+from recforge.trainer.tracking.logger import MLflowLogger
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ class MLflowRecorder(L.Callback):
         result = getattr(pl_module, "last_evaluation", None)
         if not trainer.is_global_zero or result is None:
             return
-        from trainer.eval_report import write_report
+        from recforge.trainer.evaluation.report import write_report
 
         dm = trainer.datamodule
         title = f"{self.logger._experiment_name} test"

@@ -37,8 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from data.layout import SEQUENCES, read_manifest, split_bounds
-from trainer.metrics import RankingEvaluator
+from recforge.data.layout import SEQUENCES, read_manifest, split_bounds
+from recforge.trainer.evaluation.metrics import RankingEvaluator
 
 BaselineName = Literal["most_popular", "markov"]
 BASELINES: tuple[str, ...] = ("most_popular", "markov")
@@ -190,7 +190,7 @@ def run_baseline(data_dir: str | Path, name: BaselineName, stage: EvalStage = "t
 
 def evaluate_baseline(data_dir: str | Path, name: BaselineName, stage: EvalStage = "test", batch_size: int = 1024,
                       ks: Sequence[int] = (10, 20, 100)) -> dict[str, float]:
-    """Metrics of one baseline on one stage (names as in :mod:`trainer.metrics`)."""
+    """Metrics of one baseline on one stage (names as in :mod:`recforge.trainer.evaluation.metrics`)."""
     return run_baseline(data_dir, name, stage, batch_size, ks).compute()
 
 

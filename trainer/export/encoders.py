@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.towers import hash_user_ids
+from recforge.models.towers import hash_user_ids
 
 
 def _frozen(weight: Tensor) -> nn.Embedding:

@@ -6,7 +6,7 @@ that takes padded tensors (TorchRec's KeyedJaggedTensor does not export, DESIGN 
 exported with the dynamo exporter, dynamic in batch and sequence length. The artifact
 directory (written to a temp dir, then renamed):
 
-- ``model.onnx``: the user encoder (:mod:`trainer.encoders`). SASRec: ``item_ids`` (B, L) int64,
+- ``model.onnx``: the user encoder (:mod:`recforge.trainer.export.encoders`). SASRec: ``item_ids`` (B, L) int64,
   right-padded with 0 -> ``user_vector`` (B, D) float32. Two-tower: ``item_ids`` (B, H) plus the
   user inputs the model uses (``user_idx``, ``user_<feature>`` codes, ``user_dense``) ->
   ``user_vector`` (B, out_dim), unit rows;
@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from data.readers import file_sha256
-from trainer.checkpoint import CheckpointError, read_trainer_state
-from trainer.encoders import user_encoder
+from recforge.data.readers import file_sha256
+from recforge.trainer.checkpoint import CheckpointError, read_trainer_state
+from recforge.trainer.export.encoders import user_encoder
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,14 @@ def load_checkpoint(path: str | Path, data_dir: str | None = None) -> LoadedChec
     import torch.distributed.checkpoint as dcp
     from lightning.pytorch.cli import instantiate_module
 
-    from data.datamodule import SequenceDataModule
+    from recforge.data.datamodule import SequenceDataModule
 
     path = Path(path)
     state = read_trainer_state(path)
     hparams = dict(state.get("hyper_parameters") or {})
     class_path = hparams.pop("_class_path", None)
     hparams.pop("_instantiator", None)
-    if class_path not in ("trainer.sasrec_module.SASRecModule", "trainer.two_tower_module.TwoTowerModule"):
+    if class_path not in ("recforge.trainer.sasrec_module.SASRecModule", "recforge.trainer.two_tower_module.TwoTowerModule"):
         raise ExportError(f"checkpoint {path}: model class {class_path!r} cannot be exported "
                           "(expected SASRecModule or TwoTowerModule)")
     dm_hparams = {k: v for k, v in (state.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
@@ -179,14 +179,14 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
     """Export ``checkpoint`` into the artifact directory ``out``; returns the manifest.
 
     ``quantize="int8"``: ``model.onnx`` is the dynamically int8-quantized graph of the float one
-    that passed the parity gate (see :mod:`trainer.quantize`; ``min_recall`` gates it)."""
+    that passed the parity gate (see :mod:`recforge.trainer.export.quantize`; ``min_recall`` gates it)."""
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r}: expected 'int8' or none")
     if not 0.0 <= min_recall <= 1.0:
         raise ExportError(f"min_recall={min_recall}: expected a recall in [0, 1]")
     import pyarrow.parquet as pq
 
-    from data.layout import ITEMS
+    from recforge.data.layout import ITEMS
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -209,7 +209,7 @@ def export(checkpoint: str | Path, out: str | Path, data_dir: str | None = None,
         check = parity(encoder, tmp / "model.onnx", item_embeddings, tolerance)
         quantization = None
         if quantize == "int8":
-            from trainer.quantize import quantize_int8
+            from recforge.trainer.export.quantize import quantize_int8
 
             quantization = quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx", encoder, item_embeddings,
                                          PARITY_SHAPES, min_recall)
@@ -266,8 +266,8 @@ def _users_table(dm: Any, encoder: nn.Module) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data.layout import SEQUENCES, USERS
-    from data.loader import load_feature_tables
+    from recforge.data.layout import SEQUENCES, USERS
+    from recforge.data.loader import load_feature_tables
 
     users = pq.read_table(Path(dm.data_dir) / USERS, columns=["user_idx", "user_id"]).sort_by("user_idx")
     sequences = pq.read_table(Path(dm.data_dir) / SEQUENCES, columns=["user_idx", "item_idx"]).sort_by("user_idx")
@@ -294,7 +294,7 @@ def _user_feature_spec(dm: Any, encoder: nn.Module) -> dict[str, Any] | None:
     """``user_features.json`` of a two-tower model that reads user features: the value of each
     code (1..K; 0 = missing) per categorical/list feature, and the numeric feature names, so a
     server can encode a new user's raw features."""
-    from data.layout import FEATURE_VOCABS
+    from recforge.data.layout import FEATURE_VOCABS
 
     config = encoder.config
     if encoder.kind != "two_tower" or not (config.user_feature_cardinalities or config.user_numeric_features):
@@ -341,7 +341,7 @@ def export_after_fit(trainer: Any, module: Any, logger: Any, tracking: Any) -> d
     """
     if trainer.global_rank != 0:
         return None
-    from trainer.registry import log_and_register
+    from recforge.trainer.tracking.registry import log_and_register
 
     ckpt = trainer.checkpoint_callback
     path = (ckpt.best_model_path or ckpt.last_model_path) if ckpt is not None else ""
@@ -365,7 +365,7 @@ def export_after_fit(trainer: Any, module: Any, logger: Any, tracking: Any) -> d
 def run_cli(args: Any) -> int:
     import sys
 
-    from trainer.tracking import TrackingConfig, TrackingError, resolve_tracking
+    from recforge.trainer.tracking.logger import TrackingConfig, TrackingError, resolve_tracking
 
     try:
         needs_mlflow = bool(args.run_id or args.register or args.log_to_run)
@@ -392,13 +392,13 @@ def run_cli(args: Any) -> int:
             print(f"int8: recall@10 vs float {q['recall@10_vs_float']:.3f}, max |diff| vs PyTorch "
                   f"{q['max_abs_diff_vs_pytorch']:.2e}, {q['bytes_float']} -> {q['bytes_int8']} bytes")
         if args.triton:
-            from trainer.triton import write_triton_repository
+            from recforge.trainer.export.triton import write_triton_repository
 
             print(f"Triton model repository: {write_triton_repository(args.out, args.triton, args.triton_name)}")
         if needs_mlflow:
             if not run_id:
                 raise ExportError("--register needs an MLflow run to log into: pass --run-id or --log-to-run")
-            from trainer.registry import log_and_register
+            from recforge.trainer.tracking.registry import log_and_register
 
             result = log_and_register(args.out, uri, run_id, args.register, args.alias)
             print(json.dumps(result))

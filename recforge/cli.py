@@ -13,7 +13,7 @@ from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data import cli as data_cli
+    from recforge.data import cli as data_cli
 
     parser = argparse.ArgumentParser(prog="recforge", description="Deep recommender training on TorchRec "
                                      "shards under Lightning, tracked in MLflow, served from ONNX.")
@@ -68,7 +68,7 @@ def _add_export_parser(sub: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from trainer.export import run_cli
+    from recforge.trainer.export.onnx_export import run_cli
 
     return run_cli(args)
 
@@ -76,7 +76,7 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
-    from serve.http import main as serve_main
+    from recforge.serve.http import main as serve_main
 
     if args.tracking_uri is None and args.source.startswith(("models:/", "runs:/")):
         args.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
@@ -84,7 +84,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from trainer.demo import run_demo
+    from recforge.demo import run_demo
 
     return run_demo(args.workdir)
 
@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _configure_logging()
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        from trainer.checkpoint import CheckpointError
-        from trainer.host_memory import keep_freed_memory
-        from trainer.lightning_cli import run
-        from trainer.tracking import TrackingError
+        from recforge.trainer.checkpoint import CheckpointError
+        from recforge.trainer.host_memory import keep_freed_memory
+        from recforge.trainer.lightning_cli import run
+        from recforge.trainer.tracking.logger import TrackingError
 
         keep_freed_memory()
         try:
@@ -108,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
     if argv and argv[0] == "baselines":
-        from trainer.baselines import main as baselines_main
+        from recforge.trainer.evaluation.baselines import main as baselines_main
 
         return baselines_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "data":
-        from data import cli as data_cli
+        from recforge.data import cli as data_cli
 
         return data_cli.run(args)
     return args.func(args)

@@ -23,11 +23,11 @@ RECALL_K = 10
 def quantize_int8(float_path: Path, out_path: Path, encoder: nn.Module, item_embeddings: np.ndarray,
                   cases: tuple[tuple[int, int], ...], min_recall: float, seed: int = 1) -> dict[str, Any]:
     """Write the int8 graph of ``float_path`` to ``out_path``; return its figures (raises
-    ``trainer.export.ExportError`` when recall@10 against the float graph is below ``min_recall``)."""
+    ``recforge.trainer.export.onnx_export.ExportError`` when recall@10 against the float graph is below ``min_recall``)."""
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
-    from trainer.export import ExportError
+    from recforge.trainer.export.onnx_export import ExportError
 
     # ORT's pre-processing (shape inference, graph fusion) lets the quantizer see every MatMul.
     prepared = out_path.with_name(f"{out_path.stem}.pre.onnx")
