@@ -26,12 +26,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from recforge.data.datamodule import SequenceDataModule  # noqa: E402
 
 CONFIGS: list[dict[str, Any]] = [
-    {"name": "sasrec train", "model": "sasrec", "stage": "train", "batch_size": 128, "max_len": 200},
+    {
+        "name": "sasrec train",
+        "model": "sasrec",
+        "stage": "train",
+        "batch_size": 128,
+        "max_len": 200,
+    },
     # The shape of configs/sasrec/tiny.yaml, to compare with its training step rate.
-    {"name": "sasrec train (tiny)", "model": "sasrec", "stage": "train", "batch_size": 64, "max_len": 20},
-    {"name": "sasrec validate", "model": "sasrec", "stage": "validate", "batch_size": 256, "max_len": 200},
-    {"name": "two-tower train", "model": "two_tower", "stage": "train", "batch_size": 1024, "history_len": 50},
-    {"name": "two-tower validate", "model": "two_tower", "stage": "validate", "batch_size": 1024, "history_len": 50},
+    {
+        "name": "sasrec train (tiny)",
+        "model": "sasrec",
+        "stage": "train",
+        "batch_size": 64,
+        "max_len": 20,
+    },
+    {
+        "name": "sasrec validate",
+        "model": "sasrec",
+        "stage": "validate",
+        "batch_size": 256,
+        "max_len": 200,
+    },
+    {
+        "name": "two-tower train",
+        "model": "two_tower",
+        "stage": "train",
+        "batch_size": 1024,
+        "history_len": 50,
+    },
+    {
+        "name": "two-tower validate",
+        "model": "two_tower",
+        "stage": "validate",
+        "batch_size": 1024,
+        "history_len": 50,
+    },
 ]
 
 
@@ -40,18 +70,40 @@ def make_dataset(root: Path, users: int, items: int, mean_length: float, seed: i
     from recforge.data.prepare import PrepareConfig, prepare
     from recforge.data.synth import SynthConfig, generate
 
-    files = generate(SynthConfig(out=str(root / "raw"), users=users, items=items, mean_length=mean_length,
-                                 max_length=1000, seed=seed))["files"]
-    prepare(PrepareConfig(input=[files["interactions"]], out=str(root / "prepared"),
-                          item_features=files["item_features"], user_features=files["user_features"]))
+    files = generate(
+        SynthConfig(
+            out=str(root / "raw"),
+            users=users,
+            items=items,
+            mean_length=mean_length,
+            max_length=1000,
+            seed=seed,
+        )
+    )["files"]
+    prepare(
+        PrepareConfig(
+            input=[files["interactions"]],
+            out=str(root / "prepared"),
+            item_features=files["item_features"],
+            user_features=files["user_features"],
+        )
+    )
     return root / "prepared"
 
 
-def measure(data_dir: str, config: dict[str, Any], shuffle_window: int, repeats: int) -> dict[str, float]:
+def measure(
+    data_dir: str, config: dict[str, Any], shuffle_window: int, repeats: int
+) -> dict[str, float]:
     stage = config["stage"]
-    dm = SequenceDataModule(data_dir, model_family=config["model"], batch_size=config["batch_size"],
-                            eval_batch_size=config["batch_size"], max_len=config.get("max_len", 50),
-                            history_len=config.get("history_len", 50), shuffle_window=shuffle_window)
+    dm = SequenceDataModule(
+        data_dir,
+        model_family=config["model"],
+        batch_size=config["batch_size"],
+        eval_batch_size=config["batch_size"],
+        max_len=config.get("max_len", 50),
+        history_len=config.get("history_len", 50),
+        shuffle_window=shuffle_window,
+    )
     start = time.perf_counter()
     dm.setup("fit")
     setup_s = time.perf_counter() - start
@@ -67,18 +119,31 @@ def measure(data_dir: str, config: dict[str, Any], shuffle_window: int, repeats:
             examples += real
             interactions += int(batch["lengths"].sum()) if "target_ids" in batch else real
         times.append(time.perf_counter() - start)
-    return {"setup_s": setup_s, "seconds": statistics.median(times), "batches": batches, "examples": examples,
-            "interactions": interactions}
+    return {
+        "setup_s": setup_s,
+        "seconds": statistics.median(times),
+        "batches": batches,
+        "examples": examples,
+        "interactions": interactions,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", help="an existing prepared directory (default: synthesise one)")
     parser.add_argument("--users", type=int, default=20_000, help="synthetic users")
     parser.add_argument("--items", type=int, default=20_000, help="synthetic items")
-    parser.add_argument("--mean-length", type=float, default=50.0, help="synthetic mean sequence length")
-    parser.add_argument("--shuffle-window", type=int, default=1_000_000, help="examples shuffled together")
-    parser.add_argument("--repeats", type=int, default=3, help="epochs per configuration; the median is shown")
+    parser.add_argument(
+        "--mean-length", type=float, default=50.0, help="synthetic mean sequence length"
+    )
+    parser.add_argument(
+        "--shuffle-window", type=int, default=1_000_000, help="examples shuffled together"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="epochs per configuration; the median is shown"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -92,19 +157,28 @@ def main(argv: list[str] | None = None) -> None:
         data_dir = args.data
     try:
         manifest = SequenceDataModule(data_dir).manifest
-        total = sum(manifest.get("split_counts", {}).get(k, 0) for k in
-                    ("train_interactions", "val_interactions", "test_interactions"))
-        print(f"{manifest['users']:,} users, {manifest['items']:,} items"
-              + (f", {total:,} interactions" if total else "") + "; num_workers=0, one process\n")
-        header = f"{'configuration':<20} {'B':>5} {'setup s':>8} {'pass s':>8} {'batches':>8} " \
-                 f"{'batches/s':>10} {'examples/s':>11} {'interactions/s':>15}"
+        total = sum(
+            manifest.get("split_counts", {}).get(k, 0)
+            for k in ("train_interactions", "val_interactions", "test_interactions")
+        )
+        print(
+            f"{manifest['users']:,} users, {manifest['items']:,} items"
+            + (f", {total:,} interactions" if total else "")
+            + "; num_workers=0, one process\n"
+        )
+        header = (
+            f"{'configuration':<20} {'B':>5} {'setup s':>8} {'pass s':>8} {'batches':>8} "
+            f"{'batches/s':>10} {'examples/s':>11} {'interactions/s':>15}"
+        )
         print(header)
         print("-" * len(header))
         for config in CONFIGS:
             r = measure(data_dir, config, args.shuffle_window, args.repeats)
-            print(f"{config['name']:<20} {config['batch_size']:>5} {r['setup_s']:>8.2f} {r['seconds']:>8.2f} "
-                  f"{r['batches']:>8,} {r['batches'] / r['seconds']:>10,.1f} {r['examples'] / r['seconds']:>11,.0f} "
-                  f"{r['interactions'] / r['seconds']:>15,.0f}")
+            print(
+                f"{config['name']:<20} {config['batch_size']:>5} {r['setup_s']:>8.2f} {r['seconds']:>8.2f} "
+                f"{r['batches']:>8,} {r['batches'] / r['seconds']:>10,.1f} {r['examples'] / r['seconds']:>11,.0f} "
+                f"{r['interactions'] / r['seconds']:>15,.0f}"
+            )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

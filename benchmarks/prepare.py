@@ -20,10 +20,18 @@ from pathlib import Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--interactions", type=int, default=20_000_000, help="target size of the synthetic set")
-    parser.add_argument("--input", default=None, help="existing interactions Parquet (skips generation)")
-    parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir, removed after)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--interactions", type=int, default=20_000_000, help="target size of the synthetic set"
+    )
+    parser.add_argument(
+        "--input", default=None, help="existing interactions Parquet (skips generation)"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="where to write (default: a temp dir, removed after)"
+    )
     parser.add_argument("--min-user", type=int, default=5)
     parser.add_argument("--min-item", type=int, default=5)
     args = parser.parse_args()
@@ -39,13 +47,44 @@ def main() -> None:
             # Lognormal lengths clipped at the bounds average slightly under the mean.
             users = max(1, int(args.interactions / mean_length * 1.02))
             t0 = time.perf_counter()
-            summary = generate(SynthConfig(out=str(work / "synth"), users=users, items=max(1000, users // 4),
-                                           mean_length=mean_length, seed=0), overwrite=True)
-            rows.append(("synth", f"{time.perf_counter() - t0:.1f}", "-", f"{summary.get('interactions', '?')}"))
+            summary = generate(
+                SynthConfig(
+                    out=str(work / "synth"),
+                    users=users,
+                    items=max(1000, users // 4),
+                    mean_length=mean_length,
+                    seed=0,
+                ),
+                overwrite=True,
+            )
+            rows.append(
+                (
+                    "synth",
+                    f"{time.perf_counter() - t0:.1f}",
+                    "-",
+                    f"{summary.get('interactions', '?')}",
+                )
+            )
             src = str(work / "synth" / "interactions.parquet")
         out = work / "prepared"
-        cmd = [sys.executable, "-m", "recforge.cli", "data", "prepare", "--input", src, "--format", "parquet",
-               "--out", str(out), "--overwrite", "--min-user", str(args.min_user), "--min-item", str(args.min_item)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "recforge.cli",
+            "data",
+            "prepare",
+            "--input",
+            src,
+            "--format",
+            "parquet",
+            "--out",
+            str(out),
+            "--overwrite",
+            "--min-user",
+            str(args.min_user),
+            "--min-item",
+            str(args.min_item),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         elapsed = time.perf_counter() - t0
@@ -57,8 +96,10 @@ def main() -> None:
         print(f"{'step':<10}{'seconds':>10}{'peak GB':>10}{'rows':>14}")
         for step, sec, gb, n in rows:
             print(f"{step:<10}{sec:>10}{gb:>10}{n:>14}")
-        print(f"prepare throughput: {manifest['input_rows'] / elapsed / 1e6:.2f} M interactions/s; "
-              f"kept {manifest['interactions']} interactions, {manifest['users']} users, {manifest['items']} items")
+        print(
+            f"prepare throughput: {manifest['input_rows'] / elapsed / 1e6:.2f} M interactions/s; "
+            f"kept {manifest['interactions']} interactions, {manifest['users']} users, {manifest['items']} items"
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -104,17 +104,29 @@ def ensure_data(path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default=str(REPO / "runs" / "data" / "ml1m"))
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps (after 3 warm-up steps)")
+    parser.add_argument(
+        "--steps", type=int, default=30, help="timed training steps (after 3 warm-up steps)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-len", type=int, default=200)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--attention-dropout", type=float, default=0.2, help="0.2 as in configs/sasrec/ml1m.yaml; "
-                        "0 lets CPU attention use the fused kernel")
-    parser.add_argument("--train-windows", choices=("last", "all"), default="all",
-                        help="'all' as in configs/sasrec/ml1m.yaml (more steps per epoch, same step)")
+    parser.add_argument(
+        "--attention-dropout",
+        type=float,
+        default=0.2,
+        help="0.2 as in configs/sasrec/ml1m.yaml; 0 lets CPU attention use the fused kernel",
+    )
+    parser.add_argument(
+        "--train-windows",
+        choices=("last", "all"),
+        default="all",
+        help="'all' as in configs/sasrec/ml1m.yaml (more steps per epoch, same step)",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -122,24 +134,41 @@ def main() -> None:
     ensure_data(Path(args.data))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29612")
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    torch.distributed.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1
+    )
     torch.manual_seed(0)
 
-    dm = SequenceDataModule(args.data, batch_size=args.batch_size, max_len=args.max_len,
-                            train_windows=args.train_windows)
+    dm = SequenceDataModule(
+        args.data,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        train_windows=args.train_windows,
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     steps_per_epoch = len(loader)
-    config = SASRecConfig(num_items=dm.num_items, max_len=args.max_len, dim=args.dim, num_layers=2, num_heads=1,
-                          dropout=0.2, attention_dropout=args.attention_dropout, loss="ce")
+    config = SASRecConfig(
+        num_items=dm.num_items,
+        max_len=args.max_len,
+        dim=args.dim,
+        num_layers=2,
+        num_heads=1,
+        dropout=0.2,
+        attention_dropout=args.attention_dropout,
+        loss="ce",
+    )
     model = SASRec(config, device=torch.device("meta"))
     model.set_item_frequencies(torch.as_tensor(dm.item_counts, dtype=torch.float32))
-    EmbeddingOptimizerConfig(name="rowwise_adagrad", lr=0.05).apply(list(model.embedding_collection.parameters()),
-                                                                     device)
+    EmbeddingOptimizerConfig(name="rowwise_adagrad", lr=0.05).apply(
+        list(model.embedding_collection.parameters()), device
+    )
     dmp, _ = shard(model, ShardingConfig(), device, 1)
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-    dense = torch.optim.AdamW([p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=1e-3)
+    dense = torch.optim.AdamW(
+        [p for _, p in in_backward_optimizer_filter(dmp.named_parameters())], lr=1e-3
+    )
 
     batches = []
     for batch in loader:
@@ -149,7 +178,9 @@ def main() -> None:
 
     def step(batch: dict) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = dmp(batch["input_ids"], batch["lengths"], batch["target_ids"], batch["weight"])
+            loss, _ = dmp(
+                batch["input_ids"], batch["lengths"], batch["target_ids"], batch["weight"]
+            )
         loss.backward()
         dense.step()
         dense.zero_grad(set_to_none=True)
@@ -176,28 +207,39 @@ def main() -> None:
             step(batch)
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     attention_counted = sum(n for op, n in by_op.items() if is_attention_op(op))
-    linear_per_token = (counter.get_total_flops() - attention_counted) / sum(_tokens(b) for b in counted)
+    linear_per_token = (counter.get_total_flops() - attention_counted) / sum(
+        _tokens(b) for b in counted
+    )
     layers = config.num_layers
-    epoch_batches = [(b["input_ids"].shape, b["lengths"]) for b in loader]  # the whole epoch, from the data
+    epoch_batches = [
+        (b["input_ids"].shape, b["lengths"]) for b in loader
+    ]  # the whole epoch, from the data
     epoch_tokens = sum(int(lengths.sum()) for _, lengths in epoch_batches)
     executed = linear_per_token * epoch_tokens + sum(
-        attention_flops_padded(shape[0], shape[1], args.dim, layers) for shape, _ in epoch_batches)
+        attention_flops_padded(shape[0], shape[1], args.dim, layers) for shape, _ in epoch_batches
+    )
     necessary = linear_per_token * epoch_tokens + sum(
-        attention_flops_causal(lengths, args.dim, layers) for _, lengths in epoch_batches)
+        attention_flops_causal(lengths, args.dim, layers) for _, lengths in epoch_batches
+    )
     tokens = sum(_tokens(b) for b in timed)
     rate = matmul_rate(device, args.dim, dm.num_items, tokens // len(timed))
 
     step_s = elapsed / len(timed)
     epoch_s = step_s * steps_per_epoch
-    print(f"device: {device} ({torch.get_num_threads()} threads)  data: {args.data}  "
-          f"B={args.batch_size} L={args.max_len} D={args.dim} attention dropout={args.attention_dropout}  "
-          f"train windows={args.train_windows}  steps/epoch={steps_per_epoch}  "
-          f"malloc keeps freed memory: {'yes' if malloc_tuned else 'no'}")
+    print(
+        f"device: {device} ({torch.get_num_threads()} threads)  data: {args.data}  "
+        f"B={args.batch_size} L={args.max_len} D={args.dim} attention dropout={args.attention_dropout}  "
+        f"train windows={args.train_windows}  steps/epoch={steps_per_epoch}  "
+        f"malloc keeps freed memory: {'yes' if malloc_tuned else 'no'}"
+    )
     rows = [
         ("training tokens/s", f"{tokens / elapsed:,.0f}"),
         ("samples/s", f"{len(timed) * args.batch_size / elapsed:,.0f}"),
         ("seconds/step", f"{step_s:.3f}"),
-        ("seconds/step (median, fastest)", f"{statistics.median(step_times):.3f}, {min(step_times):.3f}"),
+        (
+            "seconds/step (median, fastest)",
+            f"{statistics.median(step_times):.3f}, {min(step_times):.3f}",
+        ),
         ("seconds/epoch (measured rate)", f"{epoch_s:.1f}"),
         ("tokens/epoch", f"{epoch_tokens:,}"),
         ("matmul rate GFLOP/s (measured)", f"{rate / 1e9:.1f}"),

@@ -13,13 +13,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="prepare or synthesise interaction data")
     sub = data.add_subparsers(dest="data_command", required=True)
 
-    p = sub.add_parser("prepare", help="raw interactions -> prepared dataset directory",
-                       description="Read interactions, validate, filter, build vocabularies, time-ordered "
-                                   "sequences and the evaluation split; write a prepared directory atomically.")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                   help="interaction files, directories or globs")
-    p.add_argument("--format", required=True, choices=["parquet", "csv", "movielens", "recbole", "sasrec-txt"])
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p = sub.add_parser(
+        "prepare",
+        help="raw interactions -> prepared dataset directory",
+        description="Read interactions, validate, filter, build vocabularies, time-ordered "
+        "sequences and the evaluation split; write a prepared directory atomically.",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH_OR_GLOB",
+        help="interaction files, directories or globs",
+    )
+    p.add_argument(
+        "--format", required=True, choices=["parquet", "csv", "movielens", "recbole", "sasrec-txt"]
+    )
+    p.add_argument(
+        "--out", required=True, help="output directory (must not exist unless --overwrite)"
+    )
     p.add_argument("--user-col", default="user_id")
     p.add_argument("--item-col", default="item_id")
     p.add_argument("--time-col", default="timestamp")
@@ -27,24 +39,48 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--delimiter", default=None, help="CSV delimiter (default ',' or tab for .tsv)")
     p.add_argument("--item-features", default=None, help="item features: Parquet or RecBole .item")
     p.add_argument("--user-features", default=None, help="user features: Parquet or RecBole .user")
-    p.add_argument("--item-feature-columns", default=None, help="comma-separated item feature columns to keep")
-    p.add_argument("--user-feature-columns", default=None, help="comma-separated user feature columns to keep")
-    p.add_argument("--list-columns", default=None,
-                   help="comma-separated feature columns whose strings hold several values (split on spaces or '|')")
-    p.add_argument("--categorical-columns", default=None,
-                   help="comma-separated numeric feature columns to encode as categories")
-    p.add_argument("--no-features", action="store_true",
-                   help="do not pick up RecBole .item/.user files beside the .inter")
+    p.add_argument(
+        "--item-feature-columns", default=None, help="comma-separated item feature columns to keep"
+    )
+    p.add_argument(
+        "--user-feature-columns", default=None, help="comma-separated user feature columns to keep"
+    )
+    p.add_argument(
+        "--list-columns",
+        default=None,
+        help="comma-separated feature columns whose strings hold several values (split on spaces or '|')",
+    )
+    p.add_argument(
+        "--categorical-columns",
+        default=None,
+        help="comma-separated numeric feature columns to encode as categories",
+    )
+    p.add_argument(
+        "--no-features",
+        action="store_true",
+        help="do not pick up RecBole .item/.user files beside the .inter",
+    )
     p.add_argument("--min-user", type=int, default=0, help="k-core: minimum interactions per user")
     p.add_argument("--min-item", type=int, default=0, help="k-core: minimum interactions per item")
     p.add_argument("--split", default="leave-one-out", choices=["leave-one-out", "time"])
-    p.add_argument("--val-fraction", type=float, default=0.1, help="time split: share of interactions in validation")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="time split: share of interactions in test")
-    p.add_argument("--row-group-size", type=int, default=4096, help="users per row group of sequences.parquet")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="time split: share of interactions in validation",
+    )
+    p.add_argument(
+        "--test-fraction", type=float, default=0.1, help="time split: share of interactions in test"
+    )
+    p.add_argument(
+        "--row-group-size", type=int, default=4096, help="users per row group of sequences.parquet"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_prepare)
 
-    s = sub.add_parser("synth", help="deterministic synthetic interactions with learnable structure")
+    s = sub.add_parser(
+        "synth", help="deterministic synthetic interactions with learnable structure"
+    )
     s.add_argument("--out", required=True)
     s.add_argument("--users", type=int, default=1000)
     s.add_argument("--items", type=int, default=500)
@@ -64,20 +100,44 @@ def _prepare(args: argparse.Namespace) -> int:
     from recforge.data.readers import Columns
 
     config = PrepareConfig(
-        input=args.input, out=args.out, format=args.format,
-        columns=Columns(user=args.user_col, item=args.item_col, timestamp=args.time_col,
-                        rating=args.rating_col, delimiter=args.delimiter),
-        item_features=args.item_features, user_features=args.user_features,
+        input=args.input,
+        out=args.out,
+        format=args.format,
+        columns=Columns(
+            user=args.user_col,
+            item=args.item_col,
+            timestamp=args.time_col,
+            rating=args.rating_col,
+            delimiter=args.delimiter,
+        ),
+        item_features=args.item_features,
+        user_features=args.user_features,
         item_feature_columns=_csv_list(args.item_feature_columns),
         user_feature_columns=_csv_list(args.user_feature_columns),
         list_columns=_csv_list(args.list_columns) or [],
-        categorical_columns=_csv_list(args.categorical_columns) or [], no_features=args.no_features, min_user=args.min_user, min_item=args.min_item, split=args.split,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, row_group_size=args.row_group_size,
+        categorical_columns=_csv_list(args.categorical_columns) or [],
+        no_features=args.no_features,
+        min_user=args.min_user,
+        min_item=args.min_item,
+        split=args.split,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        row_group_size=args.row_group_size,
         overwrite=args.overwrite,
     )
     manifest = prepare(config)
-    summary = {k: manifest[k] for k in ("users", "items", "interactions", "input_rows", "rows_removed",
-                                        "rows_out_of_time_order", "split_counts")}
+    summary = {
+        k: manifest[k]
+        for k in (
+            "users",
+            "items",
+            "interactions",
+            "input_rows",
+            "rows_removed",
+            "rows_out_of_time_order",
+            "split_counts",
+        )
+    }
     print(f"prepared {args.out}")
     print(json.dumps(summary, indent=2))
     return 0
@@ -86,8 +146,17 @@ def _prepare(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from recforge.data.synth import SynthConfig, generate
 
-    summary = generate(SynthConfig(out=args.out, users=args.users, items=args.items, mean_length=args.mean_length,
-                                   categories=args.categories, seed=args.seed), overwrite=args.overwrite)
+    summary = generate(
+        SynthConfig(
+            out=args.out,
+            users=args.users,
+            items=args.items,
+            mean_length=args.mean_length,
+            categories=args.categories,
+            seed=args.seed,
+        ),
+        overwrite=args.overwrite,
+    )
     print(f"wrote {args.out}")
     print(json.dumps(summary, indent=2, default=str))
     return 0

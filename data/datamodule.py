@@ -1,4 +1,4 @@
-"""The LightningDataModule over a prepared directory (DESIGN §1, §4): SASRec or two-tower batches.
+"""The LightningDataModule over a prepared directory (docs/architecture.md §1, §3): SASRec or two-tower batches.
 
 Batch construction and sharding live in :mod:`recforge.data.loader`; this module picks the rank and
 world size from the trainer, builds the loaders, reports skipped users, and exposes the
@@ -18,8 +18,19 @@ from torch.utils.data import DataLoader
 
 from recforge.data.errors import DataError
 from recforge.data.layout import ITEMS, read_manifest
-from recforge.data.loader import (STAGES, EpochBatchSampler, ExampleIndex, ExampleSpec, FeatureTables, SequenceBatchDataset,
-                         Stage, load_feature_tables, scan_examples)
+from recforge.data.loader import (
+    BATCH_FORMATS,
+    STAGES,
+    BatchFormat,
+    EpochBatchSampler,
+    ExampleIndex,
+    ExampleSpec,
+    FeatureTables,
+    SequenceBatchDataset,
+    Stage,
+    load_feature_tables,
+    scan_examples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +44,27 @@ class SequenceDataModule(L.LightningDataModule):
     once per epoch across ranks and DataLoader workers (see :mod:`recforge.data.loader`).
     """
 
-    def __init__(self, data_dir: str, model_family: Literal["sasrec", "two_tower"] = "sasrec", batch_size: int = 128,
-                 eval_batch_size: int = 256, max_len: int = 50, history_len: int = 50, min_history: int = 1,
-                 num_workers: int = 0, seed: int = 0, shuffle_window: int = 1_000_000,
-                 train_windows: Literal["last", "all"] = "last",
-                 synthesize: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        batch_format: BatchFormat = "sequence",
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        max_len: int = 50,
+        history_len: int = 50,
+        min_history: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_window: int = 1_000_000,
+        train_windows: Literal["last", "all"] = "last",
+        synthesize: dict[str, Any] | None = None,
+    ) -> None:
         """
         Args:
             data_dir: A prepared dataset directory (written by ``recforge data prepare``).
-            model_family: Batch format: ``sasrec`` (padded id sequences) or ``two_tower`` (KeyedJaggedTensor).
+            batch_format: ``sequence`` (padded id sequences) or ``history`` (KeyedJaggedTensor with
+                features). Under ``recforge fit`` it is linked from the model's family, as are
+                ``max_len``, ``history_len`` and ``seed``.
             batch_size: Training examples per batch on each rank.
             eval_batch_size: Validation/test examples per batch on each rank.
             max_len: SASRec: the sequence length L of ``input_ids``.
@@ -61,22 +84,29 @@ class SequenceDataModule(L.LightningDataModule):
                 and prepare it into ``data_dir`` first. The tiny configs use it to run anywhere.
         """
         super().__init__()
-        if model_family not in ("sasrec", "two_tower"):
-            raise ValueError(f"model_family must be 'sasrec' or 'two_tower', got {model_family!r}")
-        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
-                                 ("max_len", max_len, 1), ("history_len", history_len, 1),
-                                 ("min_history", min_history, 0), ("num_workers", num_workers, 0),
-                                 ("shuffle_window", shuffle_window, 1)):
+        if batch_format not in BATCH_FORMATS:
+            raise ValueError(f"batch_format must be one of {BATCH_FORMATS}, got {batch_format!r}")
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("max_len", max_len, 1),
+            ("history_len", history_len, 1),
+            ("min_history", min_history, 0),
+            ("num_workers", num_workers, 0),
+            ("shuffle_window", shuffle_window, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if train_windows not in ("last", "all"):
             raise ValueError(f"train_windows must be 'last' or 'all', got {train_windows!r}")
-        if train_windows == "all" and model_family != "sasrec":
-            raise ValueError("train_windows='all' cuts SASRec training sequences; a two_tower model already "
-                             "trains on every position of the history (leave it at 'last')")
+        if train_windows == "all" and batch_format != "sequence":
+            raise ValueError(
+                "train_windows='all' cuts sequence batches; history batches already train "
+                "on every position of the history (leave it at 'last')"
+            )
         self.save_hyperparameters()
         self.data_dir = data_dir
-        self.model_family = model_family
+        self.batch_format = batch_format
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_len, self.history_len, self.min_history = max_len, history_len, min_history
         self.num_workers, self.seed, self.shuffle_window = num_workers, seed, shuffle_window
@@ -88,7 +118,9 @@ class SequenceDataModule(L.LightningDataModule):
         self.manifest: dict[str, Any] = read_manifest(data_dir)
         for key in ("split", "users", "items"):
             if key not in self.manifest:
-                raise DataError("manifest lacks a required field", path=f"{data_dir}/manifest.json", column=key)
+                raise DataError(
+                    "manifest lacks a required field", path=f"{data_dir}/manifest.json", column=key
+                )
         self._indexes: dict[Stage, ExampleIndex] | None = None
         self._features: FeatureTables | None = None
         self._item_counts: np.ndarray | None = None
@@ -109,7 +141,11 @@ class SequenceDataModule(L.LightningDataModule):
 
     def _features_of(self, side: str, kinds: tuple[str, ...]) -> dict[str, int]:
         specs = self.manifest.get("features", {}).get(side, {})
-        return {name: int(s.get("cardinality", 0)) for name, s in specs.items() if s.get("kind") in kinds}
+        return {
+            name: int(s.get("cardinality", 0))
+            for name, s in specs.items()
+            if s.get("kind") in kinds
+        }
 
     @property
     def item_feature_cardinalities(self) -> dict[str, int]:
@@ -134,8 +170,11 @@ class SequenceDataModule(L.LightningDataModule):
     @property
     def sparse_feature_keys(self) -> list[str]:
         """Keys of the two-tower ``features`` KeyedJaggedTensor, in order."""
-        return (["history", "target", "user_id"] + [f"item_{n}" for n in self.item_feature_cardinalities]
-                + [f"user_{n}" for n in self.user_feature_cardinalities])
+        return (
+            ["history", "target", "user_id"]
+            + [f"item_{n}" for n in self.item_feature_cardinalities]
+            + [f"user_{n}" for n in self.user_feature_cardinalities]
+        )
 
     @property
     def item_counts(self) -> np.ndarray:
@@ -146,7 +185,9 @@ class SequenceDataModule(L.LightningDataModule):
             counts = np.zeros(self.num_items + 1, np.int64)
             ids = table.column("item_idx").to_numpy().astype(np.int64)
             if len(ids) and (ids.min() < 1 or ids.max() > self.num_items):
-                raise DataError(f"item ids must lie in 1..{self.num_items}", path=path, column="item_idx")
+                raise DataError(
+                    f"item ids must lie in 1..{self.num_items}", path=path, column="item_idx"
+                )
             counts[ids] = table.column("count").to_numpy()
             self._item_counts = counts
         return self._item_counts
@@ -160,10 +201,21 @@ class SequenceDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self._indexes is None:
-            specs = [ExampleSpec(self.model_family, s, max_len=self.max_len, history_len=self.history_len,
-                                 min_history=self.min_history, train_windows=self.train_windows) for s in STAGES]
-            self._indexes = dict(zip(STAGES, scan_examples(self.data_dir, self.manifest["split"], specs)))
-        if self.model_family == "two_tower" and self._features is None:
+            specs = [
+                ExampleSpec(
+                    self.batch_format,
+                    s,
+                    max_len=self.max_len,
+                    history_len=self.history_len,
+                    min_history=self.min_history,
+                    train_windows=self.train_windows,
+                )
+                for s in STAGES
+            ]
+            self._indexes = dict(
+                zip(STAGES, scan_examples(self.data_dir, self.manifest["split"], specs))
+            )
+        if self.batch_format == "history" and self._features is None:
             self._features = load_feature_tables(self.data_dir, self.manifest)
         if not self._reported and self._rank_world()[0] == 0:
             self._reported = True
@@ -178,14 +230,28 @@ class SequenceDataModule(L.LightningDataModule):
             raise DataError(f"no training examples: {_report(index)}", path=self.data_dir)
         rank, world = self._rank_world()
         dataset = SequenceBatchDataset(
-            self.data_dir, index, self.manifest["split"], rank=rank, world_size=world, seed=self.seed,
+            self.data_dir,
+            index,
+            self.manifest["split"],
+            rank=rank,
+            world_size=world,
+            seed=self.seed,
             batch_size=self.batch_size if stage == "train" else self.eval_batch_size,
-            shuffle=stage == "train", shuffle_window=self.shuffle_window, features=self._features)
+            shuffle=stage == "train",
+            shuffle_window=self.shuffle_window,
+            features=self._features,
+        )
         sampler = EpochBatchSampler(dataset)
         if stage == "train":
             self.train_sampler = sampler
-        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._dataloader("train")
@@ -221,9 +287,14 @@ def ensure_synthetic(data_dir: str, fields: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.synth-") as tmp:
             raw = Path(tmp) / "raw"
             generate(SynthConfig(out=str(raw), **fields))
-            prepare(PrepareConfig(input=[str(raw / "interactions.parquet")], out=str(out),
-                                  item_features=str(raw / "item_features.parquet"),
-                                  user_features=str(raw / "user_features.parquet")))
+            prepare(
+                PrepareConfig(
+                    input=[str(raw / "interactions.parquet")],
+                    out=str(out),
+                    item_features=str(raw / "item_features.parquet"),
+                    user_features=str(raw / "user_features.parquet"),
+                )
+            )
         log.info("synthesised and prepared %s", out)
 
 
@@ -231,5 +302,7 @@ def _report(index: ExampleIndex) -> str:
     spec = index.spec
     missing = sum(index.skipped.values())
     reasons = "; ".join(f"{n:,} {why}" for why, n in index.skipped.items() if n) or "none"
-    return (f"{spec.stage} ({spec.model}): {index.num_examples:,} examples from {index.num_users:,} users; "
-            f"{missing:,} users have none: {reasons}")
+    return (
+        f"{spec.stage} ({spec.batch_format} batches): {index.num_examples:,} examples from {index.num_users:,} users; "
+        f"{missing:,} users have none: {reasons}"
+    )

@@ -6,8 +6,14 @@ from __future__ import annotations
 class DataError(Exception):
     """Input that cannot be prepared. Names the file, and where known the column and row."""
 
-    def __init__(self, message: str, *, path: str | None = None, column: str | None = None,
-                 row: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        column: str | None = None,
+        row: int | None = None,
+    ) -> None:
         self.path = path
         self.column = column
         self.row = row

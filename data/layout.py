@@ -1,4 +1,4 @@
-"""The prepared dataset directory (DESIGN §4): file names, schemas and the split rule.
+"""The prepared dataset directory (docs/architecture.md §3): file names, schemas and the split rule.
 
 A prepared directory holds:
 
@@ -43,16 +43,21 @@ PADDING_IDX = 0
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a prepared dataset (no {MANIFEST}); run `recforge data prepare`")
+        raise FileNotFoundError(
+            f"{path}: not a prepared dataset (no {MANIFEST}); run `recforge data prepare`"
+        )
     with open(path) as f:
         manifest = json.load(f)
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     return manifest
 
 
-def split_bounds(split: dict[str, Any], lengths: np.ndarray, flat_timestamps: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def split_bounds(
+    split: dict[str, Any], lengths: np.ndarray, flat_timestamps: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per user, the end of the training part and the end of the validation part.
 
     Returns ``(train_end, val_end)`` int64 arrays: training items are ``seq[:train_end]``, the
@@ -72,7 +77,15 @@ def split_bounds(split: dict[str, Any], lengths: np.ndarray, flat_timestamps: np
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         ts = np.asarray(flat_timestamps)
         # Sequences are time-ordered, so "items before the cut" is a count per user.
-        train_end = np.add.reduceat((ts < split["val_start"]).astype(np.int64), starts) if len(ts) else starts
-        val_end = np.add.reduceat((ts < split["test_start"]).astype(np.int64), starts) if len(ts) else starts
+        train_end = (
+            np.add.reduceat((ts < split["val_start"]).astype(np.int64), starts)
+            if len(ts)
+            else starts
+        )
+        val_end = (
+            np.add.reduceat((ts < split["test_start"]).astype(np.int64), starts)
+            if len(ts)
+            else starts
+        )
         return train_end.astype(np.int64), val_end.astype(np.int64)
     raise ValueError(f"manifest split type {split['type']!r}: expected 'leave-one-out' or 'time'")

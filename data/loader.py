@@ -24,9 +24,10 @@ shuffling. This module does not import Lightning.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +39,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recforge.data.errors import DataError
 from recforge.data.layout import ITEMS, SEQUENCES, USERS, split_bounds
+from recforge.data.ragged import gather_ragged
 
-ModelKind = Literal["sasrec", "two_tower"]
+BatchFormat = Literal["sequence", "history"]
+"""``sequence``: padded item sequences with a target at every position (SASRec family);
+``history``: a KeyedJaggedTensor of history, target and features, one target per example
+(two-tower family). Which family reads which format is said in :mod:`recforge.families`."""
+BATCH_FORMATS: tuple[BatchFormat, ...] = ("sequence", "history")
 Stage = Literal["train", "validate", "test"]
 STAGES: tuple[Stage, ...] = ("train", "validate", "test")
 
@@ -52,7 +58,7 @@ class ExampleSpec:
     training part (the window ends before it); for evaluation t is the target position.
     """
 
-    model: ModelKind
+    batch_format: BatchFormat
     stage: Stage
     max_len: int = 50
     history_len: int = 50
@@ -62,8 +68,10 @@ class ExampleSpec:
     SASRec paper); ``all`` cuts the whole training part into windows of ``max_len`` targets."""
 
     def __post_init__(self) -> None:
-        if self.model not in ("sasrec", "two_tower"):
-            raise ValueError(f"model must be 'sasrec' or 'two_tower', got {self.model!r}")
+        if self.batch_format not in BATCH_FORMATS:
+            raise ValueError(
+                f"batch_format must be one of {BATCH_FORMATS}, got {self.batch_format!r}"
+            )
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         for name, low in (("max_len", 1), ("history_len", 1), ("min_history", 0)):
@@ -75,39 +83,57 @@ class ExampleSpec:
     @property
     def stride(self) -> int:
         """Distance in ``t`` between a user's consecutive examples."""
-        windowed = self.stage == "train" and self.model == "sasrec" and self.train_windows == "all"
+        windowed = (
+            self.stage == "train"
+            and self.batch_format == "sequence"
+            and self.train_windows == "all"
+        )
         return self.max_len if windowed else 1
 
-    def per_user(self, lengths: np.ndarray, train_end: np.ndarray, val_end: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def per_user(
+        self, lengths: np.ndarray, train_end: np.ndarray, val_end: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(count, t0)`` per user: the user's examples are ``t0 + i * stride``, ``i < count``."""
         if self.stage == "train":
-            if self.model == "sasrec":
+            if self.batch_format == "sequence":
                 if self.train_windows == "last":
                     return (train_end >= 2).astype(np.int64), train_end
                 # Window ends train_end, train_end - L, ... while a window still has an input and
                 # a target: every training target is predicted exactly once per epoch.
                 count = np.where(train_end >= 2, (train_end - 2) // self.max_len + 1, 0)
                 return count, train_end - np.maximum(count - 1, 0) * self.max_len
-            return np.maximum(train_end - self.min_history, 0), np.full_like(train_end, self.min_history)
+            return np.maximum(train_end - self.min_history, 0), np.full_like(
+                train_end, self.min_history
+            )
         # An evaluation example needs a target and a non-empty history (nothing to encode
         # otherwise); both models use the same rule so their metrics cover the same users.
         if self.stage == "validate":
             return ((val_end > train_end) & (train_end >= 1)).astype(np.int64), train_end
         return ((lengths > val_end) & (val_end >= 1)).astype(np.int64), val_end
 
-    def skip_reasons(self, lengths: np.ndarray, train_end: np.ndarray, val_end: np.ndarray
-                     ) -> dict[str, int]:
+    def skip_reasons(
+        self, lengths: np.ndarray, train_end: np.ndarray, val_end: np.ndarray
+    ) -> dict[str, int]:
         """Users with no example of this stage, counted per reason (for the setup report)."""
         if self.stage == "train":
-            need = 2 if self.model == "sasrec" else self.min_history + 1
-            return {"no interaction in the training part": int((train_end == 0).sum()),
-                    f"training part shorter than {need} items ({self.model})":
-                        int(((train_end > 0) & (train_end < need)).sum())}
-        has_target, history = ((val_end > train_end), train_end) if self.stage == "validate" \
+            need = 2 if self.batch_format == "sequence" else self.min_history + 1
+            return {
+                "no interaction in the training part": int((train_end == 0).sum()),
+                f"training part shorter than {need} items ({self.batch_format} batches)": int(
+                    ((train_end > 0) & (train_end < need)).sum()
+                ),
+            }
+        has_target, history = (
+            ((val_end > train_end), train_end)
+            if self.stage == "validate"
             else ((lengths > val_end), val_end)
-        return {f"no {'validation' if self.stage == 'validate' else 'test'} item": int((~has_target).sum()),
-                "a target but no history before it": int((has_target & (history == 0)).sum())}
+        )
+        return {
+            f"no {'validation' if self.stage == 'validate' else 'test'} item": int(
+                (~has_target).sum()
+            ),
+            "a target but no history before it": int((has_target & (history == 0)).sum()),
+        }
 
 
 @dataclass(frozen=True)
@@ -127,33 +153,47 @@ class ExampleIndex:
 def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(flat values, per-row lengths)`` of a list column."""
     col = table.column(name).combine_chunks()
-    return (col.flatten().to_numpy(zero_copy_only=False),
-            pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64))
+    return (
+        col.flatten().to_numpy(zero_copy_only=False),
+        pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64),
+    )
 
 
-def _read_bounds(pf: pq.ParquetFile, path: Path, row_groups: list[int], split: dict[str, Any],
-                 with_items: bool) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+def _read_bounds(
+    pf: pq.ParquetFile, path: Path, row_groups: list[int], split: dict[str, Any], with_items: bool
+) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
     """Read row groups; return the table and per-user ``(lengths, train_end, val_end)``."""
     timed = split.get("type") == "time"
-    columns = ["length"] + (["timestamp"] if timed else []) + (["user_idx", "item_idx"] if with_items else [])
+    columns = (
+        ["length"]
+        + (["timestamp"] if timed else [])
+        + (["user_idx", "item_idx"] if with_items else [])
+    )
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
-        raise DataError("missing column in a prepared sequences file", path=str(path), column=missing[0])
+        raise DataError(
+            "missing column in a prepared sequences file", path=str(path), column=missing[0]
+        )
     table = pf.read_row_groups(row_groups, columns=columns)
     lengths = table.column("length").to_numpy().astype(np.int64)
     if len(lengths) and lengths.min() < 1:
-        raise DataError("every user needs at least one interaction", path=str(path), column="length")
+        raise DataError(
+            "every user needs at least one interaction", path=str(path), column="length"
+        )
     flat_ts = None
     if timed:
         flat_ts, ts_lengths = _list_column(table, "timestamp")
         if not np.array_equal(ts_lengths, lengths):
-            raise DataError("list lengths disagree with 'length'", path=str(path), column="timestamp")
+            raise DataError(
+                "list lengths disagree with 'length'", path=str(path), column="timestamp"
+            )
     train_end, val_end = split_bounds(split, lengths, flat_ts)
     return table, lengths, train_end, val_end
 
 
-def scan_examples(data_dir: str | Path, split: dict[str, Any], specs: list[ExampleSpec]
-                  ) -> list[ExampleIndex]:
+def scan_examples(
+    data_dir: str | Path, split: dict[str, Any], specs: list[ExampleSpec]
+) -> list[ExampleIndex]:
     """Count examples per row group for each spec in one pass (no item lists are read)."""
     path = Path(data_dir) / SEQUENCES
     pf = pq.ParquetFile(path)
@@ -187,7 +227,7 @@ class FeatureTable:
         out = {}
         for name, (offsets, codes) in self.sparse_columns.items():
             lens = offsets[ids + 1] - offsets[ids]
-            out[name] = (_gather(codes, offsets[ids], lens), lens)
+            out[name] = (gather_ragged(codes, offsets[ids], lens), lens)
         return out
 
 
@@ -197,19 +237,25 @@ class FeatureTables:
     user: FeatureTable
 
 
-def load_feature_table(path: str | Path, id_column: str, num_rows: int,
-                       features: dict[str, dict[str, Any]]) -> FeatureTable:
+def load_feature_table(
+    path: str | Path, id_column: str, num_rows: int, features: dict[str, dict[str, Any]]
+) -> FeatureTable:
     """Read ``items.parquet``/``users.parquet`` features as described by the manifest."""
     path = Path(path)
     names = pq.read_schema(path).names
     for column in [id_column, *features]:
         if column not in names:
-            raise DataError("column named by the manifest is missing", path=str(path), column=column)
+            raise DataError(
+                "column named by the manifest is missing", path=str(path), column=column
+            )
     table = pq.read_table(path, columns=[id_column, *features])
     ids = table.column(id_column).to_numpy().astype(np.int64)
     if not np.array_equal(np.sort(ids), np.arange(1, num_rows + 1)):
-        raise DataError(f"ids must be exactly 1..{num_rows} (the manifest's count)", path=str(path),
-                        column=id_column)
+        raise DataError(
+            f"ids must be exactly 1..{num_rows} (the manifest's count)",
+            path=str(path),
+            column=id_column,
+        )
     table = table.take(pa.array(np.argsort(ids)))  # row i <-> id i + 1
     sparse: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     cards: dict[str, int] = {}
@@ -220,7 +266,9 @@ def load_feature_table(path: str | Path, id_column: str, num_rows: int,
         if kind == "numeric":
             values = col.to_numpy(zero_copy_only=False).astype(np.float32)
             dense_names.append(name)
-            dense_cols.append(np.nan_to_num(np.concatenate([[0.0], values]).astype(np.float32), nan=0.0))
+            dense_cols.append(
+                np.nan_to_num(np.concatenate([[0.0], values]).astype(np.float32), nan=0.0)
+            )
             continue
         if kind == "categorical":
             codes = pc.fill_null(col, 0).to_numpy().astype(np.int64)
@@ -229,11 +277,16 @@ def load_feature_table(path: str | Path, id_column: str, num_rows: int,
             codes, lens = _list_column(table, name)
             codes = codes.astype(np.int64)
         else:
-            raise DataError(f"manifest feature kind {kind!r}: expected categorical, list or numeric",
-                            path=str(path), column=name)
+            raise DataError(
+                f"manifest feature kind {kind!r}: expected categorical, list or numeric",
+                path=str(path),
+                column=name,
+            )
         card = int(spec.get("cardinality", 0))
         if len(codes) and (codes.min() < 0 or codes.max() >= card):
-            raise DataError(f"codes must lie in [0, cardinality={card})", path=str(path), column=name)
+            raise DataError(
+                f"codes must lie in [0, cardinality={card})", path=str(path), column=name
+            )
         sparse[name] = (np.concatenate([[0, 0], np.cumsum(lens)]), codes)
         cards[name] = card
     dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((num_rows + 1, 0), np.float32)
@@ -243,15 +296,29 @@ def load_feature_table(path: str | Path, id_column: str, num_rows: int,
 def load_feature_tables(data_dir: str | Path, manifest: dict[str, Any]) -> FeatureTables:
     features = manifest.get("features", {})
     return FeatureTables(
-        item=load_feature_table(Path(data_dir) / ITEMS, "item_idx", int(manifest["items"]), features.get("item", {})),
-        user=load_feature_table(Path(data_dir) / USERS, "user_idx", int(manifest["users"]), features.get("user", {})))
+        item=load_feature_table(
+            Path(data_dir) / ITEMS, "item_idx", int(manifest["items"]), features.get("item", {})
+        ),
+        user=load_feature_table(
+            Path(data_dir) / USERS, "user_idx", int(manifest["users"]), features.get("user", {})
+        ),
+    )
 
 
 class EpochPlan:
     """Windows and batch slices of one epoch; a pure function of its arguments."""
 
-    def __init__(self, counts: np.ndarray, *, epoch: int, seed: int, shuffle: bool, shuffle_window: int,
-                 batch_size: int, world_size: int) -> None:
+    def __init__(
+        self,
+        counts: np.ndarray,
+        *,
+        epoch: int,
+        seed: int,
+        shuffle: bool,
+        shuffle_window: int,
+        batch_size: int,
+        world_size: int,
+    ) -> None:
         self.epoch, self.seed, self.shuffle = epoch, seed, shuffle
         self.batch_size, self.world_size = batch_size, world_size
         self.num_examples = int(counts.sum())
@@ -263,7 +330,7 @@ class EpochPlan:
         for i, rg in enumerate(order):
             total += int(counts[rg])
             if total - starts[-1] >= shuffle_window or i == len(order) - 1:
-                windows.append(order[begin:i + 1])
+                windows.append(order[begin : i + 1])
                 starts.append(total)
                 begin = i + 1
         self.windows = windows
@@ -319,15 +386,6 @@ class _Window:
         return row, self.t0[row] + (e - self.example_start[row]) * self.stride
 
 
-def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of ``flat[starts[i]:starts[i] + lens[i]]``."""
-    total = int(lens.sum())
-    if total == 0:
-        return flat[:0]
-    exclusive = np.cumsum(lens) - lens
-    return flat[np.repeat(starts - exclusive, lens) + np.arange(total)]
-
-
 def _pad(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray, width: int) -> torch.Tensor:
     """Right-padded (B, width) int64 of the slices ``flat[starts[i]:starts[i] + lens[i]]``."""
     j = np.arange(width)
@@ -348,17 +406,32 @@ class SequenceBatchDataset(Dataset):
     Use with :class:`EpochBatchSampler` and ``DataLoader(batch_size=None)``.
     """
 
-    def __init__(self, data_dir: str | Path, index: ExampleIndex, split: dict[str, Any], *,
-                 batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 shuffle_window: int = 1_000_000, features: FeatureTables | None = None) -> None:
-        for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
-                                 ("shuffle_window", shuffle_window, 1), ("rank", rank, 0)):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        index: ExampleIndex,
+        split: dict[str, Any],
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_window: int = 1_000_000,
+        features: FeatureTables | None = None,
+    ) -> None:
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("world_size", world_size, 1),
+            ("shuffle_window", shuffle_window, 1),
+            ("rank", rank, 0),
+        ):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
-        if index.spec.model == "two_tower" and features is None:
-            raise ValueError("features: the two-tower batches need the item and user feature tables")
+        if index.spec.batch_format == "history" and features is None:
+            raise ValueError("features: history batches need the item and user feature tables")
         self.path = Path(data_dir) / SEQUENCES
         self.index, self.spec, self.split = index, index.spec, split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -379,9 +452,15 @@ class SequenceBatchDataset(Dataset):
 
     def plan(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan.epoch != epoch:
-            self._plan = EpochPlan(self.index.counts, epoch=epoch, seed=self.seed, shuffle=self.shuffle,
-                                   shuffle_window=self.shuffle_window, batch_size=self.batch_size,
-                                   world_size=self.world_size)
+            self._plan = EpochPlan(
+                self.index.counts,
+                epoch=epoch,
+                seed=self.seed,
+                shuffle=self.shuffle,
+                shuffle_window=self.shuffle_window,
+                batch_size=self.batch_size,
+                world_size=self.world_size,
+            )
             self._windows = {}
         return self._plan
 
@@ -391,16 +470,27 @@ class SequenceBatchDataset(Dataset):
                 # A forked worker must not share the parent's file handle.
                 self._file, self._pid = pq.ParquetFile(self.path), os.getpid()
             table, lengths, train_end, val_end = _read_bounds(
-                self._file, self.path, [int(g) for g in plan.windows[w]], self.split, with_items=True)
+                self._file,
+                self.path,
+                [int(g) for g in plan.windows[w]],
+                self.split,
+                with_items=True,
+            )
             items, item_lengths = _list_column(table, "item_idx")
             if not np.array_equal(item_lengths, lengths):
-                raise DataError("list lengths disagree with 'length'", path=str(self.path), column="item_idx")
+                raise DataError(
+                    "list lengths disagree with 'length'", path=str(self.path), column="item_idx"
+                )
             counts, t0 = self.spec.per_user(lengths, train_end, val_end)
             self._windows[w] = _Window(
                 user_idx=table.column("user_idx").to_numpy().astype(np.int64),
-                seq_start=np.cumsum(lengths) - lengths, items=items,
-                example_start=np.concatenate([[0], np.cumsum(counts)]), t0=t0.astype(np.int64),
-                permutation=plan.window_permutation(w), stride=self.spec.stride)
+                seq_start=np.cumsum(lengths) - lengths,
+                items=items,
+                example_start=np.concatenate([[0], np.cumsum(counts)]),
+                t0=t0.astype(np.int64),
+                permutation=plan.window_permutation(w),
+                stride=self.spec.stride,
+            )
         return self._windows[w]
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
@@ -415,7 +505,13 @@ class SequenceBatchDataset(Dataset):
             win = self._window(plan, int(w))
             row, t = win.examples(positions[window_ids == w] - plan.window_starts[w])
             lo, hi = self._segment(t)
-            parts.append((win.user_idx[row], _gather(win.items, win.seq_start[row] + lo, hi - lo), hi - lo))
+            parts.append(
+                (
+                    win.user_idx[row],
+                    gather_ragged(win.items, win.seq_start[row] + lo, hi - lo),
+                    hi - lo,
+                )
+            )
         info = get_worker_info()
         if g + (info.num_workers if info else 1) >= len(self):
             self._windows = {}  # this process serves no later batch this epoch: free the memory
@@ -430,14 +526,16 @@ class SequenceBatchDataset(Dataset):
         """The part ``seq[lo:hi]`` of each user's sequence a batch needs."""
         if self.spec.stage != "train":
             return np.zeros_like(t), t + 1  # whole history (for seen-item filtering) + target
-        if self.spec.model == "sasrec":
+        if self.spec.batch_format == "sequence":
             return np.maximum(t - self.spec.max_len - 1, 0), t
         return np.maximum(t - self.spec.history_len, 0), t + 1
 
-    def _build(self, user_idx: np.ndarray, values: np.ndarray, seg_len: np.ndarray) -> dict[str, Any]:
+    def _build(
+        self, user_idx: np.ndarray, values: np.ndarray, seg_len: np.ndarray
+    ) -> dict[str, Any]:
         seg_start = np.cumsum(seg_len) - seg_len
         batch: dict[str, Any] = {}
-        if self.spec.stage == "train" and self.spec.model == "sasrec":
+        if self.spec.stage == "train" and self.spec.batch_format == "sequence":
             # The segment is the last L + 1 training items; inputs drop its last, targets its first.
             lengths = seg_len - 1
             batch["input_ids"] = _pad(values, seg_start, lengths, self.spec.max_len)  # (B, L)
@@ -447,31 +545,38 @@ class SequenceBatchDataset(Dataset):
         # Otherwise the segment is (some of) the history followed by the target.
         hist_total = seg_len - 1
         target = values[seg_start + hist_total]
-        width = self.spec.max_len if self.spec.model == "sasrec" else self.spec.history_len
+        width = self.spec.max_len if self.spec.batch_format == "sequence" else self.spec.history_len
         hist_len = np.minimum(hist_total, width)
         hist_start = seg_start + hist_total - hist_len
         if self.spec.stage != "train":
-            batch["seen_values"] = _tensor(_gather(values, seg_start, hist_total))  # (S,)
+            batch["seen_values"] = _tensor(gather_ragged(values, seg_start, hist_total))  # (S,)
             batch["seen_lengths"] = _tensor(hist_total)  # (B,)
         batch["target"] = _tensor(target)
-        if self.spec.model == "sasrec":
+        if self.spec.batch_format == "sequence":
             batch["input_ids"] = _pad(values, hist_start, hist_len, width)  # (B, L)
             batch["lengths"] = _tensor(hist_len)
             return batch
         assert self.features is not None
-        history = _gather(values, hist_start, hist_len)
+        history = gather_ragged(values, hist_start, hist_len)
         keys = ["history", "target", "user_id"]
         vals: list[np.ndarray] = [history, target, user_idx]
         lens: list[np.ndarray] = [hist_len, np.ones_like(target), np.ones_like(target)]
-        for prefix, table, ids in (("item", self.features.item, target), ("user", self.features.user, user_idx)):
+        for prefix, table, ids in (
+            ("item", self.features.item, target),
+            ("user", self.features.user, user_idx),
+        ):
             for name, (fv, fl) in table.sparse(ids).items():
                 keys.append(f"{prefix}_{name}")
                 vals.append(fv)
                 lens.append(fl)
             batch[f"{prefix}_dense"] = torch.from_numpy(table.dense[ids])  # (B, n_numeric)
         batch["features"] = KeyedJaggedTensor(
-            keys=keys, values=_tensor(np.concatenate(vals)), lengths=_tensor(np.concatenate(lens), torch.int32),
-            stride=len(target), length_per_key=[int(x.sum()) for x in lens])
+            keys=keys,
+            values=_tensor(np.concatenate(vals)),
+            lengths=_tensor(np.concatenate(lens), torch.int32),
+            stride=len(target),
+            length_per_key=[int(x.sum()) for x in lens],
+        )
         return batch
 
 
@@ -486,8 +591,14 @@ class EpochBatchSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: SequenceBatchDataset) -> None:
-        super().__init__(dataset, num_replicas=dataset.world_size, rank=dataset.rank,
-                         shuffle=dataset.shuffle, seed=dataset.seed, drop_last=False)
+        super().__init__(
+            dataset,
+            num_replicas=dataset.world_size,
+            rank=dataset.rank,
+            shuffle=dataset.shuffle,
+            seed=dataset.seed,
+            drop_last=False,
+        )
         self.num_samples = self._total = len(dataset)
         self._resume_from = self._consumed = 0
 

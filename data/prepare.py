@@ -1,4 +1,4 @@
-"""`recforge data prepare`: raw interactions -> the prepared directory of DESIGN §4.
+"""`recforge data prepare`: raw interactions -> the prepared directory of docs/architecture.md §3.
 
 All work is vectorised over Arrow/numpy arrays (no Python loop per row). The output is written
 to a temporary directory beside ``out`` and renamed into place, so a failure leaves nothing.
@@ -19,10 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recforge.atomic import TargetExistsError, atomic_directory
 from recforge.data import layout
 from recforge.data.errors import DataError
 from recforge.data.features import EncodedFeatures, encode_features, read_feature_table
@@ -89,7 +88,11 @@ class PrepareConfig:
             raise ValueError("min_user/min_item: must be >= 0")
         if self.split not in ("leave-one-out", "time"):
             raise ValueError(f"split: {self.split!r}; expected 'leave-one-out' or 'time'")
-        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+        if not (
+            0 < self.val_fraction < 1
+            and 0 < self.test_fraction < 1
+            and self.val_fraction + self.test_fraction < 1
+        ):
             raise ValueError("val_fraction/test_fraction: each in (0, 1) and their sum < 1")
         if self.row_group_size < 1:
             raise ValueError("row_group_size: must be >= 1")
@@ -125,8 +128,10 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     removed["min_user"] = kcore["rows_removed_min_user"]
     removed["min_item"] = kcore["rows_removed_min_item"]
     if not keep.any():
-        raise DataError(f"no interactions left after filtering ({removed}); lower --min-user/--min-item",
-                        path=", ".join(s.path for s in sources))
+        raise DataError(
+            f"no interactions left after filtering ({removed}); lower --min-user/--min-item",
+            path=", ".join(s.path for s in sources),
+        )
     user_code, item_code, ts = user_code[keep], item_code[keep], ts[keep]
     rating = rating[keep] if rating is not None else None
 
@@ -154,32 +159,68 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "rows_removed": removed,
         "rows_out_of_time_order": out_of_order,
         "tie_rule": "interactions of a user with equal timestamps keep their input order",
-        "filters": {"min_user": config.min_user, "min_item": config.min_item,
-                    "k_core_iterations": kcore["iterations"],
-                    "users_removed": kcore["users_removed"], "items_removed": kcore["items_removed"]},
+        "filters": {
+            "min_user": config.min_user,
+            "min_item": config.min_item,
+            "k_core_iterations": kcore["iterations"],
+            "users_removed": kcore["users_removed"],
+            "items_removed": kcore["items_removed"],
+        },
         "interactions": int(len(item_idx)),
         "users": n_users,
         "items": n_items,
         "has_rating": rating is not None,
         "split": split,
         "split_counts": split_counts,
-        "sequence_length": {"min": int(lengths.min()), "median": float(np.median(lengths)),
-                            "mean": float(lengths.mean()), "max": int(lengths.max())},
-        "features": {"item": item_feats.spec if item_feats else {}, "user": user_feats.spec if user_feats else {}},
-        "feature_files": {k: v.report for k, v in (("item", item_feats), ("user", user_feats)) if v},
+        "sequence_length": {
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "mean": float(lengths.mean()),
+            "max": int(lengths.max()),
+        },
+        "features": {
+            "item": item_feats.spec if item_feats else {},
+            "user": user_feats.spec if user_feats else {},
+        },
+        "feature_files": {
+            k: v.report for k, v in (("item", item_feats), ("user", user_feats)) if v
+        },
         "sequences_row_group_size": config.row_group_size,
     }
     assert sum(removed.values()) + manifest["interactions"] == n_input
 
-    _write_atomic(out, config.overwrite, lambda tmp: _write_files(
-        tmp, manifest, user_idx, item_idx, ts, rating, lengths, user_ids, item_ids, item_counts,
-        item_feats, user_feats, config.row_group_size))
-    log.info("prepared %s: %d users, %d items, %d interactions in %.1fs", out, n_users, n_items,
-             manifest["interactions"], time.perf_counter() - started)
+    _write_atomic(
+        out,
+        config.overwrite,
+        lambda tmp: _write_files(
+            tmp,
+            manifest,
+            user_idx,
+            item_idx,
+            ts,
+            rating,
+            lengths,
+            user_ids,
+            item_ids,
+            item_counts,
+            item_feats,
+            user_feats,
+            config.row_group_size,
+        ),
+    )
+    log.info(
+        "prepared %s: %d users, %d items, %d interactions in %.1fs",
+        out,
+        n_users,
+        n_items,
+        manifest["interactions"],
+        time.perf_counter() - started,
+    )
     return manifest
 
 
 # --- steps ---
+
 
 def _sorted_codes(ids: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     """Dense codes whose order follows the sorted original ids, and the sorted distinct ids."""
@@ -215,7 +256,9 @@ def _count_out_of_order(user_sorted: np.ndarray, order: np.ndarray) -> int:
     return int((key[1:] < running[:-1]).sum())
 
 
-def _exact_duplicates(user: np.ndarray, item: np.ndarray, ts: np.ndarray, rating: np.ndarray | None) -> np.ndarray:
+def _exact_duplicates(
+    user: np.ndarray, item: np.ndarray, ts: np.ndarray, rating: np.ndarray | None
+) -> np.ndarray:
     """Mask of rows that repeat an earlier row exactly. Rows are in (user, time, input) order."""
     dup = np.zeros(len(user), dtype=bool)
     if len(user) < 2:
@@ -230,17 +273,28 @@ def _exact_duplicates(user: np.ndarray, item: np.ndarray, ts: np.ndarray, rating
     if rating is not None:
         keys.insert(0, rating[cand])
     sub = cand[np.lexsort(keys)]
-    eq = (user[sub][1:] == user[sub][:-1]) & (ts[sub][1:] == ts[sub][:-1]) & (item[sub][1:] == item[sub][:-1])
+    eq = (
+        (user[sub][1:] == user[sub][:-1])
+        & (ts[sub][1:] == ts[sub][:-1])
+        & (item[sub][1:] == item[sub][:-1])
+    )
     if rating is not None:
         eq &= rating[sub][1:] == rating[sub][:-1]
     dup[sub[1:][eq]] = True
     return dup
 
 
-def _k_core(user: np.ndarray, item: np.ndarray, keep: np.ndarray, min_user: int, min_item: int) -> dict[str, int]:
+def _k_core(
+    user: np.ndarray, item: np.ndarray, keep: np.ndarray, min_user: int, min_item: int
+) -> dict[str, int]:
     """Filter ``keep`` in place to the (min_user, min_item)-core."""
-    stats = {"rows_removed_min_user": 0, "rows_removed_min_item": 0, "iterations": 0,
-             "users_removed": 0, "items_removed": 0}
+    stats = {
+        "rows_removed_min_user": 0,
+        "rows_removed_min_item": 0,
+        "iterations": 0,
+        "users_removed": 0,
+        "items_removed": 0,
+    }
     if min_user <= 1 and min_item <= 1:
         return stats
     users_before = len(np.unique(user[keep]))
@@ -284,12 +338,19 @@ def _split(config: PrepareConfig, lengths: np.ndarray, ts: np.ndarray) -> tuple[
         train_end, val_end = layout.split_bounds(split, lengths)
     else:
         # Cut points by interaction quantiles, so the requested shares hold on skewed time ranges.
-        val_start = int(np.quantile(ts, 1 - config.test_fraction - config.val_fraction, method="higher"))
+        val_start = int(
+            np.quantile(ts, 1 - config.test_fraction - config.val_fraction, method="higher")
+        )
         test_start = int(np.quantile(ts, 1 - config.test_fraction, method="higher"))
         if test_start <= val_start:
             test_start = val_start + 1
-        split = {"type": "time", "val_start": val_start, "test_start": test_start,
-                 "val_fraction": config.val_fraction, "test_fraction": config.test_fraction}
+        split = {
+            "type": "time",
+            "val_start": val_start,
+            "test_start": test_start,
+            "val_fraction": config.val_fraction,
+            "test_fraction": config.test_fraction,
+        }
         train_end, val_end = layout.split_bounds(split, lengths, ts)
     counts = {
         "train_interactions": int(train_end.sum()),
@@ -307,7 +368,15 @@ def _features(config: PrepareConfig, kind: str, vocab_ids: pa.Array) -> EncodedF
     if path is None and config.format == "recbole" and not config.no_features:
         inter = next((Path(p) for p in config.input if Path(p).suffix == ".inter"), None)
         if inter is None:
-            inter = next((f for p in config.input if Path(p).is_dir() for f in sorted(Path(p).glob("*.inter"))), None)
+            inter = next(
+                (
+                    f
+                    for p in config.input
+                    if Path(p).is_dir()
+                    for f in sorted(Path(p).glob("*.inter"))
+                ),
+                None,
+            )
         sibling = inter.with_suffix(f".{kind}") if inter is not None else None
         if sibling is not None and sibling.is_file():
             path = str(sibling)
@@ -315,38 +384,45 @@ def _features(config: PrepareConfig, kind: str, vocab_ids: pa.Array) -> EncodedF
         return None
     id_column = config.columns.user if kind == "user" else config.columns.item
     table, info = read_feature_table(path, id_column)
-    encoded = encode_features(table, path, id_column, vocab_ids, getattr(config, f"{kind}_feature_columns"),
-                              config.list_columns, config.categorical_columns)
+    encoded = encode_features(
+        table,
+        path,
+        id_column,
+        vocab_ids,
+        getattr(config, f"{kind}_feature_columns"),
+        config.list_columns,
+        config.categorical_columns,
+    )
     encoded.report = {**info, **encoded.report}
     return encoded
 
 
 # --- writing ---
 
-def _write_atomic(out: Path, overwrite: bool, write) -> None:
-    out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+def _write_atomic(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
     try:
-        write(tmp)
-        if out.exists():
-            if not overwrite:
-                raise DataError("output directory appeared while preparing", path=str(out))
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            write(tmp)
+    except TargetExistsError:
+        raise DataError("output directory appeared while preparing", path=str(out)) from None
 
 
-def _write_files(tmp: Path, manifest: dict, user_idx: np.ndarray, item_idx: np.ndarray, ts: np.ndarray,
-                 rating: np.ndarray | None, lengths: np.ndarray, user_ids: pa.Array, item_ids: pa.Array,
-                 item_counts: np.ndarray, item_feats: EncodedFeatures | None,
-                 user_feats: EncodedFeatures | None, row_group_size: int) -> None:
+def _write_files(
+    tmp: Path,
+    manifest: dict,
+    user_idx: np.ndarray,
+    item_idx: np.ndarray,
+    ts: np.ndarray,
+    rating: np.ndarray | None,
+    lengths: np.ndarray,
+    user_ids: pa.Array,
+    item_ids: pa.Array,
+    item_counts: np.ndarray,
+    item_feats: EncodedFeatures | None,
+    user_feats: EncodedFeatures | None,
+    row_group_size: int,
+) -> None:
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     seq_cols = {
         "user_idx": pa.array(np.arange(1, len(lengths) + 1, dtype=np.int32)),
@@ -364,16 +440,24 @@ def _write_files(tmp: Path, manifest: dict, user_idx: np.ndarray, item_idx: np.n
         (layout.USERS, user_ids, user_counts, user_feats, "user_idx"),
     ):
         id_col = "item_id" if idx_col == "item_idx" else "user_id"
-        cols = {idx_col: pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)), id_col: ids,
-                "count": pa.array(counts.astype(np.int64))}
+        cols = {
+            idx_col: pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
+            id_col: ids,
+            "count": pa.array(counts.astype(np.int64)),
+        }
         if feats is not None:
             clash = set(feats.columns) & set(cols)
             if clash:
-                raise DataError(f"feature column(s) {sorted(clash)} clash with recforge's own columns; rename them")
+                raise DataError(
+                    f"feature column(s) {sorted(clash)} clash with recforge's own columns; rename them"
+                )
             cols.update(feats.columns)
         pq.write_table(pa.table(cols), tmp / name)
 
-    vocabs = {"item": item_feats.vocabs if item_feats else {}, "user": user_feats.vocabs if user_feats else {}}
+    vocabs = {
+        "item": item_feats.vocabs if item_feats else {},
+        "user": user_feats.vocabs if user_feats else {},
+    }
     with open(tmp / layout.FEATURE_VOCABS, "w") as f:
         json.dump(vocabs, f)
     digest = hashlib.sha256()

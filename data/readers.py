@@ -8,7 +8,6 @@ cannot be read that way raises :class:`~data.errors.DataError` naming the file a
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from recforge.artifact import file_sha256
 from recforge.data.errors import DataError
 
 FORMATS = ("parquet", "csv", "movielens", "recbole", "sasrec-txt")
@@ -68,10 +68,15 @@ def resolve_inputs(inputs: list[str], fmt: str) -> list[Path]:
                 raise DataError("glob matched no files", path=spec)
             files.extend(matched)
         elif path.is_dir():
-            matched = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _SUFFIXES[fmt]
-                             and not p.name.startswith((".", "_")))
+            matched = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix in _SUFFIXES[fmt] and not p.name.startswith((".", "_"))
+            )
             if not matched:
-                raise DataError(f"directory holds no {fmt} files ({'/'.join(_SUFFIXES[fmt])})", path=spec)
+                raise DataError(
+                    f"directory holds no {fmt} files ({'/'.join(_SUFFIXES[fmt])})", path=spec
+                )
             files.extend(matched)
         elif path.is_file():
             files.append(path)
@@ -80,15 +85,9 @@ def resolve_inputs(inputs: list[str], fmt: str) -> list[Path]:
     return files
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_interactions(inputs: list[str], fmt: str, columns: Columns) -> tuple[pa.Table, list[SourceFile]]:
+def read_interactions(
+    inputs: list[str], fmt: str, columns: Columns
+) -> tuple[pa.Table, list[SourceFile]]:
     files = resolve_inputs(inputs, fmt)
     tables, sources = [], []
     row_offset = 0
@@ -118,15 +117,21 @@ def _concat(tables: list[pa.Table], files: list[Path]) -> pa.Table:
         kinds = {pa.types.is_string(t.schema.field(name).type) for t in tables}
         if len(kinds) > 1:
             # One file has integer ids and another string ids: compare them as strings.
-            tables = [t.set_column(t.schema.get_field_index(name), name, pc.cast(t[name], pa.string())) for t in tables]
+            tables = [
+                t.set_column(t.schema.get_field_index(name), name, pc.cast(t[name], pa.string()))
+                for t in tables
+            ]
     has_rating = {"rating" in t.column_names for t in tables}
     if len(has_rating) > 1:
-        raise DataError("some input files have the rating column and others do not",
-                        path=", ".join(str(f) for f in files))
+        raise DataError(
+            "some input files have the rating column and others do not",
+            path=", ".join(str(f) for f in files),
+        )
     return pa.concat_tables(tables).combine_chunks()
 
 
 # --- per-format readers: each returns a table whose columns are named as in `columns` ---
+
 
 def _read_parquet(path: Path, columns: Columns, row_offset: int) -> pa.Table:
     try:
@@ -138,7 +143,9 @@ def _read_parquet(path: Path, columns: Columns, row_offset: int) -> pa.Table:
     try:
         return pq.read_table(path, columns=wanted)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"cannot read Parquet file, truncated or corrupt? ({_short(exc)})", path=str(path)) from None
+        raise DataError(
+            f"cannot read Parquet file, truncated or corrupt? ({_short(exc)})", path=str(path)
+        ) from None
 
 
 def _read_csv(path: Path, columns: Columns, row_offset: int) -> pa.Table:
@@ -161,23 +168,35 @@ def _read_movielens(path: Path, columns: Columns, row_offset: int) -> pa.Table:
     with open(path, "rb") as f:
         head = f.read(4096)
     double_colon = b"::" in head
-    names = ["user_id", "_a", "item_id", "_b", "rating", "_c", "timestamp"] if double_colon else \
-        ["user_id", "item_id", "rating", "timestamp"]
+    names = (
+        ["user_id", "_a", "item_id", "_b", "rating", "_c", "timestamp"]
+        if double_colon
+        else ["user_id", "item_id", "rating", "timestamp"]
+    )
     try:
         # '::' is read as ':' with an empty field between, which Arrow's CSV reader streams fast.
         table = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(column_names=names),
-            parse_options=pacsv.ParseOptions(delimiter=":" if double_colon else "\t", quote_char=False),
+            parse_options=pacsv.ParseOptions(
+                delimiter=":" if double_colon else "\t", quote_char=False
+            ),
             convert_options=pacsv.ConvertOptions(
                 include_columns=["user_id", "item_id", "rating", "timestamp"],
-                column_types={"user_id": pa.int64(), "item_id": pa.int64(), "rating": pa.float32(),
-                              "timestamp": pa.int64()}),
+                column_types={
+                    "user_id": pa.int64(),
+                    "item_id": pa.int64(),
+                    "rating": pa.float32(),
+                    "timestamp": pa.int64(),
+                },
+            ),
         )
     except pa.ArrowInvalid as exc:
         match = re.search(r"CSV column #(\d+)", str(exc))
         column = names[int(match.group(1))] if match and int(match.group(1)) < len(names) else None
-        raise DataError(f"not a MovieLens ratings file ({_short(exc)})", path=str(path), column=column) from None
+        raise DataError(
+            f"not a MovieLens ratings file ({_short(exc)})", path=str(path), column=column
+        ) from None
     return table.select(["user_id", "item_id", "timestamp", "rating"])
 
 
@@ -198,8 +217,10 @@ def read_recbole_table(path: Path) -> pa.Table:
     for i, spec in enumerate(header.split("\t")):
         name, sep, kind = spec.partition(":")
         if not sep or kind not in ("token", "token_seq", "float", "float_seq"):
-            raise DataError(f"header field {i + 1} is {spec!r}; expected 'name:token|token_seq|float|float_seq'",
-                            path=str(path))
+            raise DataError(
+                f"header field {i + 1} is {spec!r}; expected 'name:token|token_seq|float|float_seq'",
+                path=str(path),
+            )
         names.append(name)
         types[name] = kind
     try:
@@ -208,7 +229,8 @@ def read_recbole_table(path: Path) -> pa.Table:
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
             parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
             convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.string() for n in names}, strings_can_be_null=False),
+                column_types={n: pa.string() for n in names}, strings_can_be_null=False
+            ),
         )
     except pa.ArrowInvalid as exc:
         raise DataError(f"cannot parse RecBole file ({_short(exc)})", path=str(path)) from None
@@ -223,7 +245,9 @@ def read_recbole_table(path: Path) -> pa.Table:
         elif kind == "float":
             out[name] = _cast_strict(col, pa.float64(), str(path), name)
         else:
-            out[name] = pc.cast(pc.split_pattern(pc.utf8_trim_whitespace(col), " "), pa.list_(pa.float64()))
+            out[name] = pc.cast(
+                pc.split_pattern(pc.utf8_trim_whitespace(col), " "), pa.list_(pa.float64())
+            )
     return pa.table(out)
 
 
@@ -234,7 +258,9 @@ def _read_sasrec_txt(path: Path, columns: Columns, row_offset: int) -> pa.Table:
             path,
             read_options=pacsv.ReadOptions(column_names=["user_id", "item_id"]),
             parse_options=pacsv.ParseOptions(delimiter=" ", quote_char=False),
-            convert_options=pacsv.ConvertOptions(column_types={"user_id": pa.string(), "item_id": pa.string()}),
+            convert_options=pacsv.ConvertOptions(
+                column_types={"user_id": pa.string(), "item_id": pa.string()}
+            ),
         )
     except pa.ArrowInvalid as exc:
         raise DataError(f"expected 'user item' per line ({_short(exc)})", path=str(path)) from None
@@ -253,10 +279,17 @@ _READERS = {
 
 # --- normalisation: names and types ---
 
+
 def normalise(table: pa.Table, path: str, columns: Columns) -> tuple[pa.Table, str]:
     """The table with the canonical names and types, and the timestamp unit."""
     ts_type = table[columns.timestamp].type
-    unit = ts_type.unit if pa.types.is_timestamp(ts_type) else "s" if pa.types.is_date(ts_type) else "as given"
+    unit = (
+        ts_type.unit
+        if pa.types.is_timestamp(ts_type)
+        else "s"
+        if pa.types.is_date(ts_type)
+        else "as given"
+    )
     out = {
         "user_id": _id_column(table[columns.user], path, columns.user),
         "item_id": _id_column(table[columns.item], path, columns.item),
@@ -304,8 +337,12 @@ def _timestamp_column(col: pa.ChunkedArray, path: str, name: str) -> pa.ChunkedA
         bad = ~np.isfinite(values) | (values != np.floor(values))
         if bad.any():
             row = int(np.argmax(bad))
-            raise DataError(f"value {float(values[row])!r} is not a whole number of seconds/milliseconds",
-                            path=path, column=name, row=row + 1)
+            raise DataError(
+                f"value {float(values[row])!r} is not a whole number of seconds/milliseconds",
+                path=path,
+                column=name,
+                row=row + 1,
+            )
         return pa.chunked_array([pa.array(values.astype(np.int64))])
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         try:
@@ -317,8 +354,11 @@ def _timestamp_column(col: pa.ChunkedArray, path: str, name: str) -> pa.ChunkedA
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
         return _cast_strict(col, pa.int64(), path, name)
-    raise DataError(f"has type {t}; expected integer seconds/milliseconds or an Arrow timestamp",
-                    path=path, column=name)
+    raise DataError(
+        f"has type {t}; expected integer seconds/milliseconds or an Arrow timestamp",
+        path=path,
+        column=name,
+    )
 
 
 def _numeric_column(col: pa.ChunkedArray, path: str, name: str) -> pa.ChunkedArray:
@@ -337,22 +377,29 @@ def _cast_strict(col: pa.ChunkedArray, to: pa.DataType, path: str, name: str) ->
         pass
     # Find the first value that does not parse, to name it: a vectorised pre-check for numbers,
     # then the slow path only for other types.
-    pattern = {pa.int64(): r"^\s*[-+]?[0-9]+\s*$",
-               pa.float64(): r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"}.get(to)
+    pattern = {
+        pa.int64(): r"^\s*[-+]?[0-9]+\s*$",
+        pa.float64(): r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$",
+    }.get(to)
     if pattern is not None and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         ok = pc.match_substring_regex(col, pattern)
         bad = pc.invert(pc.fill_null(ok, True))
         if pc.any(bad).as_py():
             row = _first_true(bad)
-            raise DataError(f"value {col[row - 1].as_py()!r} is not a valid {_type_name(to)}",
-                            path=path, column=name, row=row)
+            raise DataError(
+                f"value {col[row - 1].as_py()!r} is not a valid {_type_name(to)}",
+                path=path,
+                column=name,
+                row=row,
+            )
     values = col.to_pylist()
     for i, v in enumerate(values):
         try:
             pc.cast(pa.array([v]), to)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise DataError(f"value {v!r} is not a valid {_type_name(to)}", path=path, column=name,
-                            row=i + 1) from None
+            raise DataError(
+                f"value {v!r} is not a valid {_type_name(to)}", path=path, column=name, row=i + 1
+            ) from None
     raise DataError(f"cannot convert to {to}", path=path, column=name)
 
 
@@ -362,8 +409,12 @@ def _type_name(t: pa.DataType) -> str:
 
 def _no_nulls(col: pa.ChunkedArray, path: str, name: str) -> None:
     if col.null_count:
-        raise DataError(f"{col.null_count} null value(s); ids and timestamps must be set",
-                        path=path, column=name, row=_first_true(pc.is_null(col)))
+        raise DataError(
+            f"{col.null_count} null value(s); ids and timestamps must be set",
+            path=path,
+            column=name,
+            row=_first_true(pc.is_null(col)),
+        )
 
 
 def _first_true(mask: pa.ChunkedArray | pa.Array) -> int:
@@ -378,9 +429,13 @@ def _wanted(columns: Columns) -> list[str]:
 def _require(have: list[str], wanted: list[str], path: str) -> None:
     missing = [c for c in wanted if c not in have]
     if missing:
-        raise DataError(f"missing column(s) {', '.join(repr(m) for m in missing)}; the file has "
-                        f"{', '.join(repr(h) for h in have)} (set the names with --user-col/--item-col/"
-                        f"--time-col/--rating-col)", path=path, column=missing[0])
+        raise DataError(
+            f"missing column(s) {', '.join(repr(m) for m in missing)}; the file has "
+            f"{', '.join(repr(h) for h in have)} (set the names with --user-col/--item-col/"
+            f"--time-col/--rating-col)",
+            path=path,
+            column=missing[0],
+        )
 
 
 def _short(exc: Exception) -> str:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from recforge.atomic import atomic_directory
 
 INTERACTIONS = "interactions.parquet"
 ITEM_FEATURES = "item_features.parquet"
@@ -48,12 +48,14 @@ TAGS_PER_CATEGORY = 4
 AGE_BUCKETS = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
 COUNTRIES = ("US", "GB", "DE", "FR", "IN", "BR", "JP", "CA", "ES", "IT", "MX", "PL")
 
-INTERACTIONS_SCHEMA = pa.schema([
-    ("user_id", pa.int64()),
-    ("item_id", pa.int64()),
-    ("timestamp", pa.int64()),
-    ("rating", pa.float32()),
-])
+INTERACTIONS_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("timestamp", pa.int64()),
+        ("rating", pa.float32()),
+    ]
+)
 
 
 @dataclass
@@ -95,22 +97,58 @@ class SynthConfig:
             if not ok:
                 raise ValueError(f"SynthConfig.{name}={getattr(self, name)!r}: {what}")
 
-        need(isinstance(self.out, (str, os.PathLike)) and str(self.out) != "", "out", "must be a directory path")
-        for name in ("users", "items", "min_length", "max_length", "categories", "successors", "seed",
-                     "start_timestamp"):
+        need(
+            isinstance(self.out, (str, os.PathLike)) and str(self.out) != "",
+            "out",
+            "must be a directory path",
+        )
+        for name in (
+            "users",
+            "items",
+            "min_length",
+            "max_length",
+            "categories",
+            "successors",
+            "seed",
+            "start_timestamp",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, (int, np.integer)) and not isinstance(value, bool), name, "must be an integer")
-        for name in ("mean_length", "zipf_exponent", "transition_prob", "taste_concentration", "time_span_days"):
+            need(
+                isinstance(value, (int, np.integer)) and not isinstance(value, bool),
+                name,
+                "must be an integer",
+            )
+        for name in (
+            "mean_length",
+            "zipf_exponent",
+            "transition_prob",
+            "taste_concentration",
+            "time_span_days",
+        ):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                 name, "must be a finite number")
+            need(
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value),
+                name,
+                "must be a finite number",
+            )
         need(self.users >= 1, "users", "must be >= 1")
         need(self.items >= 2, "items", "must be >= 2")
-        need(1 <= self.categories <= self.items, "categories", f"must be in [1, items={self.items}]")
+        need(
+            1 <= self.categories <= self.items, "categories", f"must be in [1, items={self.items}]"
+        )
         need(self.min_length >= 1, "min_length", "must be >= 1")
-        need(self.max_length >= self.min_length, "max_length", f"must be >= min_length={self.min_length}")
-        need(self.min_length <= self.mean_length <= self.max_length, "mean_length",
-             f"must be in [min_length={self.min_length}, max_length={self.max_length}]")
+        need(
+            self.max_length >= self.min_length,
+            "max_length",
+            f"must be >= min_length={self.min_length}",
+        )
+        need(
+            self.min_length <= self.mean_length <= self.max_length,
+            "mean_length",
+            f"must be in [min_length={self.min_length}, max_length={self.max_length}]",
+        )
         need(self.zipf_exponent >= 0, "zipf_exponent", "must be >= 0")
         need(0 <= self.transition_prob <= 1, "transition_prob", "must be in [0, 1]")
         need(1 <= self.successors < self.items, "successors", f"must be in [1, items={self.items})")
@@ -118,8 +156,11 @@ class SynthConfig:
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.start_timestamp >= 0, "start_timestamp", "must be >= 0")
         # Each user's window must hold max_length distinct seconds plus room to move.
-        need(self.time_span_days * 86400 >= 4 * self.max_length, "time_span_days",
-             f"must cover at least {4 * self.max_length} seconds")
+        need(
+            self.time_span_days * 86400 >= 4 * self.max_length,
+            "time_span_days",
+            f"must cover at least {4 * self.max_length} seconds",
+        )
 
 
 def generate(config: SynthConfig, *, overwrite: bool = False) -> dict[str, Any]:
@@ -128,38 +169,17 @@ def generate(config: SynthConfig, *, overwrite: bool = False) -> dict[str, Any]:
     out = Path(config.out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would stick to the renamed directory.
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         summary = _write_all(config, tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["files"] = {key: str(out / name) for key, name in summary["files"].items()}
     return summary
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if not (out.exists() or out.is_symlink()):
-        os.replace(tmp, out)
-        return
-    # A directory cannot be renamed over a non-empty one: move the old one aside first.
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    os.replace(out, old)
-    os.replace(tmp, out)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
 
 
 def _write_all(config: SynthConfig, directory: Path) -> dict[str, Any]:
     # Independent streams, so e.g. changing the number of users leaves the catalog as it is.
     item_rng, user_rng, seq_rng, shuffle_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4))
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4)
+    )
     catalog = _make_catalog(config, item_rng)
     taste, lengths = _make_users(config, user_rng)
     seq = _make_sequences(config, catalog, taste, lengths, seq_rng)
@@ -178,8 +198,12 @@ def _write_all(config: SynthConfig, directory: Path) -> dict[str, Any]:
         "repeats": seq["repeats"],
         "min_timestamp": int(seq["timestamp"].min()),
         "max_timestamp": int(seq["timestamp"].max()),
-        "files": {"interactions": INTERACTIONS, "item_features": ITEM_FEATURES,
-                  "user_features": USER_FEATURES, "summary": SUMMARY},
+        "files": {
+            "interactions": INTERACTIONS,
+            "item_features": ITEM_FEATURES,
+            "user_features": USER_FEATURES,
+            "summary": SUMMARY,
+        },
     }
     with open(directory / SUMMARY, "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
@@ -217,9 +241,17 @@ def _make_catalog(config: SynthConfig, rng: np.random.Generator) -> dict[str, np
     other = rng.integers(0, n, (n, s))
     other = np.where(other == own, (other + 1) % n, other)
     successor = np.where(rng.random((n, s)) < SAME_CATEGORY_SUCCESSOR, same, other)
-    return {"category": category, "popularity": popularity, "by_cat": by_cat, "cum": cum,
-            "cat_first": cat_first, "cat_last": cat_first + cat_count - 1, "cat_mass": cat_mass,
-            "cat_lo": cat_lo, "successor": successor}
+    return {
+        "category": category,
+        "popularity": popularity,
+        "by_cat": by_cat,
+        "cum": cum,
+        "cat_first": cat_first,
+        "cat_last": cat_first + cat_count - 1,
+        "cat_mass": cat_mass,
+        "cat_lo": cat_lo,
+        "successor": successor,
+    }
 
 
 def _make_users(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -227,14 +259,19 @@ def _make_users(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarr
     # Small concentrations can underflow a whole row to zero; keep every taste a distribution.
     gamma = np.maximum(gamma, 1e-12)
     taste = gamma / gamma.sum(axis=1, keepdims=True)
-    mu = math.log(config.mean_length) - LENGTH_SIGMA ** 2 / 2
+    mu = math.log(config.mean_length) - LENGTH_SIGMA**2 / 2
     lengths = np.rint(rng.lognormal(mu, LENGTH_SIGMA, config.users))
     lengths = np.clip(lengths, config.min_length, config.max_length).astype(np.int64)
     return taste, lengths
 
 
-def _make_sequences(config: SynthConfig, cat: dict[str, np.ndarray], taste: np.ndarray,
-                    lengths: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+def _make_sequences(
+    config: SynthConfig,
+    cat: dict[str, np.ndarray],
+    taste: np.ndarray,
+    lengths: np.ndarray,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
     n_users = config.users
     # Users sorted by length, longest first: the users still active at step t are a prefix,
     # so per-user state is sliced (a view), never gathered.
@@ -285,7 +322,11 @@ def _make_sequences(config: SynthConfig, cat: dict[str, np.ndarray], taste: np.n
         c = (cat_cum[rows] < rng.random(n, dtype=np.float32)[:, None]).sum(axis=1)
         np.minimum(c, n_cat - 1, out=c)
         target = cat["cat_lo"][c] + rng.random(n) * cat["cat_mass"][c]
-        pos = np.clip(np.searchsorted(cat["cum"], target, side="right"), cat["cat_first"][c], cat["cat_last"][c])
+        pos = np.clip(
+            np.searchsorted(cat["cum"], target, side="right"),
+            cat["cat_first"][c],
+            cat["cat_last"][c],
+        )
         item = cat["by_cat"][pos]
         if follow_prev:
             follow = rng.random(n) < config.transition_prob
@@ -310,8 +351,8 @@ def _make_sequences(config: SynthConfig, cat: dict[str, np.ndarray], taste: np.n
         history[slot[new]] = cand[new]
         prev[:n] = cand
         clock[:n] += rng.standard_exponential(n)
-        item_flat[offsets[t]:offsets[t + 1]] = cand
-        clock_flat[offsets[t]:offsets[t + 1]] = clock[:n]
+        item_flat[offsets[t] : offsets[t + 1]] = cand
+        clock_flat[offsets[t] : offsets[t + 1]] = clock[:n]
     del history
 
     # Flat arrays are position-major: step t holds users 0..active[t]-1 (sorted order).
@@ -335,11 +376,21 @@ def _make_sequences(config: SynthConfig, cat: dict[str, np.ndarray], taste: np.n
     del step_flat
 
     affinity = taste_sorted[user_flat, cat["category"][item_flat]] * n_cat
-    score = 3.0 + 0.7 * np.log(np.maximum(affinity, 1e-3)) + rng.standard_normal(total, dtype=np.float32) * 0.8
+    score = (
+        3.0
+        + 0.7 * np.log(np.maximum(affinity, 1e-3))
+        + rng.standard_normal(total, dtype=np.float32) * 0.8
+    )
     rating = np.clip(np.rint(score), 1, 5).astype(np.float32)
     del affinity, score
-    return {"user": user_flat, "user_id": (order + 1).astype(np.int64), "item": item_flat,
-            "timestamp": timestamp, "rating": rating, "repeats": repeats}
+    return {
+        "user": user_flat,
+        "user_id": (order + 1).astype(np.int64),
+        "item": item_flat,
+        "timestamp": timestamp,
+        "rating": rating,
+        "repeats": repeats,
+    }
 
 
 def _write_interactions(path: Path, seq: dict[str, Any], rng: np.random.Generator) -> None:
@@ -347,13 +398,19 @@ def _write_interactions(path: Path, seq: dict[str, Any], rng: np.random.Generato
     perm = rng.permutation(seq["item"].size)
     with pq.ParquetWriter(path, INTERACTIONS_SCHEMA) as writer:
         for lo in range(0, perm.size, ROW_GROUP_SIZE):
-            rows = perm[lo:lo + ROW_GROUP_SIZE]
-            writer.write_table(pa.table({
-                "user_id": seq["user_id"][seq["user"][rows]],
-                "item_id": seq["item"][rows].astype(np.int64) + 1,
-                "timestamp": seq["timestamp"][rows],
-                "rating": seq["rating"][rows],
-            }, schema=INTERACTIONS_SCHEMA), row_group_size=ROW_GROUP_SIZE)
+            rows = perm[lo : lo + ROW_GROUP_SIZE]
+            writer.write_table(
+                pa.table(
+                    {
+                        "user_id": seq["user_id"][seq["user"][rows]],
+                        "item_id": seq["item"][rows].astype(np.int64) + 1,
+                        "timestamp": seq["timestamp"][rows],
+                        "rating": seq["rating"][rows],
+                    },
+                    schema=INTERACTIONS_SCHEMA,
+                ),
+                row_group_size=ROW_GROUP_SIZE,
+            )
 
 
 def _names(prefix: str, count: int) -> pa.Array:
@@ -362,11 +419,14 @@ def _names(prefix: str, count: int) -> pa.Array:
 
 
 def _decode(codes: np.ndarray, dictionary: pa.Array) -> pa.Array:
-    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), dictionary).dictionary_decode()
+    return pa.DictionaryArray.from_arrays(
+        pa.array(codes, pa.int32()), dictionary
+    ).dictionary_decode()
 
 
-def _write_item_features(path: Path, config: SynthConfig, cat: dict[str, np.ndarray],
-                         rng: np.random.Generator) -> None:
+def _write_item_features(
+    path: Path, config: SynthConfig, cat: dict[str, np.ndarray], rng: np.random.Generator
+) -> None:
     n, n_cat = config.items, config.categories
     category = cat["category"]
     # 1-3 distinct tags from the item's category's own tags, so tags refine the category.
@@ -375,28 +435,38 @@ def _write_item_features(path: Path, config: SynthConfig, cat: dict[str, np.ndar
     keep = np.arange(3) < n_tags[:, None]
     tag_codes = (category[:, None] * TAGS_PER_CATEGORY + picks)[keep]
     tag_offsets = np.concatenate([[0], np.cumsum(n_tags)]).astype(np.int32)
-    tags = pa.ListArray.from_arrays(pa.array(tag_offsets), _decode(tag_codes, _names("tag", n_cat * TAGS_PER_CATEGORY)))
+    tags = pa.ListArray.from_arrays(
+        pa.array(tag_offsets), _decode(tag_codes, _names("tag", n_cat * TAGS_PER_CATEGORY))
+    )
     cat_price = rng.uniform(1.5, 4.5, n_cat)
-    price = np.round(np.exp(cat_price[category] + 0.4 * rng.standard_normal(n)), 2).astype(np.float32)
-    table = pa.table({
-        "item_id": np.arange(1, n + 1, dtype=np.int64),
-        "category": _decode(category, _names("cat", n_cat)),
-        "tags": tags,
-        "price": price,
-    })
+    price = np.round(np.exp(cat_price[category] + 0.4 * rng.standard_normal(n)), 2).astype(
+        np.float32
+    )
+    table = pa.table(
+        {
+            "item_id": np.arange(1, n + 1, dtype=np.int64),
+            "category": _decode(category, _names("cat", n_cat)),
+            "tags": tags,
+            "price": price,
+        }
+    )
     pq.write_table(table, path)
 
 
-def _write_user_features(path: Path, config: SynthConfig, taste: np.ndarray, rng: np.random.Generator) -> None:
+def _write_user_features(
+    path: Path, config: SynthConfig, taste: np.ndarray, rng: np.random.Generator
+) -> None:
     n = config.users
     # Age follows the favourite category half of the time: a user feature with some signal.
     favourite = np.argmax(taste, axis=1) % len(AGE_BUCKETS)
     age = np.where(rng.random(n) < 0.5, favourite, rng.integers(0, len(AGE_BUCKETS), n))
     country_p = 1.0 / np.arange(1, len(COUNTRIES) + 1)
     country = rng.choice(len(COUNTRIES), n, p=country_p / country_p.sum())
-    table = pa.table({
-        "user_id": np.arange(1, n + 1, dtype=np.int64),
-        "age_bucket": _decode(age, pa.array(AGE_BUCKETS)),
-        "country": _decode(country, pa.array(COUNTRIES)),
-    })
+    table = pa.table(
+        {
+            "user_id": np.arange(1, n + 1, dtype=np.int64),
+            "age_bucket": _decode(age, pa.array(AGE_BUCKETS)),
+            "country": _decode(country, pa.array(COUNTRIES)),
+        }
+    )
     pq.write_table(table, path)

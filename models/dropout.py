@@ -22,8 +22,12 @@ from torch import Tensor, nn
 _LEVELS = 1 << 8
 
 
-def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> Tensor:
+def dropout_mask(
+    shape: torch.Size | tuple[int, ...],
+    p: float,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> Tensor:
     """A mask of ``shape``: 0 with probability ~p, else ``1 / (1 - p)`` (see the module docstring)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p={p!r}: must be in [0, 1)")

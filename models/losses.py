@@ -19,8 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["weighted_mean", "full_softmax_ce", "sampled_softmax_logits", "sampled_softmax",
-           "bce_one_negative"]
+__all__ = [
+    "weighted_mean",
+    "full_softmax_ce",
+    "sampled_softmax_logits",
+    "sampled_softmax",
+    "bce_one_negative",
+]
 
 # A sum of weights below this counts as "no weight at all"; the numerator is then 0 too.
 _MIN_WEIGHT_SUM = 1e-12
@@ -29,13 +34,21 @@ _MIN_WEIGHT_SUM = 1e-12
 def weighted_mean(per_position: Tensor, weight: Tensor) -> Tensor:
     """``sum_t w_t l_t / sum_t w_t`` (0 when every weight is 0)."""
     if per_position.shape != weight.shape:
-        raise ValueError(f"weight: shape {tuple(weight.shape)} != per-position losses {tuple(per_position.shape)}")
+        raise ValueError(
+            f"weight: shape {tuple(weight.shape)} != per-position losses {tuple(per_position.shape)}"
+        )
     weight = weight.to(per_position.dtype)
     return (per_position * weight).sum() / weight.sum().clamp_min(_MIN_WEIGHT_SUM)
 
 
-def full_softmax_ce(query: Tensor, catalog: Tensor, target_index: Tensor, weight: Tensor, *,
-                    temperature: float = 1.0) -> Tensor:
+def full_softmax_ce(
+    query: Tensor,
+    catalog: Tensor,
+    target_index: Tensor,
+    weight: Tensor,
+    *,
+    temperature: float = 1.0,
+) -> Tensor:
     """Cross-entropy over the whole catalog ("SASRec+").
 
     ``l_t = -s(t, y_t) + log sum_{i in catalog} exp s(t, i)``.
@@ -52,10 +65,16 @@ def full_softmax_ce(query: Tensor, catalog: Tensor, target_index: Tensor, weight
     if query.shape[1] != catalog.shape[1]:
         raise ValueError(f"catalog: {catalog.shape[1]} columns != query's {query.shape[1]}")
     if target_index.shape != (query.shape[0],):
-        raise ValueError(f"target_index: expected shape ({query.shape[0]},), got {tuple(target_index.shape)}")
+        raise ValueError(
+            f"target_index: expected shape ({query.shape[0]},), got {tuple(target_index.shape)}"
+        )
     if weight.shape != target_index.shape:
-        raise ValueError(f"weight: shape {tuple(weight.shape)} != per-position losses {tuple(target_index.shape)}")
-    if target_index.numel() and not (0 <= int(target_index.min()) and int(target_index.max()) < len(catalog)):
+        raise ValueError(
+            f"weight: shape {tuple(weight.shape)} != per-position losses {tuple(target_index.shape)}"
+        )
+    if target_index.numel() and not (
+        0 <= int(target_index.min()) and int(target_index.max()) < len(catalog)
+    ):
         raise ValueError(f"target_index: values must be in [0, {len(catalog)}) (rows of catalog)")
     weight = weight.detach().float()
     normalized = weight / weight.sum().clamp_min(_MIN_WEIGHT_SUM)  # (T,)
@@ -84,11 +103,15 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query: Tensor, catalog: Tensor, target_index: Tensor, weight: Tensor) -> Tensor:
+    def forward(
+        ctx, query: Tensor, catalog: Tensor, target_index: Tensor, weight: Tensor
+    ) -> Tensor:
         needs_query, needs_catalog = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(query.device.type, enabled=False):
             # float32 at least: bf16 logits under autocast would round the softmax away.
-            dtype = torch.promote_types(torch.promote_types(query.dtype, catalog.dtype), torch.float32)
+            dtype = torch.promote_types(
+                torch.promote_types(query.dtype, catalog.dtype), torch.float32
+            )
             q, c, weight = query.to(dtype), catalog.to(dtype), weight.to(dtype)
             per_chunk = _CHUNK_LOGITS if q.device.type == "cpu" else _CHUNK_LOGITS_GPU
             chunk = max(1, per_chunk // max(1, len(c)))
@@ -108,7 +131,9 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
                     torch.mm(probs, c, out=grad_query[rows])
                     grad_query[rows].sub_(c[target]).mul_(w)
                 if grad_catalog is not None:
-                    grad_catalog += probs.T @ weighted  # (N, D); not addmm_, which flop_counter misses
+                    grad_catalog += (
+                        probs.T @ weighted
+                    )  # (N, D); not addmm_, which flop_counter misses
                     grad_catalog.index_add_(0, target, weighted, alpha=-1)
         ctx.save_for_backward(*(g for g in (grad_query, grad_catalog) if g is not None))
         ctx.has = (grad_query is not None, grad_catalog is not None)
@@ -119,7 +144,10 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
         saved = iter(ctx.saved_tensors)
-        grads = [next(saved).mul(grad_total).to(dtype) if has else None for has, dtype in zip(ctx.has, ctx.dtypes)]
+        grads = [
+            next(saved).mul(grad_total).to(dtype) if has else None
+            for has, dtype in zip(ctx.has, ctx.dtypes)
+        ]
         return grads[0], grads[1], None, None
 
 
@@ -139,10 +167,18 @@ _MIN_PROBABILITY = 1e-30
 """Below it a float32 probability has lost precision (normals end at 1.2e-38)."""
 
 
-def sampled_softmax_logits(query: Tensor, target_emb: Tensor, target_ids: Tensor,
-                           negatives_emb: Tensor | None = None, negative_ids: Tensor | None = None, *,
-                           in_batch: bool = True, log_q_target: Tensor | None = None,
-                           log_q_negative: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+def sampled_softmax_logits(
+    query: Tensor,
+    target_emb: Tensor,
+    target_ids: Tensor,
+    negatives_emb: Tensor | None = None,
+    negative_ids: Tensor | None = None,
+    *,
+    in_batch: bool = True,
+    log_q_target: Tensor | None = None,
+    log_q_negative: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
     """Logits of the sampled softmax, positive in column 0; see :func:`sampled_softmax`.
 
     Returns (T, 1 + T' + M) with ``T' = T`` if ``in_batch`` else 0 and ``M`` uniform negatives:
@@ -152,7 +188,9 @@ def sampled_softmax_logits(query: Tensor, target_emb: Tensor, target_ids: Tensor
     _check_2d(query, "query")
     _check_2d(target_emb, "target_emb")
     if target_emb.shape != query.shape:
-        raise ValueError(f"target_emb: shape {tuple(target_emb.shape)} != query {tuple(query.shape)}")
+        raise ValueError(
+            f"target_emb: shape {tuple(target_emb.shape)} != query {tuple(query.shape)}"
+        )
     if (negatives_emb is None) != (negative_ids is None):
         raise ValueError("negatives_emb and negative_ids: pass both or neither")
     if negatives_emb is not None and negatives_emb.shape[0] == 0:
@@ -160,9 +198,13 @@ def sampled_softmax_logits(query: Tensor, target_emb: Tensor, target_ids: Tensor
     if not in_batch and negatives_emb is None:
         raise ValueError("no negatives: enable in_batch or pass negatives_emb")
     if log_q_target is None and log_q_negative is not None:
-        raise ValueError("log_q_negative given without log_q_target: pass both to correct, neither not to")
+        raise ValueError(
+            "log_q_negative given without log_q_target: pass both to correct, neither not to"
+        )
     if log_q_target is not None and negatives_emb is not None and log_q_negative is None:
-        raise ValueError("log_q_negative: needed with log_q_target when there are uniform negatives")
+        raise ValueError(
+            "log_q_negative: needed with log_q_target when there are uniform negatives"
+        )
 
     # The positive is q_t . e_{y_t}; computing it as a row-wise dot product keeps column 0
     # valid even without the in-batch block (whose diagonal would hold the same number).
@@ -189,9 +231,19 @@ def sampled_softmax_logits(query: Tensor, target_emb: Tensor, target_ids: Tensor
     return logits.masked_fill(torch.cat(masks, dim=1), float("-inf"))
 
 
-def sampled_softmax(query: Tensor, target_emb: Tensor, target_ids: Tensor, negatives_emb: Tensor | None,
-                    negative_ids: Tensor | None, *, in_batch: bool, log_q_target: Tensor | None,
-                    log_q_negative: Tensor | None, temperature: float = 1.0, weight: Tensor) -> Tensor:
+def sampled_softmax(
+    query: Tensor,
+    target_emb: Tensor,
+    target_ids: Tensor,
+    negatives_emb: Tensor | None,
+    negative_ids: Tensor | None,
+    *,
+    in_batch: bool,
+    log_q_target: Tensor | None,
+    log_q_negative: Tensor | None,
+    temperature: float = 1.0,
+    weight: Tensor,
+) -> Tensor:
     """Sampled softmax with in-batch and/or shared uniform negatives, logQ correction and
     accidental-hit masking.
 
@@ -225,9 +277,17 @@ def sampled_softmax(query: Tensor, target_emb: Tensor, target_ids: Tensor, negat
         temperature: ``tau`` (> 0), applied before the correction.
         weight: (T,) per-position weights.
     """
-    logits = sampled_softmax_logits(query, target_emb, target_ids, negatives_emb, negative_ids,
-                                    in_batch=in_batch, log_q_target=log_q_target,
-                                    log_q_negative=log_q_negative, temperature=temperature)
+    logits = sampled_softmax_logits(
+        query,
+        target_emb,
+        target_ids,
+        negatives_emb,
+        negative_ids,
+        in_batch=in_batch,
+        log_q_target=log_q_target,
+        log_q_negative=log_q_negative,
+        temperature=temperature,
+    )
     # The positive sits in column 0 and is never masked, so every row has a finite entry.
     per_position = torch.logsumexp(logits, dim=1) - logits[:, 0]
     return weighted_mean(per_position, weight)
@@ -246,8 +306,10 @@ def bce_one_negative(query: Tensor, pos_emb: Tensor, neg_emb: Tensor, weight: Te
     for name, t in (("query", query), ("pos_emb", pos_emb), ("neg_emb", neg_emb)):
         _check_2d(t, name)
     if not query.shape == pos_emb.shape == neg_emb.shape:
-        raise ValueError(f"query, pos_emb, neg_emb: shapes differ ({tuple(query.shape)}, "
-                         f"{tuple(pos_emb.shape)}, {tuple(neg_emb.shape)})")
+        raise ValueError(
+            f"query, pos_emb, neg_emb: shapes differ ({tuple(query.shape)}, "
+            f"{tuple(pos_emb.shape)}, {tuple(neg_emb.shape)})"
+        )
     pos = (query * pos_emb).sum(-1).float()  # (T,)
     neg = (query * neg_emb).sum(-1).float()  # (T,)
     return weighted_mean(F.softplus(-pos) + F.softplus(neg), weight)
@@ -266,7 +328,9 @@ def log_sampling_probability(counts: Tensor, num_items: int) -> Tensor:
     """
     counts = torch.as_tensor(counts).detach().reshape(-1).to(torch.float64)
     if counts.shape != (num_items + 1,):
-        raise ValueError(f"counts: expected shape ({num_items + 1},) (index 0 = padding), got {tuple(counts.shape)}")
+        raise ValueError(
+            f"counts: expected shape ({num_items + 1},) (index 0 = padding), got {tuple(counts.shape)}"
+        )
     if not torch.isfinite(counts).all() or (counts < 0).any():
         raise ValueError("counts: must be finite and >= 0")
     freq = counts[1:].clamp_min(1.0)

@@ -4,17 +4,14 @@ Kang & McAuley 2018, with pre-LN blocks and a choice of losses (``models/losses.
 full-catalog cross-entropy ("SASRec+"), sampled softmax with in-batch/uniform negatives and
 logQ correction, or BCE with one negative (the paper's).
 
-Item embeddings live in a TorchRec ``EmbeddingCollection`` holding one table (row 0 =
-padding, never looked up) read by three features: ``history`` (input ids), ``target``
-(training targets) and ``candidates`` (the catalog or sampled negatives). Every step looks
-the table up **once**, with one KeyedJaggedTensor holding all three, so a fused optimizer
-(``apply_optimizer_in_backward``) applies exactly one update per row per step (DESIGN §5).
-The KJT has batch size B for every key; the candidates sit in row 0 of ``candidates`` and
-its other rows are empty. Output scores are tied to the same table.
+Item embeddings live in the shared item table (:mod:`recforge.models.item_table`): ``history``
+(input ids), ``target`` (training targets) and ``candidates`` (the catalog or sampled
+negatives; with ``bce``, one negative per position) in one lookup per step. Output scores are
+tied to the same table.
 
 Inputs are right-padded with 0 (``data/loader.py``), so the causal mask alone keeps real
 positions from attending to padding: no padding mask, no fully masked attention rows, no
-NaN, and ``encode`` exports to ONNX with ``is_causal=True`` (DESIGN §11).
+NaN, and ``encode`` exports to ONNX with ``is_causal=True`` (docs/architecture.md §11).
 """
 
 from __future__ import annotations
@@ -26,19 +23,18 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recforge.models.config_checks import FieldChecks
 from recforge.models.dropout import Dropout, dropout
-from recforge.models.losses import bce_one_negative, full_softmax_ce, log_sampling_probability, sampled_softmax
+from recforge.models.item_table import EC_MODULE as EC_MODULE  # re-exported: its path in this model
+from recforge.models.item_table import ItemTableModel, check_item_table_fields
+from recforge.models.losses import bce_one_negative, full_softmax_ce, sampled_softmax
+from recforge.models.ragged import pad_ragged
 
 LossKind = Literal["ce", "sampled_softmax", "bce"]
+PositionOrigin = Literal["newest", "oldest"]
+POSITION_ORIGINS: tuple[PositionOrigin, ...] = ("newest", "oldest")
 LOSSES: tuple[LossKind, ...] = ("ce", "sampled_softmax", "bce")
-FEATURES = ("history", "target", "candidates")
-"""The KJT keys of the item table, in the order every lookup uses."""
-EC_MODULE = "embedding_collection"
-"""Attribute (and ``named_modules`` path) of the ``EmbeddingCollection`` in :class:`SASRec`."""
 
 
 @dataclass
@@ -48,6 +44,12 @@ class SASRecConfig:
     yet" (a config file leaving it to the data); resolve it before building :class:`SASRec`."""
     max_len: int = 50
     """Longest input sequence L (number of learned positions)."""
+    position_origin: PositionOrigin = "oldest"
+    """Where the learned positions count from. ``newest``: position 0 is each sequence's most
+    recent item, 1 the one before, ... (what SASRec's left-padded layout gives), so the item that
+    predicts the next one has the same position whatever the history length. ``oldest``: position
+    0 is the first item of the right-padded row (recforge before this option; the newest item's
+    position then varies with the length and is rarely trained at the lengths seen in test)."""
     dim: int = 64
     """Embedding and hidden size D."""
     num_layers: int = 2
@@ -75,40 +77,50 @@ class SASRecConfig:
     """Name of the TorchRec table (not ``items``: it collides with ``ModuleDict.items``)."""
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"SASRecConfig.{name}={getattr(self, name)!r}: {what}")
-
-        for name in ("num_items", "max_len", "dim", "num_layers", "num_heads", "ffn_mult", "num_negatives"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool), name, "must be an integer")
-        for name in ("in_batch_negatives", "logq_correction"):
-            need(isinstance(getattr(self, name), bool), name, "must be true or false")
-        for name in ("dropout", "attention_dropout", "temperature"):
-            value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                 name, "must be a finite number")
-        need(self.num_items >= 0, "num_items", "must be >= 1 (or 0: taken from the data)")
+        check = FieldChecks(self)
+        need = check.need
+        check.integers(
+            "num_items", "max_len", "dim", "num_layers", "num_heads", "ffn_mult", "num_negatives"
+        )
+        check.booleans("in_batch_negatives", "logq_correction")
+        need(
+            self.position_origin in POSITION_ORIGINS,
+            "position_origin",
+            f"must be one of {POSITION_ORIGINS}",
+        )
+        check.finite_numbers("dropout", "attention_dropout", "temperature")
+        check_item_table_fields(check)
         need(self.max_len >= 1, "max_len", "must be >= 1")
         need(self.dim >= 1, "dim", "must be >= 1")
         need(self.num_layers >= 0, "num_layers", "must be >= 0")
-        need(self.num_heads >= 1 and self.dim % self.num_heads == 0, "num_heads",
-             f"must be >= 1 and divide dim={self.dim}")
+        need(
+            self.num_heads >= 1 and self.dim % self.num_heads == 0,
+            "num_heads",
+            f"must be >= 1 and divide dim={self.dim}",
+        )
         need(self.ffn_mult >= 1, "ffn_mult", "must be >= 1")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
         need(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")
         need(self.num_negatives >= 0, "num_negatives", "must be >= 0")
         need(self.temperature > 0, "temperature", "must be > 0")
-        need(isinstance(self.table_name, str) and self.table_name.isidentifier()
-             and self.table_name not in dir(nn.ModuleDict), "table_name",
-             "must be an identifier that is not a ModuleDict attribute (e.g. not 'items')")
         if self.loss == "sampled_softmax":
-            need(self.in_batch_negatives or self.num_negatives > 0, "num_negatives",
-                 "must be > 0 when in_batch_negatives is false (no negatives otherwise)")
+            need(
+                self.in_batch_negatives or self.num_negatives > 0,
+                "num_negatives",
+                "must be > 0 when in_batch_negatives is false (no negatives otherwise)",
+            )
         if self.loss == "bce":
-            need(self.num_items != 1, "num_items", "must be >= 2 with loss='bce' (a negative must differ)")
-            need(self.temperature == 1.0, "temperature", "must be 1 with loss='bce' (it uses raw logits)")
+            need(
+                self.num_items != 1,
+                "num_items",
+                "must be >= 2 with loss='bce' (a negative must differ)",
+            )
+            need(
+                self.temperature == 1.0,
+                "temperature",
+                "must be 1 with loss='bce' (it uses raw logits)",
+            )
 
 
 class CausalSelfAttention(nn.Module):
@@ -132,8 +144,9 @@ class CausalSelfAttention(nn.Module):
         if self.training and self.dropout > 0 and x.device.type == "cpu":
             y = _causal_attention_with_dropout(q, k, v, self.dropout)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)  # (B, H, L, Dh)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )  # (B, H, L, Dh)
         y = y.transpose(1, 2).reshape(b, length, dim)  # (B, L, D)
         return self.out(y if packing is None else packing.pack(y))  # (B, L, D) or (T, D)
 
@@ -150,6 +163,8 @@ class Packing:
         self.batch, self.length = mask.shape
         self.index = mask.reshape(-1).nonzero().squeeze(1)  # (T,) flat positions b * L + l
         self.positions = self.index % self.length  # (T,) position l within its row
+        row_length = mask.sum(1)[self.index // self.length]  # (T,) real length n of its row
+        self.from_newest = row_length - 1 - self.positions  # (T,) n - 1 - l: 0 for the newest item
 
     def unpack(self, packed: Tensor) -> Tensor:
         """(T, C) -> (B, L, C) with zeros at padding."""
@@ -169,9 +184,15 @@ def _causal_attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float) ->
     that the score GEMM accumulates onto, rather than a separate masking pass.
     """
     b, h, length, dh = q.shape
-    future = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # (L, L)
-    scores = torch.baddbmm(future.expand(b * h, length, length), q.reshape(b * h, length, dh),
-                           k.reshape(b * h, length, dh).transpose(1, 2), alpha=dh ** -0.5)  # (B*H, L, L)
+    future = torch.full((length, length), float("-inf"), dtype=q.dtype, device=q.device).triu_(
+        1
+    )  # (L, L)
+    scores = torch.baddbmm(
+        future.expand(b * h, length, length),
+        q.reshape(b * h, length, dh),
+        k.reshape(b * h, length, dh).transpose(1, 2),
+        alpha=dh**-0.5,
+    )  # (B*H, L, L)
     weights = dropout(torch.softmax(scores, dim=-1), p, True)  # (B*H, L, L)
     return (weights @ v.reshape(b * h, length, dh)).view(b, h, length, dh)  # (B, H, L, Dh)
 
@@ -179,12 +200,16 @@ def _causal_attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float) ->
 class Block(nn.Module):
     """Pre-LN transformer block: ``x + attn(LN(x))``, then ``x + FFN(LN(x))``."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, num_heads, attention_dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.GELU(), Dropout(dropout), nn.Linear(ffn_dim, dim)
+        )
         self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
@@ -193,84 +218,32 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
-class SASRec(nn.Module):
-    """SASRec over a TorchRec item table; see the module docstring.
+class SASRec(ItemTableModel):
+    """SASRec over the TorchRec item table; see the module docstring.
 
     ``device`` places only the ``EmbeddingCollection`` (``"meta"`` when
     ``DistributedModelParallel`` will shard and materialise it); the dense layers follow the
-    ambient default device and are moved by the caller.
+    ambient default device and are moved by the caller. Before training with
+    ``sampled_softmax`` and logQ, call :meth:`set_item_frequencies`.
     """
 
+    config: SASRecConfig
+
     def __init__(self, config: SASRecConfig, device: torch.device | str = "cpu") -> None:
-        super().__init__()
-        if config.num_items == 0:
-            raise ValueError("SASRecConfig.num_items=0: set it to the number of items (e.g. "
-                             "dataclasses.replace(config, num_items=...)) before building SASRec")
-        self.config = config
+        super().__init__(config, device)
         c = config
-        # Item rows ~ U(-a, a) with a = sqrt(3 / D): unit-norm rows, so tied scores of a
-        # layer-normed hidden state start with unit variance. Set as bounds (not an init_fn)
-        # because TorchRec's sharded kernels read only the bounds when they materialise it.
-        bound = math.sqrt(3.0 / c.dim)
-        self.embedding_collection = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=c.table_name, num_embeddings=c.num_items + 1, embedding_dim=c.dim,
-                                    feature_names=list(FEATURES), weight_init_min=-bound, weight_init_max=bound)],
-            device=torch.device(device))
         # Positions keep nn.Embedding's N(0, 1) init, which DistributedModelParallel's
         # reset_parameters() reproduces if the model is built on meta; items are scaled by
         # sqrt(D) in encode() to the same per-coordinate scale.
         self.positions = nn.Embedding(c.max_len, c.dim)
         self.input_dropout = Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout, c.attention_dropout)
-                                    for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(
+            Block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout, c.attention_dropout)
+            for _ in range(c.num_layers)
+        )
         self.final_norm = nn.LayerNorm(c.dim)
-        # log p(i) of the in-batch sampling distribution (p ∝ training frequency), index 0
-        # unused; uniform until set_item_frequencies(). Persistent so checkpoints resume alike.
-        self.register_buffer("log_item_prob", torch.full((c.num_items + 1,), -math.log(c.num_items)))
 
     # ----------------------------------------------------------------------------- helpers
-
-    @property
-    def item_table(self) -> nn.Embedding:
-        """The unsharded item table (N + 1 rows), e.g. for export; absent once sharded."""
-        embeddings = getattr(self.embedding_collection, "embeddings", None)
-        if not isinstance(embeddings, nn.ModuleDict) or self.config.table_name not in embeddings:
-            raise RuntimeError("item_table: the EmbeddingCollection is sharded; gather the table first "
-                               f"(state-dict key '{EC_MODULE}.embeddings.{self.config.table_name}.weight')")
-        return embeddings[self.config.table_name]
-
-    def set_item_frequencies(self, counts: Tensor) -> None:
-        """Set the in-batch sampling distribution from training counts (N + 1,), index 0 ignored.
-
-        ``p(i) = max(count_i, 1) / sum_j max(count_j, 1)``: an item with no count is treated as
-        seen once so that its log q stays finite.
-        """
-        log_p = log_sampling_probability(counts, self.config.num_items)
-        self.log_item_prob.copy_(log_p.to(self.log_item_prob))
-
-    def _lookup(self, history: Tensor, target: Tensor | None, target_lengths: Tensor,
-                candidates: Tensor, candidate_lengths: Tensor, batch_size: int) -> dict[str, Tensor]:
-        """The step's one ``EmbeddingCollection`` call; returns the values of each key.
-
-        ``history`` and ``target`` are the non-padding ids in row-major order, with per-row
-        lengths; ``candidates`` has per-row lengths ``candidate_lengths`` (B,).
-        """
-        device = history.device
-        row_lengths = target_lengths.to(device=device, dtype=torch.int32)
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        values = torch.cat([history, target if target is not None else empty, candidates]).to(torch.int64)
-        lengths = torch.cat([row_lengths, row_lengths if target is not None else torch.zeros_like(row_lengths),
-                             candidate_lengths.to(device=device, dtype=torch.int32)])
-        kjt = KeyedJaggedTensor(keys=list(FEATURES), values=values, lengths=lengths, stride=batch_size)
-        out = self.embedding_collection(kjt)
-        return {key: out[key].values() for key in FEATURES}
-
-    @staticmethod
-    def _in_row_zero(ids: Tensor, batch_size: int) -> Tensor:
-        """Per-row lengths (B,) putting all of ``ids`` in row 0 of a key."""
-        lengths = torch.zeros(batch_size, dtype=torch.int32, device=ids.device)
-        lengths[0] = ids.numel()
-        return lengths
 
     def _check_inputs(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """The (B, L) mask of real positions, after checking shapes against the config."""
@@ -281,24 +254,26 @@ class SASRec(nn.Module):
             raise ValueError(f"input_ids: length {length} > max_len={self.config.max_len}")
         if lengths.shape != (b,):
             raise ValueError(f"lengths: expected shape ({b},), got {tuple(lengths.shape)}")
-        return torch.arange(length, device=input_ids.device) < lengths[:, None].to(input_ids.device)  # (B, L)
+        return torch.arange(length, device=input_ids.device) < lengths[:, None].to(
+            input_ids.device
+        )  # (B, L)
 
     def encode_packed(self, history_emb: Tensor, packing: Packing) -> Tensor:
         """``encode`` on the real positions only: (T, D) row-major item embeddings -> (T, D)
         hidden states, equal to ``encode(...)[mask]`` (the training path; see :class:`Packing`)."""
         dim = history_emb.shape[-1]
-        x = history_emb * math.sqrt(dim) + self.positions(packing.positions)  # (T, D)
+        index = (
+            packing.from_newest if self.config.position_origin == "newest" else packing.positions
+        )
+        x = history_emb * math.sqrt(dim) + self.positions(index)  # (T, D)
         x = self.input_dropout(x)
         for block in self.blocks:
             x = block(x, packing)
         return self.final_norm(x)
 
     def _hidden(self, history_emb: Tensor, mask: Tensor, lengths: Tensor) -> Tensor:
-        """Scatter the looked-up history rows into a zero (B, L, D) tensor and encode it."""
-        b, length = mask.shape
-        emb = history_emb.new_zeros(b, length, self.config.dim)  # (B, L, D)
-        emb = emb.masked_scatter(mask[..., None], history_emb)  # row-major, like mask's True entries
-        return self.encode(emb, lengths)
+        """Encode the looked-up history rows (row-major, like ``mask``'s true entries)."""
+        return self.encode(pad_ragged(history_emb, mask), lengths)  # (B, L, D)
 
     # ----------------------------------------------------------------------------- public API
 
@@ -310,8 +285,15 @@ class SASRec(nn.Module):
         a real position, because padding is on the right and attention is causal.
         """
         b, length, dim = input_emb.shape
-        mask = torch.arange(length, device=input_emb.device) < lengths[:, None]  # (B, L)
-        x = input_emb * math.sqrt(dim) + self.positions.weight[:length]  # (B, L, D)
+        steps = torch.arange(length, device=input_emb.device)  # (L,)
+        mask = steps < lengths[:, None]  # (B, L)
+        if self.config.position_origin == "newest":
+            # n - 1 - l on real steps; padded steps (zeroed below, never attended to by a real
+            # step) read row 0 rather than a negative index.
+            index = (lengths[:, None].to(steps.dtype) - 1 - steps).clamp_min(0)  # (B, L)
+            x = input_emb * math.sqrt(dim) + self.positions(index)  # (B, L, D)
+        else:
+            x = input_emb * math.sqrt(dim) + self.positions.weight[:length]  # (B, L, D)
         x = self.input_dropout(x)
         for block in self.blocks:
             x = block(x)
@@ -327,8 +309,9 @@ class SASRec(nn.Module):
         index = (lengths.to(torch.int64) - 1).clamp_min(0)  # (B,)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, D)
 
-    def training_loss(self, input_ids: Tensor, target_ids: Tensor, lengths: Tensor, weight: Tensor
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(
+        self, input_ids: Tensor, target_ids: Tensor, lengths: Tensor, weight: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of one training batch and its stats, with one item-table lookup.
 
         Args:
@@ -345,41 +328,53 @@ class SASRec(nn.Module):
         c = self.config
         mask = self._check_inputs(input_ids, lengths)
         if target_ids.shape != input_ids.shape:
-            raise ValueError(f"target_ids: shape {tuple(target_ids.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"target_ids: shape {tuple(target_ids.shape)} != input_ids {tuple(input_ids.shape)}"
+            )
         b = input_ids.shape[0]
         history, targets = input_ids[mask], target_ids[mask]  # (T,) each, row-major
         position_weight = weight.to(input_ids.device)[:, None].expand_as(mask)[mask]  # (T,)
         num_tokens = targets.numel()
         device = input_ids.device
 
+        candidate_lengths = None  # shared by the batch: all in row 0
         if c.loss == "ce":
             candidates = torch.arange(1, c.num_items + 1, device=device)
-            candidate_lengths = self._in_row_zero(candidates, b)
         elif c.loss == "sampled_softmax":
-            candidates = torch.randint(1, c.num_items + 1, (c.num_negatives,), device=device)
-            candidate_lengths = self._in_row_zero(candidates, b)
+            candidates = self.sample_uniform_items(c.num_negatives, device)
         else:
             # Uniform over the N - 1 items other than the target: draw from 1..N-1 and shift
             # the draws at or above the target up by one.
             candidates = torch.randint(1, c.num_items, (num_tokens,), device=device)
             candidates = candidates + (candidates >= targets).to(candidates.dtype)
             candidate_lengths = lengths
-        emb = self._lookup(history, targets, lengths, candidates, candidate_lengths, b)
+        emb = self.lookup_items(
+            b, (history, lengths), (targets, lengths), candidates, candidate_lengths
+        )
         query = self.encode_packed(emb["history"], Packing(mask))  # (T, D)
 
         stats: dict[str, Tensor] = {"tokens": torch.tensor(num_tokens, device=device)}
         if c.loss == "ce":
-            loss = full_softmax_ce(query, emb["candidates"], targets - 1, position_weight,
-                                   temperature=c.temperature)
+            loss = full_softmax_ce(
+                query, emb["candidates"], targets - 1, position_weight, temperature=c.temperature
+            )
         elif c.loss == "sampled_softmax":
             log_q_target = log_q_negative = None
             if c.logq_correction:
                 log_q_target = self._log_expected_count(targets, num_tokens)
                 log_q_negative = self._log_expected_count(candidates, num_tokens)
-            loss = sampled_softmax(query, emb["target"], targets, emb["candidates"], candidates,
-                                   in_batch=c.in_batch_negatives, log_q_target=log_q_target,
-                                   log_q_negative=log_q_negative, temperature=c.temperature,
-                                   weight=position_weight)
+            loss = sampled_softmax(
+                query,
+                emb["target"],
+                targets,
+                emb["candidates"],
+                candidates,
+                in_batch=c.in_batch_negatives,
+                log_q_target=log_q_target,
+                log_q_negative=log_q_negative,
+                temperature=c.temperature,
+                weight=position_weight,
+            )
             in_batch = num_tokens if c.in_batch_negatives else 0
             stats["negatives"] = torch.tensor(in_batch + c.num_negatives, device=device)
         else:
@@ -387,19 +382,12 @@ class SASRec(nn.Module):
         return loss, stats
 
     def _log_expected_count(self, ids: Tensor, num_tokens: int) -> Tensor:
-        """``log(T_in p(i) + M / N)``: expected times item i is among a step's sampled candidates.
-
-        ``T_in`` in-batch candidates are drawn ~ p (the training frequency) and ``M`` uniform ones
-        ~ 1/N; the logQ correction subtracts this from every candidate's logit.
-        """
+        """:meth:`log_expected_count` of a step whose in-batch candidates are the targets of its
+        ``num_tokens`` positions."""
         c = self.config
-        terms = []
-        if c.in_batch_negatives and num_tokens > 0:
-            terms.append(self.log_item_prob[ids] + math.log(num_tokens))
-        if c.num_negatives > 0:
-            terms.append(torch.full(ids.shape, math.log(c.num_negatives / c.num_items),
-                                    dtype=self.log_item_prob.dtype, device=ids.device))
-        return terms[0] if len(terms) == 1 else torch.logaddexp(terms[0], terms[1])
+        return self.log_expected_count(
+            ids, num_tokens if c.in_batch_negatives else 0, c.num_negatives
+        )
 
     def score_all(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """Scores (B, N + 1) of every item for the next position; column 0 (padding) is -inf.
@@ -411,13 +399,18 @@ class SASRec(nn.Module):
         mask = self._check_inputs(input_ids, lengths)
         b = input_ids.shape[0]
         catalog_ids = torch.arange(1, c.num_items + 1, device=input_ids.device)
-        emb = self._lookup(input_ids[mask], None, lengths, catalog_ids, self._in_row_zero(catalog_ids, b), b)
+        emb = self.lookup_items(b, (input_ids[mask], lengths), None, catalog_ids)
         user = self.user_vector(self._hidden(emb["history"], mask, lengths), lengths)  # (B, D)
         scores = user @ emb["candidates"].T  # (B, N)
         return F.pad(scores, (1, 0), value=float("-inf"))  # (B, N + 1)
 
-    def forward(self, input_ids: Tensor, lengths: Tensor, target_ids: Tensor | None = None,
-                weight: Tensor | None = None) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def forward(
+        self,
+        input_ids: Tensor,
+        lengths: Tensor,
+        target_ids: Tensor | None = None,
+        weight: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """``training_loss`` when ``target_ids`` is given, else ``score_all``.
 
         Under ``DistributedModelParallel`` call the wrapper (``dmp(...)``), not these methods,

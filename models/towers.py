@@ -1,19 +1,17 @@
 """The towers of the two-tower model and their parts, on plain tensors (no TorchRec), so an
 exporter can run them after ordinary ``nn.Embedding``/``nn.EmbeddingBag`` lookups.
-See :mod:`recforge.models.two_tower` for the model that feeds them.
+See :mod:`recforge.models.two_tower` for the model that feeds them; the towers take their widths
+as arguments rather than reading its config, so this module does not depend on that one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from recforge.models.two_tower import TwoTowerConfig
 
 PoolingKind = Literal["mean", "exp_decay", "learned"]
 POOLINGS: tuple[PoolingKind, ...] = ("mean", "exp_decay", "learned")
@@ -54,7 +52,6 @@ class TowerConfig:
             raise ValueError(f"TowerConfig.dropout={self.dropout!r}: must be in [0, 1)")
 
 
-
 def _mlp(in_dim: int, config: TowerConfig, out_dim: int) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Dropout(config.dropout)]
     width = in_dim
@@ -77,7 +74,7 @@ class HistoryPooling(nn.Module):
         super().__init__()
         self.mode, self.heads = mode, heads
         age = torch.arange(history_len, dtype=torch.float32)[:, None]  # (H, 1)
-        decays = torch.tensor([decay ** (1.0 / 2 ** k) for k in range(heads)])  # (heads,)
+        decays = torch.tensor([decay ** (1.0 / 2**k) for k in range(heads)])  # (heads,)
         logits = age * decays.log()[None, :]  # (H, heads)
         if mode == "mean":
             logits = torch.zeros(history_len, 1)
@@ -91,7 +88,9 @@ class HistoryPooling(nn.Module):
         j = torch.arange(length, device=lengths.device)
         lengths = lengths.to(torch.int64)
         mask = j[None, :] < lengths[:, None]  # (B, H)
-        age = (lengths[:, None] - 1 - j[None, :]).clamp(0, self.position_logits.shape[0] - 1)  # (B, H)
+        age = (lengths[:, None] - 1 - j[None, :]).clamp(
+            0, self.position_logits.shape[0] - 1
+        )  # (B, H)
         logits = self.position_logits[age]  # (B, H, heads)
         # A finite fill keeps an all-padding row NaN-free; the mask then zeroes it.
         logits = logits.masked_fill(~mask[..., None], torch.finfo(logits.dtype).min)
@@ -104,13 +103,22 @@ class HistoryPooling(nn.Module):
 
 
 class ItemTower(nn.Module):
-    """``[id embedding, pooled features, numeric features] -> MLP -> L2 norm``."""
+    """``[id embedding, pooled features, numeric features] -> MLP -> L2 norm``.
 
-    def __init__(self, config: TwoTowerConfig) -> None:
+    Args:
+        id_dim: width of the item id embedding.
+        feature_dim: total width of the pooled item features (0: none).
+        num_numeric: item numeric features (already standardised by the caller).
+        mlp: the tower MLP.
+        out_dim: width of the shared user/item space.
+    """
+
+    def __init__(
+        self, id_dim: int, feature_dim: int, num_numeric: int, mlp: TowerConfig, out_dim: int
+    ) -> None:
         super().__init__()
-        c = config
-        self.in_dim = c.dim + c.feature_dim * len(c.item_feature_cardinalities) + len(c.item_numeric_features)
-        self.mlp = _mlp(self.in_dim, c.item_tower, c.out_dim)
+        self.in_dim = id_dim + feature_dim + num_numeric
+        self.mlp = _mlp(self.in_dim, mlp, out_dim)
 
     def forward(self, id_emb: Tensor, feature_emb: Tensor, dense: Tensor) -> Tensor:
         """(n, dim), (n, feature_dim * item features), (n, item numeric) -> (n, out_dim), unit rows."""
@@ -119,21 +127,37 @@ class ItemTower(nn.Module):
 
 
 class UserTower(nn.Module):
-    """``[pooled history, user id embedding, pooled features, numeric features] -> MLP -> L2 norm``."""
+    """``[pooled history, user id embedding, pooled features, numeric features] -> MLP -> L2 norm``.
 
-    def __init__(self, config: TwoTowerConfig) -> None:
+    Args:
+        pooling: the history pooling (``heads * item_dim`` wide output).
+        item_dim: width of the history's item embeddings.
+        id_and_feature_dim: total width of the user id embedding and pooled user features (0: none).
+        num_numeric: user numeric features (raw; standardised here, see :attr:`dense_mean`).
+        mlp: the tower MLP.
+        out_dim: width of the shared user/item space.
+    """
+
+    def __init__(
+        self,
+        pooling: HistoryPooling,
+        item_dim: int,
+        id_and_feature_dim: int,
+        num_numeric: int,
+        mlp: TowerConfig,
+        out_dim: int,
+    ) -> None:
         super().__init__()
-        c = config
-        self.pooling = HistoryPooling(c.pooling, c.history_len, c.decay, c.pooling_heads)
-        self.in_dim = (c.pooling_heads * c.dim + (c.user_id_dim if c.use_user_id else 0)
-                       + c.feature_dim * len(c.user_feature_cardinalities) + len(c.user_numeric_features))
-        self.mlp = _mlp(self.in_dim, c.user_tower, c.out_dim)
-        n = len(c.user_numeric_features)
+        self.pooling = pooling
+        self.in_dim = pooling.heads * item_dim + id_and_feature_dim + num_numeric
+        self.mlp = _mlp(self.in_dim, mlp, out_dim)
         # Standardisation of signed_log1p(user numeric features), set from the data.
-        self.register_buffer("dense_mean", torch.zeros(n), persistent=False)
-        self.register_buffer("dense_std", torch.ones(n), persistent=False)
+        self.register_buffer("dense_mean", torch.zeros(num_numeric), persistent=False)
+        self.register_buffer("dense_std", torch.ones(num_numeric), persistent=False)
 
-    def forward(self, history: Tensor, lengths: Tensor, id_and_feature_emb: Tensor, dense: Tensor) -> Tensor:
+    def forward(
+        self, history: Tensor, lengths: Tensor, id_and_feature_emb: Tensor, dense: Tensor
+    ) -> Tensor:
         """history (B, H, D) right-padded, lengths (B,), (B, user id + feature widths), raw numeric
         features (B, user numeric) -> (B, out_dim), unit rows."""
         pooled = self.pooling(history, lengths)

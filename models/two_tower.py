@@ -10,14 +10,12 @@
   sampling), at a temperature, with logQ (sampling-bias) correction from item frequencies and
   accidental-hit masking.
 
-TorchRec layout (DESIGN §5):
+TorchRec layout (docs/architecture.md §5):
 
-- ``embedding_collection``: an ``EmbeddingCollection`` (not a bag: the history is pooled with
-  per-position weights) holding one table, ``item_table`` (N + 1 rows, row 0 = padding), read
-  by three KJT keys: ``history``, ``target`` and ``candidates`` (uniform negatives while
-  training, the whole catalogue when scoring). A training step looks it up **once**, with one
-  KJT holding all three, so the fused optimizer applies one update per row per step. As in
-  :mod:`recforge.models.sasrec`, every key has stride B and ``candidates`` sits in row 0.
+- ``embedding_collection``: the shared item table (:mod:`recforge.models.item_table`; an
+  ``EmbeddingCollection``, not a bag: the history is pooled with per-position weights), read by
+  ``history``, ``target`` and ``candidates`` (uniform negatives while training, the whole
+  catalogue when scoring) in one lookup per step.
 - ``feature_collection``: an ``EmbeddingBagCollection`` (mean pooling) with one table per
   categorical/list feature, named like its KJT key (``item_<name>``, ``user_<name>``), and the
   ``user_id`` table when ``use_user_id``. It is also looked up once per step: the KJT has
@@ -38,26 +36,36 @@ so an exporter can run them after ordinary ``nn.Embedding``/``nn.EmbeddingBag`` 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torch import Tensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from recforge.models.losses import log_sampling_probability, sampled_softmax
-from recforge.models.towers import POOLINGS, ItemTower, PoolingKind, TowerConfig, UserTower, hash_user_ids, signed_log1p
+from recforge.models.config_checks import FieldChecks, is_int
+from recforge.models.item_table import EC_MODULE as EC_MODULE  # re-exported: its path in this model
+from recforge.models.item_table import ItemTableModel, check_item_table_fields
+from recforge.models.losses import sampled_softmax
+from recforge.models.ragged import gather_ragged, pad_ragged
+from recforge.models.towers import (
+    POOLINGS,
+    HistoryPooling,
+    ItemTower,
+    PoolingKind,
+    TowerConfig,
+    UserTower,
+    hash_user_ids,
+    signed_log1p,
+)
 
-ITEM_KEYS = ("history", "target", "candidates")
-"""The KJT keys of the item table, in the order every lookup uses."""
 USER_ID_KEY = "user_id"
 """KJT key (and table name) of the user id embedding."""
-EC_MODULE = "embedding_collection"
-"""Attribute (and ``named_modules`` path) of the item ``EmbeddingCollection``."""
 EBC_MODULE = "feature_collection"
 """Attribute of the feature ``EmbeddingBagCollection`` (absent when there are no such tables)."""
 
@@ -121,47 +129,68 @@ class TwoTowerConfig:
         if isinstance(self.user_tower, Mapping):
             self.user_tower = TowerConfig(**self.user_tower)
 
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"TwoTowerConfig.{name}={getattr(self, name)!r}: {what}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        for name in ("num_items", "num_users", "dim", "out_dim", "feature_dim", "history_len", "pooling_heads",
-                     "user_id_dim", "user_id_hash_buckets", "num_negatives"):
-            need(is_int(getattr(self, name)), name, "must be an integer")
-        for name in ("use_user_id", "in_batch_negatives", "logq_correction"):
-            need(isinstance(getattr(self, name), bool), name, "must be true or false")
-        for name in ("decay", "temperature"):
-            value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                 name, "must be a finite number")
-        need(self.num_items >= 0, "num_items", "must be >= 1 (or 0: taken from the data)")
+        check = FieldChecks(self)
+        need = check.need
+        check.integers(
+            "num_items",
+            "num_users",
+            "dim",
+            "out_dim",
+            "feature_dim",
+            "history_len",
+            "pooling_heads",
+            "user_id_dim",
+            "user_id_hash_buckets",
+            "num_negatives",
+        )
+        check.booleans("use_user_id", "in_batch_negatives", "logq_correction")
+        check.finite_numbers("decay", "temperature")
+        check_item_table_fields(check)
         need(self.num_users >= 0, "num_users", "must be >= 1 (or 0: taken from the data)")
-        for name in ("dim", "out_dim", "feature_dim", "history_len", "pooling_heads", "user_id_dim"):
+        for name in (
+            "dim",
+            "out_dim",
+            "feature_dim",
+            "history_len",
+            "pooling_heads",
+            "user_id_dim",
+        ):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
         need(0.0 < self.decay <= 1.0, "decay", "must be in (0, 1]")
-        need(self.pooling == "learned" or self.pooling_heads == 1, "pooling_heads",
-             "must be 1 unless pooling='learned'")
-        need(self.user_id_hash_buckets >= 0, "user_id_hash_buckets", "must be >= 0 (0 = no hashing)")
+        need(
+            self.pooling == "learned" or self.pooling_heads == 1,
+            "pooling_heads",
+            "must be 1 unless pooling='learned'",
+        )
+        need(
+            self.user_id_hash_buckets >= 0, "user_id_hash_buckets", "must be >= 0 (0 = no hashing)"
+        )
         need(self.temperature > 0, "temperature", "must be > 0")
         need(self.num_negatives >= 0, "num_negatives", "must be >= 0")
-        need(self.in_batch_negatives or self.num_negatives > 0, "num_negatives",
-             "must be > 0 when in_batch_negatives is false (no negatives otherwise)")
-        need(isinstance(self.table_name, str) and self.table_name.isidentifier()
-             and self.table_name not in dir(nn.ModuleDict), "table_name",
-             "must be an identifier that is not a ModuleDict attribute (e.g. not 'items')")
+        need(
+            self.in_batch_negatives or self.num_negatives > 0,
+            "num_negatives",
+            "must be > 0 when in_batch_negatives is false (no negatives otherwise)",
+        )
         for name in ("item_feature_cardinalities", "user_feature_cardinalities"):
             cards = getattr(self, name)
-            need(isinstance(cards, Mapping) and all(isinstance(k, str) and k.isidentifier() and is_int(v) and v >= 1
-                                                    for k, v in cards.items()),
-                 name, "must map identifier feature names to table sizes >= 1")
+            need(
+                isinstance(cards, Mapping)
+                and all(
+                    isinstance(k, str) and k.isidentifier() and is_int(v) and v >= 1
+                    for k, v in cards.items()
+                ),
+                name,
+                "must map identifier feature names to table sizes >= 1",
+            )
         for name in ("item_numeric_features", "user_numeric_features"):
             need(isinstance(getattr(self, name), list), name, "must be a list of feature names")
-        need("id" not in self.user_feature_cardinalities, "user_feature_cardinalities",
-             f"a user feature named 'id' would clash with the '{USER_ID_KEY}' key")
+        need(
+            "id" not in self.user_feature_cardinalities,
+            "user_feature_cardinalities",
+            f"a user feature named 'id' would clash with the '{USER_ID_KEY}' key",
+        )
 
     # --- derived names ---
 
@@ -180,7 +209,7 @@ class TwoTowerConfig:
         return self.user_id_hash_buckets if self.user_id_hash_buckets > 0 else self.num_users + 1
 
 
-class TwoTower(nn.Module):
+class TwoTower(ItemTableModel):
     """Two-tower retrieval model on TorchRec tables; see the module docstring.
 
     ``device`` places only the ``EmbeddingCollection``/``EmbeddingBagCollection`` (``"meta"``
@@ -190,61 +219,90 @@ class TwoTower(nn.Module):
     :meth:`set_user_feature_stats` (data-derived buffers, not saved in the state dict).
     """
 
+    config: TwoTowerConfig
+
     def __init__(self, config: TwoTowerConfig, device: torch.device | str = "cpu") -> None:
-        super().__init__()
+        super().__init__(config, device)
         c = config
-        if c.num_items == 0:
-            raise ValueError("TwoTowerConfig.num_items=0: set it to the number of items before building TwoTower")
         if c.use_user_id and c.user_id_hash_buckets == 0 and c.num_users == 0:
-            raise ValueError("TwoTowerConfig.num_users=0 with use_user_id and no hashing: set the number of "
-                             "users (or user_id_hash_buckets) before building TwoTower")
-        self.config = c
+            raise ValueError(
+                "TwoTowerConfig.num_users=0 with use_user_id and no hashing: set the number of "
+                "users (or user_id_hash_buckets) before building TwoTower"
+            )
         device = torch.device(device)
-        # Rows ~ U(-a, a), a = sqrt(3 / width): unit-norm rows. Bounds, not init_fn: TorchRec's
-        # sharded kernels read only the bounds when they materialise a table.
-        bound = math.sqrt(3.0 / c.dim)
-        self.embedding_collection = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=c.table_name, num_embeddings=c.num_items + 1, embedding_dim=c.dim,
-                                    feature_names=list(ITEM_KEYS), weight_init_min=-bound, weight_init_max=bound)],
-            device=device)
+        # Feature rows ~ U(-a, a), a = sqrt(3 / width), as the item table's (item_table.py).
         bags: list[EmbeddingBagConfig] = []
         if c.use_user_id:
             b = math.sqrt(3.0 / c.user_id_dim)
-            bags.append(EmbeddingBagConfig(name=USER_ID_KEY, num_embeddings=c.user_id_rows, embedding_dim=c.user_id_dim,
-                                           feature_names=[USER_ID_KEY], pooling=PoolingType.SUM,
-                                           weight_init_min=-b, weight_init_max=b))
+            bags.append(
+                EmbeddingBagConfig(
+                    name=USER_ID_KEY,
+                    num_embeddings=c.user_id_rows,
+                    embedding_dim=c.user_id_dim,
+                    feature_names=[USER_ID_KEY],
+                    pooling=PoolingType.SUM,
+                    weight_init_min=-b,
+                    weight_init_max=b,
+                )
+            )
         b = math.sqrt(3.0 / c.feature_dim)
-        for key, rows in zip(c.item_feature_keys + c.user_feature_keys,
-                             [*c.item_feature_cardinalities.values(), *c.user_feature_cardinalities.values()]):
-            bags.append(EmbeddingBagConfig(name=key, num_embeddings=rows, embedding_dim=c.feature_dim,
-                                           feature_names=[key], pooling=PoolingType.MEAN,
-                                           weight_init_min=-b, weight_init_max=b))
-        self.feature_collection = EmbeddingBagCollection(tables=bags, device=device) if bags else None
+        for key, rows in zip(
+            c.item_feature_keys + c.user_feature_keys,
+            [*c.item_feature_cardinalities.values(), *c.user_feature_cardinalities.values()],
+        ):
+            bags.append(
+                EmbeddingBagConfig(
+                    name=key,
+                    num_embeddings=rows,
+                    embedding_dim=c.feature_dim,
+                    feature_names=[key],
+                    pooling=PoolingType.MEAN,
+                    weight_init_min=-b,
+                    weight_init_max=b,
+                )
+            )
+        self.feature_collection = (
+            EmbeddingBagCollection(tables=bags, device=device) if bags else None
+        )
         self._bag_keys = [t.feature_names[0] for t in bags]
-        self.item_tower = ItemTower(c)
-        self.user_tower = UserTower(c)
-        # log p(i) of the in-batch sampling distribution (p ∝ training frequency), index 0 unused;
-        # uniform until set_item_frequencies(). Persistent (its shape is fixed by the config).
-        self.register_buffer("log_item_prob", torch.full((c.num_items + 1,), -math.log(c.num_items)))
+        self.item_tower = ItemTower(
+            c.dim,
+            c.feature_dim * len(c.item_feature_cardinalities),
+            len(c.item_numeric_features),
+            c.item_tower,
+            c.out_dim,
+        )
+        self.user_tower = UserTower(
+            HistoryPooling(c.pooling, c.history_len, c.decay, c.pooling_heads),
+            c.dim,
+            (c.user_id_dim if c.use_user_id else 0)
+            + c.feature_dim * len(c.user_feature_cardinalities),
+            len(c.user_numeric_features),
+            c.user_tower,
+            c.out_dim,
+        )
         # Every item's feature codes (jagged: offsets (N + 2,), codes) and standardised numeric
         # features (N + 1, k); empty until set_item_features(). Data-derived, not saved.
         for i in range(len(c.item_feature_cardinalities)):
-            self.register_buffer(f"item_offsets_{i}", torch.zeros(c.num_items + 2, dtype=torch.int64), persistent=False)
-            self.register_buffer(f"item_codes_{i}", torch.zeros(0, dtype=torch.int64), persistent=False)
-        self.register_buffer("item_dense", torch.zeros(c.num_items + 1, len(c.item_numeric_features)),
-                             persistent=False)
+            self.register_buffer(
+                f"item_offsets_{i}",
+                torch.zeros(c.num_items + 2, dtype=torch.int64),
+                persistent=False,
+            )
+            self.register_buffer(
+                f"item_codes_{i}", torch.zeros(0, dtype=torch.int64), persistent=False
+            )
+        self.register_buffer(
+            "item_dense",
+            torch.zeros(c.num_items + 1, len(c.item_numeric_features)),
+            persistent=False,
+        )
 
     # ----------------------------------------------------------------------------- data-derived state
 
-    def set_item_frequencies(self, counts: Tensor | np.ndarray) -> None:
-        """In-batch sampling distribution from training counts (N + 1,), index 0 ignored.
-
-        ``p(i) = max(count_i, 1) / sum_j max(count_j, 1)`` (as :meth:`recforge.models.sasrec.SASRec.set_item_frequencies`).
-        """
-        log_p = log_sampling_probability(counts, self.config.num_items)
-        self.log_item_prob.copy_(log_p.to(self.log_item_prob))
-
-    def set_item_features(self, sparse: Mapping[str, tuple[Any, Any]], dense: Any | None = None) -> None:
+    def set_item_features(
+        self, sparse: Mapping[str, tuple[Any, Any]], dense: Any | None = None
+    ) -> None:
         """Every item's features, indexed by item id (row 0 = padding).
 
         Args:
@@ -261,22 +319,34 @@ class TwoTower(nn.Module):
         for i, (name, card) in enumerate(c.item_feature_cardinalities.items()):
             offsets = torch.as_tensor(np.asarray(sparse[name][0]), dtype=torch.int64).reshape(-1)
             codes = torch.as_tensor(np.asarray(sparse[name][1]), dtype=torch.int64).reshape(-1)
-            if offsets.shape != (n + 2,) or offsets[0] != 0 or (offsets.diff() < 0).any() \
-                    or offsets[-1] != codes.numel():
-                raise ValueError(f"set_item_features: item feature {name!r}: offsets must be ({n + 2},), "
-                                 f"non-decreasing from 0 to the number of codes")
+            if (
+                offsets.shape != (n + 2,)
+                or offsets[0] != 0
+                or (offsets.diff() < 0).any()
+                or offsets[-1] != codes.numel()
+            ):
+                raise ValueError(
+                    f"set_item_features: item feature {name!r}: offsets must be ({n + 2},), "
+                    f"non-decreasing from 0 to the number of codes"
+                )
             if codes.numel() and (codes.min() < 0 or codes.max() >= card):
-                raise ValueError(f"set_item_features: item feature {name!r}: codes must lie in [0, {card})")
+                raise ValueError(
+                    f"set_item_features: item feature {name!r}: codes must lie in [0, {card})"
+                )
             old = getattr(self, f"item_offsets_{i}")
             setattr(self, f"item_offsets_{i}", offsets.to(old.device))
             setattr(self, f"item_codes_{i}", codes.to(old.device))
         k = len(c.item_numeric_features)
         if k:
             if dense is None:
-                raise ValueError(f"set_item_features: dense values needed for {c.item_numeric_features}")
+                raise ValueError(
+                    f"set_item_features: dense values needed for {c.item_numeric_features}"
+                )
             values = torch.as_tensor(np.asarray(dense), dtype=torch.float32)
             if values.shape != (n + 1, k):
-                raise ValueError(f"set_item_features: dense must be ({n + 1}, {k}), got {tuple(values.shape)}")
+                raise ValueError(
+                    f"set_item_features: dense must be ({n + 1}, {k}), got {tuple(values.shape)}"
+                )
             x = signed_log1p(torch.nan_to_num(values, nan=0.0))
             mean, std = x[1:].mean(0), x[1:].std(0, unbiased=False).clamp_min(1e-6)
             standard = (x - mean) / std
@@ -288,10 +358,14 @@ class TwoTower(nn.Module):
         k = len(self.config.user_numeric_features)
         values = torch.as_tensor(np.asarray(dense), dtype=torch.float32)
         if values.dim() != 2 or values.shape[1] != k:
-            raise ValueError(f"set_user_feature_stats: expected (users, {k}) values, got {tuple(values.shape)}")
+            raise ValueError(
+                f"set_user_feature_stats: expected (users, {k}) values, got {tuple(values.shape)}"
+            )
         x = signed_log1p(torch.nan_to_num(values, nan=0.0))
         self.user_tower.dense_mean = x.mean(0).to(self.user_tower.dense_mean)
-        self.user_tower.dense_std = x.std(0, unbiased=False).clamp_min(1e-6).to(self.user_tower.dense_std)
+        self.user_tower.dense_std = (
+            x.std(0, unbiased=False).clamp_min(1e-6).to(self.user_tower.dense_std)
+        )
 
     def item_feature_codes(self, item_ids: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Per item feature key, ``(codes, lengths)`` of the rows ``item_ids`` (jagged)."""
@@ -301,40 +375,28 @@ class TwoTower(nn.Module):
             ids = item_ids.to(offsets.device)
             starts = offsets[ids]
             lengths = offsets[ids + 1] - starts
-            if codes.numel() == 0:
-                out[key] = (codes[:0], lengths)
-                continue
-            exclusive = torch.cumsum(lengths, 0) - lengths
-            index = torch.repeat_interleave(starts - exclusive, lengths)
-            out[key] = (codes[index + torch.arange(index.numel(), device=index.device)], lengths)
+            out[key] = (gather_ragged(codes, starts, lengths), lengths)
         return out
 
     # ----------------------------------------------------------------------------- lookups
 
-    def _item_lookup(self, history: JaggedTensor, target: Tensor | None, candidates: Tensor,
-                     batch_size: int) -> dict[str, Tensor]:
-        """The step's one ``EmbeddingCollection`` call; returns the values (rows, D) of each key.
+    def _item_lookup(
+        self, history: JaggedTensor, target: Tensor | None, candidates: Tensor, batch_size: int
+    ) -> dict[str, Tensor]:
+        """:meth:`lookup_items` of ``history`` (B rows), ``target`` (one id per row, or None)
+        and ``candidates`` (all in row 0); returns the rows (n, D) of each key."""
+        targets = (
+            None
+            if target is None
+            else (target, torch.ones(batch_size, dtype=torch.int32, device=target.device))
+        )
+        return self.lookup_items(
+            batch_size, (history.values(), history.lengths()), targets, candidates
+        )
 
-        ``history`` has B rows; ``target`` one id per row (or None); ``candidates`` all go in row 0.
-        """
-        device = history.values().device
-        hist_lengths = history.lengths().to(device=device, dtype=torch.int32)
-        target_lengths = (torch.ones if target is not None else torch.zeros)(
-            batch_size, dtype=torch.int32, device=device)
-        candidate_lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
-        if batch_size:
-            candidate_lengths[0] = candidates.numel()
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        values = torch.cat([history.values().to(torch.int64), target.to(torch.int64) if target is not None else empty,
-                            candidates.to(device=device, dtype=torch.int64)])
-        kjt = KeyedJaggedTensor(keys=list(ITEM_KEYS), values=values,
-                                lengths=torch.cat([hist_lengths, target_lengths, candidate_lengths]),
-                                stride=batch_size)
-        out = self.embedding_collection(kjt)
-        return {key: out[key].values() for key in ITEM_KEYS}
-
-    def _feature_lookup(self, item_ids: Tensor, user: Mapping[str, JaggedTensor] | None, batch_size: int
-                        ) -> tuple[Tensor, Tensor]:
+    def _feature_lookup(
+        self, item_ids: Tensor, user: Mapping[str, JaggedTensor] | None, batch_size: int
+    ) -> tuple[Tensor, Tensor]:
         """The step's one ``EmbeddingBagCollection`` call: pooled item features (n, F_item) of
         ``item_ids`` (from the buffers) and pooled user id + features (B, F_user) of ``user`` (the
         batch's ``user_id``/``user_<name>`` keys; None: no users, B = 0)."""
@@ -345,14 +407,24 @@ class TwoTower(nn.Module):
         if self.feature_collection is None:
             return (torch.zeros(n, 0, device=device), torch.zeros(b, 0, device=device))
         stride = max(n, b, 1)
-        rows: dict[str, tuple[Tensor, Tensor]] = self.item_feature_codes(item_ids) if n else {
-            key: (torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
-            for key in c.item_feature_keys}
+        rows: dict[str, tuple[Tensor, Tensor]] = (
+            self.item_feature_codes(item_ids)
+            if n
+            else {
+                key: (
+                    torch.zeros(0, dtype=torch.int64, device=device),
+                    torch.zeros(0, dtype=torch.int64, device=device),
+                )
+                for key in c.item_feature_keys
+            }
+        )
         user_keys = ([USER_ID_KEY] if c.use_user_id else []) + c.user_feature_keys
         for key in user_keys:
             if user is None:
-                rows[key] = (torch.zeros(0, dtype=torch.int64, device=device),
-                             torch.zeros(0, dtype=torch.int64, device=device))
+                rows[key] = (
+                    torch.zeros(0, dtype=torch.int64, device=device),
+                    torch.zeros(0, dtype=torch.int64, device=device),
+                )
                 continue
             jt = user[key]
             values = jt.values().to(device=device, dtype=torch.int64)
@@ -364,67 +436,88 @@ class TwoTower(nn.Module):
             v, lens = rows[key]
             values.append(v)
             lengths.append(F.pad(lens, (0, stride - lens.numel())))
-        kjt = KeyedJaggedTensor(keys=list(self._bag_keys), values=torch.cat(values),
-                                lengths=torch.cat(lengths).to(torch.int32), stride=stride)
+        kjt = KeyedJaggedTensor(
+            keys=list(self._bag_keys),
+            values=torch.cat(values),
+            lengths=torch.cat(lengths).to(torch.int32),
+            stride=stride,
+        )
         pooled = self.feature_collection(kjt).to_dict()  # key -> (S, width)
-        item_emb = torch.cat([pooled[k][:n] for k in c.item_feature_keys], 1) if c.item_feature_keys \
+        item_emb = (
+            torch.cat([pooled[k][:n] for k in c.item_feature_keys], 1)
+            if c.item_feature_keys
             else torch.zeros(n, 0, device=device)
-        user_emb = torch.cat([pooled[k][:b] for k in user_keys], 1) if user_keys else torch.zeros(b, 0, device=device)
+        )
+        user_emb = (
+            torch.cat([pooled[k][:b] for k in user_keys], 1)
+            if user_keys
+            else torch.zeros(b, 0, device=device)
+        )
         return item_emb, user_emb
 
-    def _parse(self, features: KeyedJaggedTensor, need_target: bool) -> tuple[dict[str, JaggedTensor], int]:
+    def _parse(
+        self, features: KeyedJaggedTensor, need_target: bool
+    ) -> tuple[dict[str, JaggedTensor], int]:
         keys = set(features.keys())
-        needed = ["history"] + (["target"] if need_target else []) + ([USER_ID_KEY] if self.config.use_user_id else []) \
+        needed = (
+            ["history"]
+            + (["target"] if need_target else [])
+            + ([USER_ID_KEY] if self.config.use_user_id else [])
             + self.config.user_feature_keys
+        )
         missing = [k for k in needed if k not in keys]
         if missing:
-            raise ValueError(f"features: the KeyedJaggedTensor lacks key(s) {missing} (has {sorted(keys)})")
+            raise ValueError(
+                f"features: the KeyedJaggedTensor lacks key(s) {missing} (has {sorted(keys)})"
+            )
         return features.to_dict(), features.stride()
 
     def _history_dense(self, history_emb: Tensor, lengths: Tensor) -> Tensor:
-        """Scatter the looked-up history rows (row-major) into a zero (B, H, D) tensor."""
+        """The looked-up history rows (row-major) as a right-padded (B, H, D) tensor."""
         c = self.config
-        b = lengths.numel()
-        mask = torch.arange(c.history_len, device=history_emb.device) < lengths.to(history_emb.device)[:, None]
+        mask = (
+            torch.arange(c.history_len, device=history_emb.device)
+            < lengths.to(history_emb.device)[:, None]
+        )
         if history_emb.shape[0] != int(mask.sum()):
-            raise ValueError(f"history: rows longer than history_len={c.history_len} (lengths {lengths.tolist()})")
-        emb = history_emb.new_zeros(b, c.history_len, c.dim)
-        return emb.masked_scatter(mask[..., None], history_emb)
+            raise ValueError(
+                f"history: rows longer than history_len={c.history_len} (lengths {lengths.tolist()})"
+            )
+        return pad_ragged(history_emb, mask)
 
-    def _user_vectors(self, history_emb: Tensor, history: JaggedTensor, user_emb: Tensor, user_dense: Tensor | None
-                      ) -> Tensor:
+    def _user_vectors(
+        self,
+        history_emb: Tensor,
+        history: JaggedTensor,
+        user_emb: Tensor,
+        user_dense: Tensor | None,
+    ) -> Tensor:
         lengths = history.lengths().to(history_emb.device)
         b = lengths.numel()
         if user_dense is None:
             user_dense = history_emb.new_zeros(b, len(self.config.user_numeric_features))
         if user_dense.shape != (b, len(self.config.user_numeric_features)):
-            raise ValueError(f"user_dense: expected ({b}, {len(self.config.user_numeric_features)}) "
-                             f"({self.config.user_numeric_features}), got {tuple(user_dense.shape)}")
-        return self.user_tower(self._history_dense(history_emb, lengths), lengths, user_emb,
-                               user_dense.to(history_emb.device))
-
-    def _log_expected_count(self, ids: Tensor, num_rows: int, num_negatives: int) -> Tensor:
-        """``log(B p(i) + M / N)``: expected times item i is among a step's candidates (B in-batch
-        draws ~ p, M uniform draws ~ 1/N); the logQ correction subtracts it from every logit."""
-        c = self.config
-        terms = []
-        if c.in_batch_negatives and num_rows > 0:
-            terms.append(self.log_item_prob[ids] + math.log(num_rows))
-        if num_negatives > 0:
-            terms.append(torch.full(ids.shape, math.log(num_negatives / c.num_items),
-                                    dtype=self.log_item_prob.dtype, device=ids.device))
-        return terms[0] if len(terms) == 1 else torch.logaddexp(terms[0], terms[1])
+            raise ValueError(
+                f"user_dense: expected ({b}, {len(self.config.user_numeric_features)}) "
+                f"({self.config.user_numeric_features}), got {tuple(user_dense.shape)}"
+            )
+        return self.user_tower(
+            self._history_dense(history_emb, lengths),
+            lengths,
+            user_emb,
+            user_dense.to(history_emb.device),
+        )
 
     # ----------------------------------------------------------------------------- public API
 
     def sample_negatives(self, device: torch.device | str) -> Tensor:
         """The step's ``num_negatives`` uniform negatives over 1..N (shared by the batch; may hit a
         target: such accidental hits are masked by the loss)."""
-        c = self.config
-        return torch.randint(1, c.num_items + 1, (c.num_negatives,), device=device)
+        return self.sample_uniform_items(self.config.num_negatives, device)
 
-    def training_loss(self, features: KeyedJaggedTensor, user_dense: Tensor | None, weight: Tensor
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(
+        self, features: KeyedJaggedTensor, user_dense: Tensor | None, weight: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Sampled-softmax loss of one batch, with one item-table and one feature-table lookup.
 
         Args:
@@ -447,40 +540,67 @@ class TwoTower(nn.Module):
         emb = self._item_lookup(history, targets, negatives, b)
         item_ids = torch.cat([targets, negatives])
         item_feat, user_feat = self._feature_lookup(item_ids, d, b)
-        item_vec = self.item_tower(torch.cat([emb["target"], emb["candidates"]]), item_feat,
-                                   self.item_dense[item_ids.to(self.item_dense.device)])
+        item_vec = self.item_tower(
+            torch.cat([emb["target"], emb["candidates"]]),
+            item_feat,
+            self.item_dense[item_ids.to(self.item_dense.device)],
+        )
         user_vec = self._user_vectors(emb["history"], history, user_feat, user_dense)
         has_negatives = negatives.numel() > 0
         log_q_target = log_q_negative = None
         if c.logq_correction:
-            m = negatives.numel()
-            log_q_target = self._log_expected_count(targets, b, m)
-            log_q_negative = self._log_expected_count(negatives, b, m) if has_negatives else None
-        loss = sampled_softmax(user_vec, item_vec[:b], targets, item_vec[b:] if has_negatives else None,
-                               negatives if has_negatives else None, in_batch=c.in_batch_negatives,
-                               log_q_target=log_q_target, log_q_negative=log_q_negative,
-                               temperature=c.temperature, weight=weight.to(user_vec.device))
-        stats = {"negatives": torch.tensor((b if c.in_batch_negatives else 0) + negatives.numel(), device=device)}
+            in_batch, m = (b if c.in_batch_negatives else 0), negatives.numel()
+            log_q_target = self.log_expected_count(targets, in_batch, m)
+            log_q_negative = (
+                self.log_expected_count(negatives, in_batch, m) if has_negatives else None
+            )
+        loss = sampled_softmax(
+            user_vec,
+            item_vec[:b],
+            targets,
+            item_vec[b:] if has_negatives else None,
+            negatives if has_negatives else None,
+            in_batch=c.in_batch_negatives,
+            log_q_target=log_q_target,
+            log_q_negative=log_q_negative,
+            temperature=c.temperature,
+            weight=weight.to(user_vec.device),
+        )
+        stats = {
+            "negatives": torch.tensor(
+                (b if c.in_batch_negatives else 0) + negatives.numel(), device=device
+            )
+        }
         return loss, stats
 
     def item_vectors(self, item_ids: Tensor) -> Tensor:
         """Item vectors (n, out_dim) of any item ids (one item-table and one feature-table lookup)."""
         item_ids = item_ids.reshape(-1).to(torch.int64)
-        empty = JaggedTensor(values=torch.zeros(0, dtype=torch.int64, device=item_ids.device),
-                             lengths=torch.zeros(1, dtype=torch.int32, device=item_ids.device))
+        empty = JaggedTensor(
+            values=torch.zeros(0, dtype=torch.int64, device=item_ids.device),
+            lengths=torch.zeros(1, dtype=torch.int32, device=item_ids.device),
+        )
         emb = self._item_lookup(empty, None, item_ids, 1)
         item_feat, _ = self._feature_lookup(item_ids, None, 0)
-        return self.item_tower(emb["candidates"], item_feat, self.item_dense[item_ids.to(self.item_dense.device)])
+        return self.item_tower(
+            emb["candidates"], item_feat, self.item_dense[item_ids.to(self.item_dense.device)]
+        )
 
     def user_vectors(self, features: KeyedJaggedTensor, user_dense: Tensor | None = None) -> Tensor:
         """User vectors (B, out_dim) from the batch KJT (one item-table and one feature-table lookup)."""
         d, b = self._parse(features, need_target=False)
         emb = self._item_lookup(d["history"], None, torch.zeros(0, dtype=torch.int64), b)
-        _, user_feat = self._feature_lookup(torch.zeros(0, dtype=torch.int64, device=self.log_item_prob.device), d, b)
+        _, user_feat = self._feature_lookup(
+            torch.zeros(0, dtype=torch.int64, device=self.log_item_prob.device), d, b
+        )
         return self._user_vectors(emb["history"], d["history"], user_feat, user_dense)
 
-    def score_all(self, features: KeyedJaggedTensor, user_dense: Tensor | None = None,
-                  catalog: Tensor | None = None) -> Tensor:
+    def score_all(
+        self,
+        features: KeyedJaggedTensor,
+        user_dense: Tensor | None = None,
+        catalog: Tensor | None = None,
+    ) -> Tensor:
         """Scores (B, N + 1) of every item (cosines; column 0, padding, is -inf).
 
         ``catalog``: precomputed :meth:`item_vectors` of ids 1..N (N, out_dim), e.g. once per
@@ -497,12 +617,18 @@ class TwoTower(nn.Module):
             user = self._user_vectors(emb["history"], d["history"], user_feat, user_dense)
         else:
             if catalog.shape != (c.num_items, c.out_dim):
-                raise ValueError(f"catalog: expected ({c.num_items}, {c.out_dim}), got {tuple(catalog.shape)}")
+                raise ValueError(
+                    f"catalog: expected ({c.num_items}, {c.out_dim}), got {tuple(catalog.shape)}"
+                )
             user = self.user_vectors(features, user_dense)
         return F.pad(user @ catalog.T, (1, 0), value=float("-inf"))  # (B, N + 1)
 
-    def forward(self, features: KeyedJaggedTensor, user_dense: Tensor | None = None, weight: Tensor | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]] | Tensor:
+    def forward(
+        self,
+        features: KeyedJaggedTensor,
+        user_dense: Tensor | None = None,
+        weight: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]] | Tensor:
         """``training_loss`` when ``weight`` is given, else ``score_all``.
 
         Under ``DistributedModelParallel`` call the wrapper (``dmp(...)``) for training, so that

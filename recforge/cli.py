@@ -15,29 +15,55 @@ from typing import Any
 def build_parser() -> argparse.ArgumentParser:
     from recforge.data import cli as data_cli
 
-    parser = argparse.ArgumentParser(prog="recforge", description="Deep recommender training on TorchRec "
-                                     "shards under Lightning, tracked in MLflow, served from ONNX.")
+    parser = argparse.ArgumentParser(
+        prog="recforge",
+        description="Deep recommender training on TorchRec "
+        "shards under Lightning, tracked in MLflow, served from ONNX.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, what in (("fit", "train a model (LightningCLI; --help for its options)"),
-                       ("validate", "evaluate a checkpoint on the validation split"),
-                       ("test", "evaluate a checkpoint on the test split")):
+    for name, what in (
+        ("fit", "train a model (LightningCLI; --help for its options)"),
+        ("validate", "evaluate a checkpoint on the validation split"),
+        ("test", "evaluate a checkpoint on the test split"),
+    ):
         sub.add_parser(name, help=what, add_help=False)
     data_cli.add_parser(sub)
-    sub.add_parser("baselines", help="most-popular and Markov baselines through the evaluation code",
-                   add_help=False)
+    sub.add_parser(
+        "baselines",
+        help="most-popular and Markov baselines through the evaluation code",
+        add_help=False,
+    )
     _add_export_parser(sub)
-    serve = sub.add_parser("serve", help="HTTP recommendations from an exported artifact (onnxruntime, CPU)")
-    serve.add_argument("source", help="artifact directory, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/export")
+    serve = sub.add_parser(
+        "serve", help="HTTP recommendations from an exported artifact (onnxruntime, CPU)"
+    )
+    serve.add_argument(
+        "source",
+        help="artifact directory, models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/export",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per request")
-    serve.add_argument("--index", choices=("auto", "exact", "hnsw"), default="auto",
-                       help="top-k search: exact matrix product, faiss HNSW, or auto (HNSW above 200k items)")
-    serve.add_argument("--ef-search", type=int, default=512,
-                       help="HNSW search breadth: higher raises recall and latency (see benchmarks/serve_latency.py)")
+    serve.add_argument(
+        "--threads", type=int, default=1, help="onnxruntime intra-op threads per request"
+    )
+    serve.add_argument(
+        "--index",
+        choices=("auto", "exact", "hnsw"),
+        default="auto",
+        help="top-k search: exact matrix product, faiss HNSW, or auto (HNSW above 200k items)",
+    )
+    serve.add_argument(
+        "--ef-search",
+        type=int,
+        default=512,
+        help="HNSW search breadth: higher raises recall and latency (see benchmarks/serve_latency.py)",
+    )
     serve.add_argument("--model-name", default="recforge", help="name on the KServe v2 routes")
-    serve.add_argument("--tracking-uri", help="MLflow URI for models:/ sources (default: $MLFLOW_TRACKING_URI, "
-                       "else sqlite:///mlflow.db)")
+    serve.add_argument(
+        "--tracking-uri",
+        help="MLflow URI for models:/ sources (default: $MLFLOW_TRACKING_URI, "
+        "else sqlite:///mlflow.db)",
+    )
     serve.set_defaults(func=_serve)
     demo = sub.add_parser("demo", help="the whole path on synthetic data, offline, on CPU")
     demo.add_argument("--workdir", default="demo", help="where the demo writes its data and runs")
@@ -46,24 +72,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_export_parser(sub: Any) -> None:
-    parser = sub.add_parser("export", help="export a checkpoint to an ONNX artifact directory (DESIGN §9)")
+    parser = sub.add_parser(
+        "export", help="export a checkpoint to an ONNX artifact directory (docs/architecture.md §9)"
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a recforge checkpoint directory (e.g. .../checkpoints/best-epoch=3.ckpt)")
-    source.add_argument("--run-id", help="an MLflow run: exports its best checkpoint and logs into that run")
+    source.add_argument(
+        "--checkpoint",
+        help="a recforge checkpoint directory (e.g. .../checkpoints/best-epoch=3.ckpt)",
+    )
+    source.add_argument(
+        "--run-id", help="an MLflow run: exports its best checkpoint and logs into that run"
+    )
     parser.add_argument("--out", required=True, help="artifact directory to write")
     parser.add_argument("--data-dir", help="prepared data, if not where the checkpoint was trained")
     parser.add_argument("--register", metavar="NAME", help="log to MLflow and register under NAME")
-    parser.add_argument("--alias", default="champion", help="alias of the new model version (default: champion)")
-    parser.add_argument("--log-to-run", metavar="RUN_ID", help="MLflow run to log into (with --checkpoint)")
-    parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="parity: max |diff| of the user vector")
-    parser.add_argument("--quantize", choices=("int8",), default=None,
-                        help="serve a dynamically int8-quantized model.onnx (checked against the float one)")
-    parser.add_argument("--min-recall", type=float, default=0.9,
-                        help="--quantize: least recall@10 of the int8 model against the float one")
+    parser.add_argument(
+        "--alias", default="champion", help="alias of the new model version (default: champion)"
+    )
+    parser.add_argument(
+        "--log-to-run", metavar="RUN_ID", help="MLflow run to log into (with --checkpoint)"
+    )
+    parser.add_argument(
+        "--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=1e-4, help="parity: max |diff| of the user vector"
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8",),
+        default=None,
+        help="serve a dynamically int8-quantized model.onnx (checked against the float one)",
+    )
+    parser.add_argument(
+        "--min-recall",
+        type=float,
+        default=0.9,
+        help="--quantize: least recall@10 of the int8 model against the float one",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--triton", metavar="DIR", help="also write a Triton model repository (onnxruntime backend)")
-    parser.add_argument("--triton-name", default="recforge", help="model name in the Triton repository")
+    parser.add_argument(
+        "--triton", metavar="DIR", help="also write a Triton model repository (onnxruntime backend)"
+    )
+    parser.add_argument(
+        "--triton-name", default="recforge", help="model name in the Triton repository"
+    )
     parser.set_defaults(func=_export)
 
 
@@ -97,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from recforge.trainer.checkpoint import CheckpointError
+        from recforge.trainer.export.callback import ExportAndRegister
         from recforge.trainer.host_memory import keep_freed_memory
         from recforge.trainer.lightning_cli import run
         from recforge.trainer.tracking.logger import TrackingError
 
         keep_freed_memory()
         try:
-            return run(argv)
+            return run(argv, post_fit_callbacks=(ExportAndRegister,))
         except (CheckpointError, TrackingError) as exc:
             print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
@@ -124,8 +178,11 @@ def _configure_logging() -> None:
     import os
 
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 faiss (Meta, actively released, CPU wheels on PyPI) over hnswlib (last release 2023): same HNSW
 algorithm, plus exact and IVF indexes behind one API if a catalogue outgrows HNSW's memory.
 OpenMP is pinned to one thread before faiss loads: on 2 cores its default pool is erratic inside
-a server thread (0.3–20 ms per query, DESIGN §11), and the server parallelises across requests.
+a server thread (0.3–20 ms per query, docs/architecture.md §11), and the server parallelises across requests.
 
 efSearch is 512 by default (``recforge serve --ef-search``). On 1M random unit vectors in 64-D,
 the hard case for any graph index, recall@10 against exact search was 0.51 at efSearch 128
@@ -21,7 +21,9 @@ import numpy as np
 class HNSWIndex:
     """HNSW (inner product) over item vectors (N, D); ``search`` returns catalogue positions."""
 
-    def __init__(self, vectors: np.ndarray, m: int = 32, ef_construction: int = 80, ef_search: int = 512) -> None:
+    def __init__(
+        self, vectors: np.ndarray, m: int = 32, ef_construction: int = 80, ef_search: int = 512
+    ) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import faiss
 
@@ -33,7 +35,9 @@ class HNSWIndex:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         faiss.omp_set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    def search(self, vector: np.ndarray, k: int, excluded: np.ndarray | None = None) -> tuple[list[int], list[float]]:
+    def search(
+        self, vector: np.ndarray, k: int, excluded: np.ndarray | None = None
+    ) -> tuple[list[int], list[float]]:
         """Top-``k`` catalogue positions (and scores) for one vector, ``excluded`` positions left
         out inside the search (so a long seen-history does not widen it)."""
         import faiss
@@ -46,7 +50,8 @@ class HNSWIndex:
         # Per call, not on the index: efSearch must cover k, or HNSW returns fewer than k results,
         # and one large-k request must not slow every later one down.
         params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k), sel=selector)
-        scores, positions = self.index.search(np.ascontiguousarray(vector[None, :], dtype=np.float32), k,
-                                              params=params)
+        scores, positions = self.index.search(
+            np.ascontiguousarray(vector[None, :], dtype=np.float32), k, params=params
+        )
         keep = positions[0] >= 0  # fewer than k reachable items: -1 padding
         return positions[0][keep].tolist(), scores[0][keep].tolist()

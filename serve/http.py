@@ -1,4 +1,4 @@
-"""`recforge serve`: the HTTP service over :class:`recforge.serve.recommender.Recommender` (DESIGN §9).
+"""`recforge serve`: the HTTP service over :class:`recforge.serve.recommender.Recommender` (docs/architecture.md §10).
 
 Routes: ``POST /v1/recommend``, ``POST /v1/recommend:batch``, ``GET /healthz``, ``GET /v1/model``
 (the manifest), ``POST /v1/admin/reload`` (also on SIGHUP), OpenAPI docs at ``/docs``, and the
@@ -23,29 +23,41 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from recforge.serve.artifact import ArtifactError
+from recforge.artifact import MODEL, USER_VECTOR, ArtifactError, onnx_dims
 from recforge.serve.recommender import MAX_K, Recommender, RequestError, UnknownUserError
 
 log = logging.getLogger(__name__)
 
 ItemId = Union[StrictInt, StrictStr]
-FeatureValue = Union[StrictStr, StrictInt, StrictFloat, StrictBool, list[Union[StrictStr, StrictInt]]]
+FeatureValue = Union[
+    StrictStr, StrictInt, StrictFloat, StrictBool, list[StrictStr | StrictInt]
+]
 MAX_BATCH = 256
 MAX_HISTORY = 10_000
 
 
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    user_id: ItemId | None = Field(None, description="a user known to the model (its history is used)")
-    history: list[ItemId] | None = Field(None, max_length=MAX_HISTORY,
-                                         description="original item ids, oldest first; unknown ones are ignored")
+    user_id: ItemId | None = Field(
+        None, description="a user known to the model (its history is used)"
+    )
+    history: list[ItemId] | None = Field(
+        None,
+        max_length=MAX_HISTORY,
+        description="original item ids, oldest first; unknown ones are ignored",
+    )
     k: StrictInt = Field(10, ge=1, le=MAX_K, description="number of items")
     exclude_seen: StrictBool = Field(True, description="leave out items of the user's history")
-    exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY, description="more items to leave out")
+    exclude: list[ItemId] = Field(
+        default_factory=list, max_length=MAX_HISTORY, description="more items to leave out"
+    )
     user_features: dict[StrictStr, FeatureValue] | None = Field(
-        None, max_length=256, description="two-tower models with user features: raw values by feature name "
+        None,
+        max_length=256,
+        description="two-tower models with user features: raw values by feature name "
         "(one value per categorical feature, a list per list feature, a number per numeric one), e.g. for a "
-        "new user; unknown values are treated as missing and reported")
+        "new user; unknown values are treated as missing and reported",
+    )
 
 
 class BatchRequest(BaseModel):
@@ -55,7 +67,9 @@ class BatchRequest(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: StrictStr | None = Field(None, description="new artifact (path or models:/...); default: the same source")
+    source: StrictStr | None = Field(
+        None, description="new artifact (path or models:/...); default: the same source"
+    )
 
 
 class InferTensor(BaseModel):
@@ -73,8 +87,15 @@ class InferRequest(BaseModel):
 class ModelHolder:
     """The current model; replaced whole on reload."""
 
-    def __init__(self, source: str, threads: int, index: str, tracking_uri: str | None, ef_search: int = 512) -> None:
-        self.source, self.threads, self.index, self.tracking_uri = source, threads, index, tracking_uri
+    def __init__(
+        self, source: str, threads: int, index: str, tracking_uri: str | None, ef_search: int = 512
+    ) -> None:
+        self.source, self.threads, self.index, self.tracking_uri = (
+            source,
+            threads,
+            index,
+            tracking_uri,
+        )
         self.ef_search = ef_search
         self.lock = threading.Lock()
         self.current = self._load(source)
@@ -90,19 +111,35 @@ class ModelHolder:
             return new
 
     def _load(self, source: str) -> Recommender:
-        return Recommender.load(source, threads=self.threads, index=self.index, ef_search=self.ef_search,
-                                tracking_uri=self.tracking_uri)
+        return Recommender.load(
+            source,
+            threads=self.threads,
+            index=self.index,
+            ef_search=self.ef_search,
+            tracking_uri=self.tracking_uri,
+        )
 
 
-def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri: str | None = None,
-               max_body_bytes: int = 1 << 20, model_name: str = "recforge", ef_search: int = 512) -> FastAPI:
+def create_app(
+    source: str,
+    threads: int = 1,
+    index: str = "auto",
+    tracking_uri: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    model_name: str = "recforge",
+    ef_search: int = 512,
+) -> FastAPI:
     holder = ModelHolder(source, threads, index, tracking_uri, ef_search)
-    app = FastAPI(title="recforge", description="Recommendations from a recforge ONNX artifact.", version="1")
+    app = FastAPI(
+        title="recforge", description="Recommendations from a recforge ONNX artifact.", version="1"
+    )
     app.state.holder = holder
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Any) -> Any:
-        too_large = JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
+        too_large = JSONResponse(
+            {"detail": f"request body over {max_body_bytes} bytes"}, status_code=413
+        )
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             return too_large
@@ -119,14 +156,19 @@ def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri:
         return await call_next(request)
 
     def describe(model: Recommender) -> dict[str, Any]:
-        return {"kind": model.manifest["kind"], "run_id": model.manifest.get("run_id"),
-                "sha256": model.manifest["files"]["model.onnx"][:12]}
+        return {
+            "kind": model.manifest["kind"],
+            "run_id": model.manifest.get("run_id"),
+            "sha256": model.manifest["files"][MODEL][:12],
+        }
 
     def answer(model: Recommender, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
         try:
             results = model.recommend_batch([r.model_dump() for r in requests])
         except RequestError as exc:
-            raise HTTPException(status_code=404 if isinstance(exc, UnknownUserError) else 422, detail=str(exc)) from None
+            raise HTTPException(
+                status_code=404 if isinstance(exc, UnknownUserError) else 422, detail=str(exc)
+            ) from None
         return [{**r.as_dict(), "model": describe(model)} for r in results]
 
     @app.post("/v1/recommend", summary="Top-k items for one user or history")
@@ -140,18 +182,27 @@ def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri:
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         model = holder.current
-        return {"status": "ok", "model": describe(model), "items": model.num_items, "reloads": holder.reloads}
+        return {
+            "status": "ok",
+            "model": describe(model),
+            "items": model.num_items,
+            "reloads": holder.reloads,
+        }
 
     @app.get("/v1/model", summary="The artifact's manifest")
     def model_manifest() -> dict[str, Any]:
         return holder.current.manifest
 
-    @app.post("/v1/admin/reload", summary="Load the artifact again (or another one) and swap atomically")
+    @app.post(
+        "/v1/admin/reload", summary="Load the artifact again (or another one) and swap atomically"
+    )
     def reload(body: ReloadRequest | None = None) -> dict[str, Any]:
         try:
             model = holder.reload(body.source if body else None)
         except (ArtifactError, OSError, ValueError) as exc:
-            raise HTTPException(status_code=409, detail=f"reload refused, still serving the old model: {exc}") from None
+            raise HTTPException(
+                status_code=409, detail=f"reload refused, still serving the old model: {exc}"
+            ) from None
         return {"status": "reloaded", "model": describe(model), "reloads": holder.reloads}
 
     # --- Open Inference Protocol (KServe v2) over the raw ONNX model ---
@@ -162,18 +213,28 @@ def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri:
 
     def check_name(name: str) -> None:
         if name != model_name:
-            raise HTTPException(status_code=404, detail=f"model {name!r} not found (this server has {model_name!r})")
+            raise HTTPException(
+                status_code=404, detail=f"model {name!r} not found (this server has {model_name!r})"
+            )
 
     @app.get("/v2/models/{name}")
     def v2_metadata(name: str) -> dict[str, Any]:
         check_name(name)
         m = holder.current.manifest
         dtype = {"int64": "INT64", "float32": "FP32"}
-        return {"name": model_name, "versions": [m["files"]["model.onnx"][:12]], "platform": "onnxruntime_onnx",
-                "inputs": [{"name": t["name"], "datatype": dtype[t["dtype"]],
-                            "shape": [-1 if isinstance(d, str) else d for d in t["shape"]]} for t in m["inputs"]],
-                "outputs": [{"name": t["name"], "datatype": dtype[t["dtype"]],
-                             "shape": [-1 if isinstance(d, str) else d for d in t["shape"]]} for t in m["outputs"]]}
+        return {
+            "name": model_name,
+            "versions": [m["files"][MODEL][:12]],
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {"name": t["name"], "datatype": dtype[t["dtype"]], "shape": onnx_dims(t["shape"])}
+                for t in m["inputs"]
+            ],
+            "outputs": [
+                {"name": t["name"], "datatype": dtype[t["dtype"]], "shape": onnx_dims(t["shape"])}
+                for t in m["outputs"]
+            ],
+        }
 
     @app.post("/v2/models/{name}/infer")
     def v2_infer(name: str, body: InferRequest) -> dict[str, Any]:
@@ -184,22 +245,42 @@ def create_app(source: str, threads: int = 1, index: str = "auto", tracking_uri:
         for tensor in body.inputs:
             dtype = v2_types.get(tensor.datatype)
             size = int(np.prod(tensor.shape)) if tensor.shape else 1
-            if dtype is None or tensor.name in feeds or not tensor.shape or min(tensor.shape) < 1 \
-                    or tensor.shape[0] > MAX_BATCH or len(tensor.data) != size:
-                raise HTTPException(status_code=422, detail=f"input {tensor.name!r}: need datatype INT64 or FP32, "
-                                    f"a shape of positive dims with batch <= {MAX_BATCH}, len(data) == its "
-                                    "product, and each name once")
+            if (
+                dtype is None
+                or tensor.name in feeds
+                or not tensor.shape
+                or min(tensor.shape) < 1
+                or tensor.shape[0] > MAX_BATCH
+                or len(tensor.data) != size
+            ):
+                raise HTTPException(
+                    status_code=422,
+                    detail=f"input {tensor.name!r}: need datatype INT64 or FP32, "
+                    f"a shape of positive dims with batch <= {MAX_BATCH}, len(data) == its "
+                    "product, and each name once",
+                )
             try:
                 feeds[tensor.name] = np.asarray(tensor.data, dtype=dtype).reshape(tensor.shape)
             except (ValueError, TypeError, OverflowError):
-                raise HTTPException(status_code=422, detail=f"input {tensor.name!r}: data must be numbers") from None
+                raise HTTPException(
+                    status_code=422, detail=f"input {tensor.name!r}: data must be numbers"
+                ) from None
         try:
             out = model.run_model(feeds)  # (B, D)
         except RequestError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
-        return {"model_name": model_name, "id": body.id,
-                "outputs": [{"name": "user_vector", "datatype": "FP32", "shape": list(out.shape),
-                             "data": out.reshape(-1).tolist()}]}
+        return {
+            "model_name": model_name,
+            "id": body.id,
+            "outputs": [
+                {
+                    "name": USER_VECTOR,
+                    "datatype": "FP32",
+                    "shape": list(out.shape),
+                    "data": out.reshape(-1).tolist(),
+                }
+            ],
+        }
 
     return app
 
@@ -228,8 +309,14 @@ def main(args: Any) -> int:
     import uvicorn
 
     try:
-        app = create_app(args.source, threads=args.threads, index=args.index, tracking_uri=args.tracking_uri,
-                         model_name=args.model_name, ef_search=args.ef_search)
+        app = create_app(
+            args.source,
+            threads=args.threads,
+            index=args.index,
+            tracking_uri=args.tracking_uri,
+            model_name=args.model_name,
+            ef_search=args.ef_search,
+        )
     except (ArtifactError, OSError, ValueError) as exc:
         print(f"recforge serve: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""`Recommender`: recommendations from an exported artifact, on CPU, without torch (DESIGN §9).
+"""`Recommender`: recommendations from an exported artifact, on CPU, without torch (docs/architecture.md §10).
 
 Both model kinds serve the same way: the ONNX user encoder (SASRec, or the two-tower user tower,
 which also reads the known user's index and features from ``users.parquet``) runs in onnxruntime; items are scored by a matrix product with
@@ -12,15 +12,25 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from recforge.serve.artifact import ArtifactError, read_verified_manifest, resolve_source
+from recforge.artifact import (
+    ITEM_EMBEDDINGS,
+    ITEMS,
+    MODEL,
+    USER_FEATURES,
+    USER_VECTOR,
+    USERS,
+    ArtifactError,
+    read_verified_manifest,
+)
+from recforge.serve.artifact import resolve_source
 from recforge.serve.topk import top_k_rows
-from recforge.serve.user_features import FILE as FEATURES_FILE
 from recforge.serve.user_features import UserFeatureError, UserFeatures
 
 log = logging.getLogger(__name__)
@@ -50,16 +60,25 @@ class Recommendation:
     """``name=value`` of user feature values the model has no code for (treated as missing)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"items": [{"item_id": i, "score": s} for i, s in zip(self.items, self.scores)],
-                "fallback": self.fallback, "unknown_history_items": self.unknown_history_items,
-                "unknown_user_features": self.unknown_user_features}
+        return {
+            "items": [{"item_id": i, "score": s} for i, s in zip(self.items, self.scores)],
+            "fallback": self.fallback,
+            "unknown_history_items": self.unknown_history_items,
+            "unknown_user_features": self.unknown_user_features,
+        }
 
 
 class Recommender:
     """Loaded artifact: user encoder session, item vectors, id maps, known users' histories."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], threads: int = 1, index: str = "auto",
-                 ef_search: int = 512) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        threads: int = 1,
+        index: str = "auto",
+        ef_search: int = 512,
+    ) -> None:
         import onnxruntime as ort
         import pyarrow.parquet as pq
 
@@ -70,38 +89,45 @@ class Recommender:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(directory / "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
-        self.item_embeddings = np.load(directory / "item_embeddings.npy")  # (N, D) float32
-        items = pq.read_table(directory / "items.parquet").to_pydict()
+        self.session = ort.InferenceSession(
+            str(directory / MODEL), options, providers=["CPUExecutionProvider"]
+        )
+        self.item_embeddings = np.load(directory / ITEM_EMBEDDINGS)  # (N, D) float32
+        items = pq.read_table(directory / ITEMS).to_pydict()
         self.item_ids: list[Any] = items["item_id"]  # position p <-> item index p + 1
         self.index_of = {item: idx for idx, item in zip(items["item_idx"], items["item_id"])}
         counts = np.asarray(items["count"], dtype=np.int64)
         self.counts = counts
         self.popular = np.argsort(-counts, kind="stable")  # positions, most popular first
         self.max_len = int(manifest["max_len"])
-        self.kind = manifest.get("kind", "sasrec")
+        self.kind = manifest["kind"]  # read_manifest checked it is a registered family
         self.inputs: list[dict[str, Any]] = manifest["inputs"]
         self.input_names = [spec["name"] for spec in self.inputs]
         self.histories: dict[Any, list[int]] = {}
         self.user_rows: dict[Any, int] = {}
         self.user_inputs: dict[str, list[Any]] = {}
         """Per user input of the model other than ``item_ids``: its value for each known user."""
-        if (directory / "users.parquet").is_file():
-            users = pq.read_table(directory / "users.parquet").to_pydict()
+        if (directory / USERS).is_file():
+            users = pq.read_table(directory / USERS).to_pydict()
             self.histories = dict(zip(users["user_id"], users["history"]))
             self.user_rows = {user: row for row, user in enumerate(users["user_id"])}
             self.user_inputs = {name: users[name] for name in self.input_names[1:] if name in users}
-        self.user_features = UserFeatures.load(directory) if FEATURES_FILE in manifest["files"] else None
+        self.user_features = (
+            UserFeatures.load(directory) if USER_FEATURES in manifest["files"] else None
+        )
         missing = [name for name in self.input_names[1:] if name not in self.user_inputs]
         if missing:
-            raise ArtifactError(f"{directory}: users.parquet lacks the column(s) {missing} that model.onnx takes")
+            raise ArtifactError(
+                f"{directory}: {USERS} lacks the column(s) {missing} that {MODEL} takes"
+            )
         num_items = self.item_embeddings.shape[0]
         if not np.isfinite(self.item_embeddings).all():
-            raise ArtifactError(f"{directory}: item_embeddings.npy holds NaN or inf")
+            raise ArtifactError(f"{directory}: {ITEM_EMBEDDINGS} holds NaN or inf")
         if self.item_embeddings.shape != (int(manifest["num_items"]), int(manifest["dim"])):
-            raise ArtifactError(f"{directory}: item_embeddings.npy has shape {self.item_embeddings.shape}, "
-                                f"manifest says ({manifest['num_items']}, {manifest['dim']})")
+            raise ArtifactError(
+                f"{directory}: {ITEM_EMBEDDINGS} has shape {self.item_embeddings.shape}, "
+                f"manifest says ({manifest['num_items']}, {manifest['dim']})"
+            )
         self.ann = None
         if index == "hnsw" or (index == "auto" and num_items > EXACT_LIMIT):
             from recforge.serve.ann import HNSWIndex
@@ -109,8 +135,14 @@ class Recommender:
             self.ann = HNSWIndex(self.item_embeddings, ef_search=ef_search)
 
     @classmethod
-    def load(cls, source: str | os.PathLike, threads: int = 1, index: str = "auto", ef_search: int = 512,
-             tracking_uri: str | None = None) -> "Recommender":
+    def load(
+        cls,
+        source: str | os.PathLike,
+        threads: int = 1,
+        index: str = "auto",
+        ef_search: int = 512,
+        tracking_uri: str | None = None,
+    ) -> Recommender:
         """Load a directory, ``models:/NAME@ALIAS`` or ``runs:/RUN/export``; verifies every sha256."""
         if index not in ("auto", "exact", "hnsw"):
             raise ValueError(f"index={index!r}: expected 'auto', 'exact' or 'hnsw'")
@@ -126,10 +158,14 @@ class Recommender:
 
     # --- requests ---
 
-    def _history_indexes(self, user_id: Any, history: Sequence[Any] | None) -> tuple[list[int], list[Any]]:
+    def _history_indexes(
+        self, user_id: Any, history: Sequence[Any] | None
+    ) -> tuple[list[int], list[Any]]:
         if user_id is not None:
             if user_id not in self.user_rows:
-                raise UnknownUserError(f"user_id {user_id!r} is unknown to this model (pass 'history' instead)")
+                raise UnknownUserError(
+                    f"user_id {user_id!r} is unknown to this model (pass 'history' instead)"
+                )
             indexes = list(self.histories[user_id])
         else:
             indexes = []
@@ -142,45 +178,88 @@ class Recommender:
                 indexes.append(idx)
         return indexes, unknown
 
-    def recommend(self, user_id: Any = None, history: Sequence[Any] | None = None, k: int = 10,
-                  exclude_seen: bool = True, exclude: Sequence[Any] = (),
-                  user_features: dict[str, Any] | None = None) -> Recommendation:
+    def recommend(
+        self,
+        user_id: Any = None,
+        history: Sequence[Any] | None = None,
+        k: int = 10,
+        exclude_seen: bool = True,
+        exclude: Sequence[Any] = (),
+        user_features: dict[str, Any] | None = None,
+    ) -> Recommendation:
         """Top-``k`` original item ids and scores for a known user or an explicit history (or both:
         the history then extends the user's); a two-tower model with user features also takes
         ``user_features`` (raw values, e.g. for a user it never saw)."""
-        return self.recommend_batch([{"user_id": user_id, "history": history, "k": k, "exclude_seen": exclude_seen,
-                                      "exclude": exclude, "user_features": user_features}])[0]
+        return self.recommend_batch(
+            [
+                {
+                    "user_id": user_id,
+                    "history": history,
+                    "k": k,
+                    "exclude_seen": exclude_seen,
+                    "exclude": exclude,
+                    "user_features": user_features,
+                }
+            ]
+        )[0]
 
     def recommend_batch(self, requests: Sequence[dict[str, Any]]) -> list[Recommendation]:
         """Several requests, encoded in one onnxruntime call."""
         parsed = []
         for i, request in enumerate(requests):
             k = request.get("k", 10)
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(MAX_K, self.num_items):
-                raise RequestError(f"request {i}: k={k!r} must be an integer in 1..{min(MAX_K, self.num_items)}")
+            if (
+                isinstance(k, bool)
+                or not isinstance(k, int)
+                or not 1 <= k <= min(MAX_K, self.num_items)
+            ):
+                raise RequestError(
+                    f"request {i}: k={k!r} must be an integer in 1..{min(MAX_K, self.num_items)}"
+                )
             raw_features = request.get("user_features")
-            if request.get("user_id") is None and request.get("history") is None and not raw_features:
+            if (
+                request.get("user_id") is None
+                and request.get("history") is None
+                and not raw_features
+            ):
                 raise RequestError(f"request {i}: give 'user_id', 'history' or 'user_features'")
             if raw_features and self.user_features is None:
                 raise RequestError(f"request {i}: this model reads no user features")
             indexes, unknown = self._history_indexes(request.get("user_id"), request.get("history"))
-            excluded = {self.index_of[x] for x in request.get("exclude") or () if x in self.index_of}
+            excluded = {
+                self.index_of[x] for x in request.get("exclude") or () if x in self.index_of
+            }
             if request.get("exclude_seen", True):
                 excluded.update(indexes)
-            user_values = self._user_values(self.user_rows.get(request.get("user_id"))
-                                            if request.get("user_id") is not None else None)
+            user_values = self._user_values(
+                self.user_rows.get(request.get("user_id"))
+                if request.get("user_id") is not None
+                else None
+            )
             unknown_features: list[str] = []
             if raw_features:
                 try:
                     unknown_features = self.user_features.apply(raw_features, user_values)
                 except UserFeatureError as exc:
                     raise RequestError(f"request {i}: {exc}") from None
-            parsed.append((k, indexes[-self.max_len:], unknown, excluded, user_values, unknown_features,
-                           bool(indexes) or bool(raw_features)))
+            parsed.append(
+                (
+                    k,
+                    indexes[-self.max_len :],
+                    unknown,
+                    excluded,
+                    user_values,
+                    unknown_features,
+                    bool(indexes) or bool(raw_features),
+                )
+            )
         # Encoded: requests with a usable history, or (two-tower) with user features to go on.
         with_history = [j for j, p in enumerate(parsed) if p[6]]
-        vectors = self._encode([parsed[j][1] for j in with_history],
-                               [parsed[j][4] for j in with_history]) if with_history else None
+        vectors = (
+            self._encode([parsed[j][1] for j in with_history], [parsed[j][4] for j in with_history])
+            if with_history
+            else None
+        )
         exact = None
         if vectors is not None and self.ann is None:
             # Exact search: one (B, N) matrix product and one blocked top-k for the whole batch.
@@ -193,19 +272,32 @@ class Recommender:
         row = {j: r for r, j in enumerate(with_history)}
         for j, (k, indexes, unknown, excluded, _, unknown_features, encoded) in enumerate(parsed):
             if not encoded:
-                positions = list(itertools.islice((p for p in self.popular if p + 1 not in excluded), k))
+                positions = list(
+                    itertools.islice((p for p in self.popular if p + 1 not in excluded), k)
+                )
                 # Fallback scores are training interaction counts, not model scores.
-                out.append(Recommendation([self.item_ids[p] for p in positions],
-                                          [float(self.counts[p]) for p in positions],
-                                          fallback=True, unknown_history_items=unknown))
+                out.append(
+                    Recommendation(
+                        [self.item_ids[p] for p in positions],
+                        [float(self.counts[p]) for p in positions],
+                        fallback=True,
+                        unknown_history_items=unknown,
+                    )
+                )
                 continue
             if exact is None:
                 positions, top = self._ann_top_k(vectors[row[j]], k, excluded)
             else:
                 keep = exact[1][row[j]] > -np.inf  # excluded items score -inf
                 positions, top = exact[0][row[j]][keep][:k].tolist(), exact[1][row[j]][keep][:k]
-            out.append(Recommendation([self.item_ids[p] for p in positions], [float(s) for s in top],
-                                      unknown_history_items=unknown, unknown_user_features=unknown_features))
+            out.append(
+                Recommendation(
+                    [self.item_ids[p] for p in positions],
+                    [float(s) for s in top],
+                    unknown_history_items=unknown,
+                    unknown_user_features=unknown_features,
+                )
+            )
         return out
 
     def _user_values(self, row: int | None) -> dict[str, Any]:
@@ -231,10 +323,12 @@ class Recommender:
             if name == "user_idx":
                 feeds[name] = np.array([u[name] for u in users], dtype=np.int64)
             elif spec["dtype"] == "float32":
-                feeds[name] = np.array([u[name] for u in users], dtype=np.float32).reshape(len(users), -1)
+                feeds[name] = np.array([u[name] for u in users], dtype=np.float32).reshape(
+                    len(users), -1
+                )
             else:  # feature codes, right-padded with -1
                 feeds[name] = _padded([u[name] for u in users], -1)
-        return self.session.run(["user_vector"], feeds)[0]  # (B, D)
+        return self.session.run([USER_VECTOR], feeds)[0]  # (B, D)
 
     def encode_histories(self, ids: np.ndarray) -> np.ndarray:
         """SASRec's raw model: padded item indexes (B, L) int64 -> user vectors (B, D)."""
@@ -244,31 +338,47 @@ class Recommender:
         """The raw ONNX model on the manifest's inputs, validated first (names, dtypes, shapes,
         ranges: an out-of-range index would otherwise fail inside onnxruntime)."""
         if sorted(feeds) != sorted(self.input_names):
-            raise RequestError(f"inputs {sorted(feeds)}: the model takes exactly {self.input_names}")
+            raise RequestError(
+                f"inputs {sorted(feeds)}: the model takes exactly {self.input_names}"
+            )
         batch = None
         for spec in self.inputs:
             name, x = spec["name"], feeds[spec["name"]]
             if x.dtype != np.dtype(spec["dtype"]) or x.ndim != len(spec["shape"]):
-                raise RequestError(f"input {name!r}: expected {spec['dtype']} of shape {spec['shape']}, "
-                                   f"got {x.dtype} of shape {list(x.shape)}")
+                raise RequestError(
+                    f"input {name!r}: expected {spec['dtype']} of shape {spec['shape']}, "
+                    f"got {x.dtype} of shape {list(x.shape)}"
+                )
             fixed = [(i, d) for i, d in enumerate(spec["shape"]) if isinstance(d, int)]
             if any(x.shape[i] != d for i, d in fixed) or 0 in x.shape:
-                raise RequestError(f"input {name!r}: shape {list(x.shape)} does not fit {spec['shape']}")
+                raise RequestError(
+                    f"input {name!r}: shape {list(x.shape)} does not fit {spec['shape']}"
+                )
             if x.ndim == 2 and "max_width" in spec and x.shape[1] > spec["max_width"]:
-                raise RequestError(f"input {name!r}: width {x.shape[1]} is over {spec['max_width']}")
+                raise RequestError(
+                    f"input {name!r}: width {x.shape[1]} is over {spec['max_width']}"
+                )
             if batch is not None and x.shape[0] != batch:
                 raise RequestError(f"input {name!r}: batch {x.shape[0]}, other inputs have {batch}")
             batch = x.shape[0]
             if name == "item_ids" and x.shape[1] > 1 and ((x[:, 1:] != 0) & (x[:, :-1] == 0)).any():
-                raise RequestError("input 'item_ids': rows must be right-padded (no item after a 0)")
+                raise RequestError(
+                    "input 'item_ids': rows must be right-padded (no item after a 0)"
+                )
             if "range" in spec and (x.min() < spec["range"][0] or x.max() > spec["range"][1]):
-                raise RequestError(f"input {name!r}: values must lie in {spec['range'][0]}..{spec['range'][1]}")
+                raise RequestError(
+                    f"input {name!r}: values must lie in {spec['range'][0]}..{spec['range'][1]}"
+                )
             if x.dtype.kind == "f" and not np.isfinite(x).all():
                 raise RequestError(f"input {name!r}: values must be finite")
-        return self.session.run(["user_vector"], feeds)[0]
+        return self.session.run([USER_VECTOR], feeds)[0]
 
-    def _ann_top_k(self, vector: np.ndarray, k: int, excluded: set[int]) -> tuple[list[int], np.ndarray]:
-        positions, scores = self.ann.search(vector, k, np.fromiter((i - 1 for i in excluded), dtype=np.int64))
+    def _ann_top_k(
+        self, vector: np.ndarray, k: int, excluded: set[int]
+    ) -> tuple[list[int], np.ndarray]:
+        positions, scores = self.ann.search(
+            vector, k, np.fromiter((i - 1 for i in excluded), dtype=np.int64)
+        )
         return positions, np.array(scores, dtype=np.float32)
 
 
@@ -276,5 +386,5 @@ def _padded(rows: list[list[int]], pad: int) -> np.ndarray:
     """(B, max(1, longest row)) int64, each row right-padded with ``pad``."""
     out = np.full((len(rows), max([1] + [len(r) for r in rows])), pad, dtype=np.int64)
     for r, values in enumerate(rows):
-        out[r, :len(values)] = values
+        out[r, : len(values)] = values
     return out

@@ -27,7 +27,7 @@ def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     bounds = np.searchsorted(hit_rows, np.arange(rows + 1))
     positions = np.empty((rows, k), dtype=np.int64)
     for r in range(rows):
-        cols = hit_cols[bounds[r]:bounds[r + 1]]
+        cols = hit_cols[bounds[r] : bounds[r + 1]]
         positions[r] = cols[np.lexsort((cols, -scores[r, cols]))[:k]]
     return positions, np.take_along_axis(scores, positions, axis=1)
 
@@ -45,8 +45,12 @@ def _kth_largest_lower_bound(scores: np.ndarray, k: int) -> np.ndarray:
     if full < n:
         maxima = np.concatenate([maxima, scores[:, full:].max(axis=1, keepdims=True)], axis=1)
     best = np.argpartition(-maxima, k - 1, axis=1)[:, :k]  # (B, k) block numbers
-    candidates = (best[:, :, None] * block + np.arange(block)).reshape(rows, k * block)  # (B, k * b)
+    candidates = (best[:, :, None] * block + np.arange(block)).reshape(
+        rows, k * block
+    )  # (B, k * b)
     inside = candidates < n  # the last block may be short
-    values = np.where(inside, np.take_along_axis(scores, np.minimum(candidates, n - 1), axis=1), -np.inf)
+    values = np.where(
+        inside, np.take_along_axis(scores, np.minimum(candidates, n - 1), axis=1), -np.inf
+    )
     # The k-th largest of a subset is at most the k-th largest of the row.
     return -np.partition(-values, k - 1, axis=1)[:, k - 1]

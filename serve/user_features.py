@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-FILE = "user_features.json"
+from recforge.artifact import USER_FEATURES
 
 
 class UserFeatureError(ValueError):
@@ -40,8 +41,8 @@ class UserFeatures:
         self.numeric: list[str] = list(spec.get("numeric") or [])
 
     @classmethod
-    def load(cls, directory: Path) -> "UserFeatures":
-        return cls(json.loads((directory / FILE).read_text()))
+    def load(cls, directory: Path) -> UserFeatures:
+        return cls(json.loads((directory / USER_FEATURES).read_text()))
 
     @property
     def names(self) -> list[str]:
@@ -58,22 +59,36 @@ class UserFeatures:
                 codes = self.codes[name]
                 if self.kinds[name] == "categorical":
                     if isinstance(value, (list, dict)) or value is None:
-                        raise UserFeatureError(f"user_features.{name}: expected one value, got {value!r}")
+                        raise UserFeatureError(
+                            f"user_features.{name}: expected one value, got {value!r}"
+                        )
                     code = codes.get(_key(value), 0)
                     if code == 0:
                         unknown.append(f"{name}={value!r}")
                     values[f"user_{name}"] = [code]
                 else:
-                    if not isinstance(value, list) or any(isinstance(v, (list, dict)) or v is None for v in value):
-                        raise UserFeatureError(f"user_features.{name}: expected a list of values, got {value!r}")
+                    if not isinstance(value, list) or any(
+                        isinstance(v, (list, dict)) or v is None for v in value
+                    ):
+                        raise UserFeatureError(
+                            f"user_features.{name}: expected a list of values, got {value!r}"
+                        )
                     unknown += [f"{name}={v!r}" for v in value if _key(v) not in codes]
                     values[f"user_{name}"] = [codes[_key(v)] for v in value if _key(v) in codes]
             elif name in self.numeric:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise UserFeatureError(f"user_features.{name}: expected a finite number, got {value!r}")
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, float))
+                    or not math.isfinite(value)
+                ):
+                    raise UserFeatureError(
+                        f"user_features.{name}: expected a finite number, got {value!r}"
+                    )
                 dense = list(values["user_dense"])
                 dense[self.numeric.index(name)] = float(value)
                 values["user_dense"] = dense
             else:
-                raise UserFeatureError(f"user_features: unknown feature {name!r}; this model reads {self.names}")
+                raise UserFeatureError(
+                    f"user_features: unknown feature {name!r}; this model reads {self.names}"
+                )
         return unknown

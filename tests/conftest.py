@@ -28,7 +28,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not present (the shared MovieLens files sit beside the repository)")
+        pytest.skip(
+            f"{SHARED_DATA} not present (the shared MovieLens files sit beside the repository)"
+        )
     return SHARED_DATA
 
 

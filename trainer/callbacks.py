@@ -36,8 +36,14 @@ class ThroughputMonitor(L.Callback):
         self._start = self._window_start = time.perf_counter()
         self._samples = self._tokens = self._window_samples = 0.0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         samples = float(batch["weight"].sum())
         if "lengths" in batch:
             tokens = float((batch["lengths"] * batch["weight"]).sum())
@@ -54,11 +60,19 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         elapsed = max(time.perf_counter() - self._start, 1e-9)
-        totals = torch.tensor([self._samples, self._tokens], dtype=torch.float64, device=pl_module.device)
+        totals = torch.tensor(
+            [self._samples, self._tokens], dtype=torch.float64, device=pl_module.device
+        )
         totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        pl_module.log_dict({"train/samples_per_sec": float(totals[0]) / elapsed,
-                            "train/tokens_per_sec": float(totals[1]) / elapsed,
-                            "train/epoch_seconds": elapsed}, batch_size=1, sync_dist=False)
+        pl_module.log_dict(
+            {
+                "train/samples_per_sec": float(totals[0]) / elapsed,
+                "train/tokens_per_sec": float(totals[1]) / elapsed,
+                "train/epoch_seconds": elapsed,
+            },
+            batch_size=1,
+            sync_dist=False,
+        )
 
 
 class EarlyStopping(early_stopping.EarlyStopping):
@@ -76,8 +90,10 @@ class EarlyStopping(early_stopping.EarlyStopping):
         configured = self.patience
         super().load_state_dict(state_dict)
         if self.patience != configured:
-            rank_zero_info(f"EarlyStopping: patience {configured} from the config (the checkpoint had "
-                           f"{self.patience}); {self.wait_count} validations without improvement so far")
+            rank_zero_info(
+                f"EarlyStopping: patience {configured} from the config (the checkpoint had "
+                f"{self.patience}); {self.wait_count} validations without improvement so far"
+            )
         self.patience = configured
         exhausted = early_stopping.EarlyStoppingReason.PATIENCE_EXHAUSTED
         if self.wait_count < self.patience and self.stopping_reason == exhausted:

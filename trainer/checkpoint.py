@@ -19,7 +19,6 @@ weights for validation/test reshards to the current plan.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+
+from recforge.atomic import replace_directory
 
 CHECKPOINT_FORMAT = 1
 TRAINER_STATE = "trainer_state.pt"
@@ -46,8 +47,14 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def save(path: str | Path, checkpoint: dict[str, Any], sharded_state: dict[str, Any], plan: dict[str, Any],
-         plan_text: str, world_size: int) -> None:
+def save(
+    path: str | Path,
+    checkpoint: dict[str, Any],
+    sharded_state: dict[str, Any],
+    plan: dict[str, Any],
+    plan_text: str,
+    world_size: int,
+) -> None:
     """Collective: every rank calls it with its own shards."""
     path = Path(path)
     tag = hashlib.sha1(path.name.encode()).hexdigest()[:12]
@@ -62,14 +69,9 @@ def save(path: str | Path, checkpoint: dict[str, Any], sharded_state: dict[str, 
         rest["recforge"] = {"format": CHECKPOINT_FORMAT, "plan": plan, "world_size": world_size}
         torch.save(rest, tmp / TRAINER_STATE)
         (tmp / PLAN_TEXT).write_text(plan_text)
-        if path.exists():
-            old = path.with_name(f".old-{tag}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        # Not atomic_directory: every rank writes into the one temp dir, so its name is derived
+        # from the target (no pid or random part) and only rank 0 creates and renames it.
+        replace_directory(tmp, path, aside=path.with_name(f".old-{tag}"))
     _barrier()
 
 
@@ -78,8 +80,10 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a file; recforge checkpoints are directories written by "
-                              "`recforge fit` (a sharded torch.distributed.checkpoint)")
+        raise CheckpointError(
+            f"checkpoint {path} is a file; recforge checkpoints are directories written by "
+            "`recforge fit` (a sharded torch.distributed.checkpoint)"
+        )
     state_file = path / TRAINER_STATE
     if not state_file.is_file() or not (path / ".metadata").is_file():
         missing = TRAINER_STATE if not state_file.is_file() else ".metadata"
@@ -87,18 +91,27 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(state_file, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch.load raises many types on a damaged file
-        raise CheckpointError(f"checkpoint {path}: cannot read {TRAINER_STATE} ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); the file is corrupt") from None
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read {TRAINER_STATE} ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); the file is corrupt"
+        ) from None
     meta = state.get("recforge") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} was not written by this version of recforge "
-                              f"(format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                              f"expected {CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"checkpoint {path} was not written by this version of recforge "
+            f"(format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+            f"expected {CHECKPOINT_FORMAT})"
+        )
     return state
 
 
-def check_plan(path: str | Path, saved: dict[str, Any], current: dict[str, Any], saved_world: int,
-               current_world: int) -> None:
+def check_plan(
+    path: str | Path,
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    saved_world: int,
+    current_world: int,
+) -> None:
     """Refuse to resume training under a different sharding plan."""
     if saved == current and saved_world == current_world:
         return
@@ -108,12 +121,15 @@ def check_plan(path: str | Path, saved: dict[str, Any], current: dict[str, Any],
     for table in sorted(set(saved) | set(current)):
         a, b = saved.get(table), current.get(table)
         if a != b:
-            desc = lambda p: "absent" if p is None else f"{p['sharding_type']} on ranks {p['ranks']}"  # noqa: E731
+            desc = lambda p: (
+                "absent" if p is None else f"{p['sharding_type']} on ranks {p['ranks']}"
+            )  # noqa: E731
             diffs.append(f"table {table}: {desc(a)} -> {desc(b)}")
     raise CheckpointError(
         f"checkpoint {path} was written under another sharding plan ({'; '.join(diffs)}). The fused optimizer "
         "state is laid out per sharding type, so training cannot resume under a new plan: resume with the same "
-        "devices and sharding config, or start a new run from these weights (validate/test reshard freely)")
+        "devices and sharding config, or start a new run from these weights (validate/test reshard freely)"
+    )
 
 
 def load_sharded(path: str | Path, skeleton: dict[str, Any]) -> None:
@@ -122,7 +138,10 @@ def load_sharded(path: str | Path, skeleton: dict[str, Any]) -> None:
 
     try:
         dcp.load(skeleton, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as exc:  # CheckpointException derives from BaseException
+    except (
+        Exception,
+        CheckpointException,
+    ) as exc:  # CheckpointException derives from BaseException
         message = str(exc).strip().splitlines()
         if isinstance(exc, CheckpointException):
             # It carries the failure of each rank; name the first one.
@@ -131,9 +150,14 @@ def load_sharded(path: str | Path, skeleton: dict[str, Any]) -> None:
                 failure = failure[0]
             if failure is not None:
                 message = [f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}"]
-        detail = next((line for line in message if "Error" in line or "Missing" in line), message[0] if message else "")
-        raise CheckpointError(f"checkpoint {path}: the sharded state does not load ({type(exc).__name__}: "
-                              f"{detail[:300]}); it is corrupt or from another model/config") from None
+        detail = next(
+            (line for line in message if "Error" in line or "Missing" in line),
+            message[0] if message else "",
+        )
+        raise CheckpointError(
+            f"checkpoint {path}: the sharded state does not load ({type(exc).__name__}: "
+            f"{detail[:300]}); it is corrupt or from another model/config"
+        ) from None
 
 
 def remove(path: str | Path) -> None:

@@ -3,6 +3,12 @@
 Beyond Lightning's own sections, a config has ``mlflow:`` (:class:`recforge.trainer.tracking.logger.TrackingConfig`:
 every run is tracked unless ``enabled: false``) and ``test_after_fit`` (``fit`` then tests the
 best checkpoint, so the run holds its test metrics and evaluation report).
+
+Each value is set once. What every run wants is a default here rather than a block repeated in
+every YAML: the CSV logger, and the callbacks as their own sections (``checkpoint:``,
+``early_stopping:``, ``throughput:``) that a config overrides field by field. Values two
+components share are linked: ``seed_everything`` seeds the model's per-step RNG and the data's
+shuffle, and the data's batch format, ``max_len`` and ``history_len`` come from the model.
 """
 
 from __future__ import annotations
@@ -14,30 +20,71 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from recforge.data.datamodule import SequenceDataModule
+from recforge.trainer.callbacks import EarlyStopping, ModelCheckpoint, ThroughputMonitor
 from recforge.trainer.tracking.logger import TrackingConfig, TrackingError
 
 log = logging.getLogger(__name__)
 
+MONITOR = "val/ndcg@10_filtered"
+
 TRAINER_DEFAULTS: dict[str, Any] = {
     "strategy": {"class_path": "recforge.trainer.strategy.TorchRecStrategy"},
     "use_distributed_sampler": False,
+    # A config names its run directory: trainer.logger.init_args.name (e.g. sasrec-tiny) gives
+    # runs/sasrec-tiny/version_N/ with metrics.csv and checkpoints/.
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": "runs"},
+    },
 }
+
+CALLBACK_DEFAULTS: dict[str, Any] = {
+    "checkpoint.monitor": MONITOR,
+    "checkpoint.mode": "max",
+    "checkpoint.save_top_k": 1,
+    "checkpoint.save_last": True,
+    "checkpoint.filename": "best-{epoch}",
+    "early_stopping.monitor": MONITOR,
+    "early_stopping.mode": "max",
+    "early_stopping.patience": 5,
+}
+
+DATA_LINKS = ("batch_format", "max_len", "history_len")
+"""DataModule arguments taken from the instantiated model (its family and window lengths)."""
 
 
 class RecforgeCLI(LightningCLI):
     """LightningCLI with recforge's defaults: the TorchRec strategy, the SequenceDataModule, MLflow."""
 
+    post_fit_callbacks: tuple[type[Callback], ...] = ()
+    """Callbacks added to every trainer that also act once ``fit`` and its test are done, through
+    ``after_fit_and_test(trainer, module, mlflow_logger, tracking)``. The app sets them (export and
+    registration live above training, which must not import them)."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(TrackingConfig, "mlflow", help="MLflow tracking (DESIGN §8)")
-        parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="fit: test the best checkpoint (else the final weights) when training ends")
+        parser.add_class_arguments(TrackingConfig, "mlflow", help="MLflow tracking (docs/architecture.md §8)")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="fit: test the best checkpoint (else the final weights) when training ends",
+        )
+        parser.add_lightning_class_args(ThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults(CALLBACK_DEFAULTS)
+        parser.link_arguments("seed_everything", "model.init_args.seed")
+        parser.link_arguments("seed_everything", "data.seed")
+        for name in DATA_LINKS:
+            parser.link_arguments(f"model.{name}", f"data.{name}", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.extend(cls() for cls in self.post_fit_callbacks)
         self.mlflow_logger = self.recorder = None
         tracking = _as_tracking(self._get(self.config_init, "mlflow"))
         self.tracking = tracking
@@ -46,31 +93,48 @@ class RecforgeCLI(LightningCLI):
         return trainer
 
     def _attach_mlflow(self, trainer: Trainer, tracking: TrackingConfig) -> None:
+        from recforge.trainer.tracking.logger import (
+            MLflowLogger,
+            bound_http_retries,
+            resolve_tracking,
+        )
         from recforge.trainer.tracking.recorder import MLflowRecorder, flatten_config
-        from recforge.trainer.tracking.logger import MLflowLogger, bound_http_retries, resolve_tracking
 
-        uri, artifact_location = resolve_tracking(tracking)  # every rank: all fail alike, none hangs
+        uri, artifact_location = resolve_tracking(
+            tracking
+        )  # every rank: all fail alike, none hangs
         bound_http_retries()
         if not _is_rank_zero():
             # Only rank zero talks to MLflow. Not even a client on the others: under torchrun
             # every rank runs this at once, and two clients would race to create a sqlite store.
             return
-        family = getattr(self.datamodule, "model_family", type(self.model).__name__)
+        family = self.model.family.name
         dataset = Path(getattr(self.datamodule, "data_dir", "data")).name
         experiment = tracking.experiment_name or f"{family}-{dataset}"
-        run_name = tracking.run_name or f"{experiment}-{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        run_name = (
+            tracking.run_name
+            or f"{experiment}-{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        )
         logger = MLflowLogger(uri, experiment, run_name, artifact_location=artifact_location)
         try:
             run_id = logger.run_id  # creates the experiment and the run now, before any training
         except Exception as exc:
-            raise TrackingError(f"MLflow store {uri}: cannot create experiment {experiment!r} or its run "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+            raise TrackingError(
+                f"MLflow store {uri}: cannot create experiment {experiment!r} or its run "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
+            ) from None
         log.info("MLflow: run %s (%s) in experiment %r at %s", run_id, run_name, experiment, uri)
         config = self.config.get(str(self.subcommand), self.config)
         config_yaml = self._parser(self.subcommand).dump(config, skip_none=False)
         flat = flatten_config(yaml.safe_load(config_yaml) or {})
-        self.recorder = MLflowRecorder(logger, str(self.subcommand), flat, config_yaml, tracking.system_metrics,
-                                       tracking.system_metrics_interval)
+        self.recorder = MLflowRecorder(
+            logger,
+            str(self.subcommand),
+            flat,
+            config_yaml,
+            tracking.system_metrics,
+            tracking.system_metrics_interval,
+        )
         trainer.loggers = [*trainer.loggers, logger]
         trainer.callbacks.append(self.recorder)
         self.mlflow_logger = logger
@@ -81,10 +145,10 @@ class RecforgeCLI(LightningCLI):
             best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
             log.info("testing %s", best or "the final weights")
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
-        if self.mlflow_logger is not None and self.tracking.registered_model_name:
-            from recforge.trainer.export.onnx_export import export_after_fit
-
-            export_after_fit(self.trainer, self.model, self.mlflow_logger, self.tracking)
+        for callback in self.trainer.callbacks:
+            hook = getattr(callback, "after_fit_and_test", None)
+            if hook is not None:
+                hook(self.trainer, self.model, self.mlflow_logger, self.tracking)
         self._finish()
 
     def after_validate(self) -> None:
@@ -103,7 +167,9 @@ def _is_rank_zero() -> bool:
     processes it starts) says in the environment; a process started by hand is rank 0."""
     import os
 
-    return all(int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    return all(
+        int(os.environ.get(name, "0") or 0) == 0 for name in ("RANK", "LOCAL_RANK", "NODE_RANK")
+    )
 
 
 def _as_tracking(value: Any) -> TrackingConfig:
@@ -115,12 +181,15 @@ def _as_tracking(value: Any) -> TrackingConfig:
     return TrackingConfig(**items)
 
 
-def run(argv: list[str]) -> int:
+def run(argv: list[str], post_fit_callbacks: tuple[type[Callback], ...] = ()) -> int:
     # Evaluation metrics are all-reduced by the evaluator itself, so every rank logs the same
     # value; Lightning's advice to pass sync_dist=True does not apply.
-    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
+    warnings.filterwarnings(
+        "ignore", message=r".*when logging on epoch level in distributed setting.*"
+    )
     warnings.filterwarnings("ignore", message=r".*`broadcast_buffers` is deprecated.*")
-    RecforgeCLI(
+    cli_class = type("RecforgeCLI", (RecforgeCLI,), {"post_fit_callbacks": post_fit_callbacks})
+    cli_class(
         model_class=None,
         datamodule_class=SequenceDataModule,
         subclass_mode_model=True,

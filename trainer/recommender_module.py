@@ -1,15 +1,15 @@
 """What every recforge LightningModule shares: a network built on the meta device and sharded by
 TorchRec in ``configure_model``, the fused embedding optimizer, the state-dict API the
 :class:`~trainer.strategy.TorchRecStrategy` checkpoints through, per-step reseeding, and
-full-ranking evaluation (DESIGN §5, §7). Subclasses say how to build the network, compute the
+full-ranking evaluation (docs/architecture.md §5, §7). Subclasses say how to build the network, compute the
 training loss and score a batch against the catalog.
 """
 
 from __future__ import annotations
 
 import json
-from abc import ABC, abstractmethod
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +17,19 @@ from typing import Any
 import lightning as L
 import torch
 
+from recforge.families import ModelFamily, family_of_module
 from recforge.trainer.evaluation.metrics import RankingEvaluator
-from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig, local_shards, plan_summary, shard
+from recforge.trainer.sharding import (
+    EmbeddingOptimizerConfig,
+    ShardingConfig,
+    local_shards,
+    plan_summary,
+    shard,
+)
 
 log = logging.getLogger(__name__)
+
+
 @dataclass
 class DenseOptimizerConfig:
     """AdamW over the dense (non-embedding) parameters, from ``configure_optimizers``."""
@@ -43,7 +52,7 @@ class DenseOptimizerConfig:
 
 @dataclass
 class EvalConfig:
-    """Full-ranking evaluation (DESIGN §7)."""
+    """Full-ranking evaluation (docs/architecture.md §7)."""
 
     ks: list[int] = field(default_factory=lambda: [10, 20, 100])
     """Cut-offs for HR/NDCG/coverage/popularity."""
@@ -55,17 +64,50 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
     """Base LightningModule; see the module docstring. Subclasses implement :meth:`build_model`,
     :meth:`training_loss` and :meth:`score_batch`."""
 
-    def __init__(self, optimizer: DenseOptimizerConfig, embedding_optimizer: EmbeddingOptimizerConfig,
-                 sharding: ShardingConfig, evaluation: EvalConfig, seed: int) -> None:
+    def __init__(
+        self,
+        optimizer: DenseOptimizerConfig,
+        embedding_optimizer: EmbeddingOptimizerConfig,
+        sharding: ShardingConfig,
+        evaluation: EvalConfig,
+        seed: int,
+    ) -> None:
         super().__init__()
         self.optim_config = optimizer
         self.embedding_optimizer, self.sharding, self.eval_config, self.seed = (
-            embedding_optimizer, sharding, evaluation, seed)
+            embedding_optimizer,
+            sharding,
+            evaluation,
+            seed,
+        )
         self.net: torch.nn.Module | None = None
         self._plan: Any = None
         self._evaluator: RankingEvaluator | None = None
         self.last_evaluation: dict[str, Any] | None = None
         """Metrics and segment table of the last test epoch (for reports)."""
+
+    # --- what the data is linked from (LightningCLI ``link_arguments``, applied on instantiation) ---
+
+    @property
+    def family(self) -> ModelFamily:
+        """This module's entry in :mod:`recforge.families`."""
+        cls = type(self)
+        return family_of_module(f"{cls.__module__}.{cls.__qualname__}")
+
+    @property
+    def batch_format(self) -> str:
+        """The DataModule batch format this model reads."""
+        return self.family.batch_format
+
+    @property
+    @abstractmethod
+    def max_len(self) -> int:
+        """Sequence length L of ``sequence`` batches (linked to ``data.max_len``)."""
+
+    @property
+    @abstractmethod
+    def history_len(self) -> int:
+        """History length H of ``history`` batches (linked to ``data.history_len``)."""
 
     # --- what a model family provides ---
 
@@ -96,7 +138,14 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         if self.net is not None:
             return
         device = self.trainer.strategy.root_device
-        model, tables = self.build_model(self.trainer.datamodule)
+        dm = self.trainer.datamodule
+        if getattr(dm, "batch_format", self.batch_format) != self.batch_format:
+            # Only reachable when the module and data are built by hand: the CLI links them.
+            raise ValueError(
+                f"data.batch_format={dm.batch_format!r}: {type(self).__name__} reads "
+                f"{self.batch_format!r} batches"
+            )
+        model, tables = self.build_model(dm)
         self.embedding_optimizer.apply(tables, device)
         # Tables on the meta device: DMP allocates only this rank's shards.
         self.net, self._plan = shard(model, self.sharding, device, self.trainer.num_devices)
@@ -123,12 +172,20 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
     def configure_optimizers(self) -> Any:
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-        dense = [p for _, p in in_backward_optimizer_filter(self.net.named_parameters()) if p.requires_grad]
+        dense = [
+            p
+            for _, p in in_backward_optimizer_filter(self.net.named_parameters())
+            if p.requires_grad
+        ]
         cfg = self.optim_config
-        opt = torch.optim.AdamW(dense, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(
+            dense, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
         if cfg.warmup_steps == 0:
             return opt
-        warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps))
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
     # --- hooks ---
@@ -140,7 +197,9 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         # Reseed per (seed, epoch, batch, rank): dropout masks and sampled negatives then do not
         # depend on how many random draws happened before (DataLoader iterators, validation,
         # a resume), so a resumed run continues exactly like an uninterrupted one.
-        torch.manual_seed(hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) & (2**63 - 1))
+        torch.manual_seed(
+            hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) & (2**63 - 1)
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
@@ -177,18 +236,29 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
 
     def _new_evaluator(self) -> RankingEvaluator:
         dm = self.trainer.datamodule
-        return RankingEvaluator(num_items=dm.num_items, item_popularity=torch.as_tensor(dm.item_counts),
-                                ks=tuple(self.eval_config.ks), segments=tuple(self.eval_config.segments),
-                                device=self.device)
+        return RankingEvaluator(
+            num_items=dm.num_items,
+            item_popularity=torch.as_tensor(dm.item_counts),
+            ks=tuple(self.eval_config.ks),
+            segments=tuple(self.eval_config.segments),
+            device=self.device,
+        )
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
         scores = self.score_batch(batch)  # (B, N + 1)
-        self._evaluator.update(scores.float(), batch["target"], batch["seen_values"], batch["seen_lengths"],
-                               batch["weight"])
+        self._evaluator.update(
+            scores.float(),
+            batch["target"],
+            batch["seen_values"],
+            batch["seen_lengths"],
+            batch["weight"],
+        )
 
     def _log_eval(self, prefix: str) -> dict[str, float]:
         metrics = self._evaluator.compute()  # all-reduced: identical on every rank
-        flat = {f"{prefix}/{k}": float(v) for k, v in metrics.items() if not k.startswith("segment/")}
+        flat = {
+            f"{prefix}/{k}": float(v) for k, v in metrics.items() if not k.startswith("segment/")
+        }
         self.log_dict(flat, sync_dist=False, rank_zero_only=False)
         return metrics
 

@@ -8,17 +8,26 @@ from typing import Any
 import torch
 
 from recforge.models.sasrec import SASRec, SASRecConfig
-from recforge.trainer.recommender_module import DenseOptimizerConfig, EvalConfig, ShardedRecommenderModule
+from recforge.trainer.recommender_module import (
+    DenseOptimizerConfig,
+    EvalConfig,
+    ShardedRecommenderModule,
+)
 from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig
 
 
 class SASRecModule(ShardedRecommenderModule):
     """Trains :class:`recforge.models.sasrec.SASRec`; the network is built and sharded in ``configure_model``."""
 
-    def __init__(self, model: SASRecConfig, optimizer: DenseOptimizerConfig = DenseOptimizerConfig(),
-                 embedding_optimizer: EmbeddingOptimizerConfig = EmbeddingOptimizerConfig(),
-                 sharding: ShardingConfig = ShardingConfig(), evaluation: EvalConfig = EvalConfig(),
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: SASRecConfig,
+        optimizer: DenseOptimizerConfig = DenseOptimizerConfig(),
+        embedding_optimizer: EmbeddingOptimizerConfig = EmbeddingOptimizerConfig(),
+        sharding: ShardingConfig = ShardingConfig(),
+        evaluation: EvalConfig = EvalConfig(),
+        seed: int = 0,
+    ) -> None:
         """
         Args:
             model: SASRec architecture and loss. ``num_items: 0`` takes the count from the data.
@@ -33,15 +42,24 @@ class SASRecModule(ShardedRecommenderModule):
         self.save_hyperparameters()
         self.config = model
 
+    @property
+    def max_len(self) -> int:
+        return self.config.max_len
+
+    @property
+    def history_len(self) -> int:
+        # Not read by sequence batches; the same window keeps the data's config consistent.
+        return self.config.max_len
+
     def build_model(self, dm: Any) -> tuple[SASRec, list[torch.nn.Parameter]]:
         config = self.config
         if config.num_items == 0:
             config = replace(config, num_items=dm.num_items)
         elif config.num_items != dm.num_items:
-            raise ValueError(f"model.num_items={config.num_items} but the data has {dm.num_items} items "
-                             f"(set 0 to take it from the data)")
-        if config.max_len != dm.max_len:
-            raise ValueError(f"model.max_len={config.max_len} differs from data.max_len={dm.max_len}")
+            raise ValueError(
+                f"model.num_items={config.num_items} but the data has {dm.num_items} items "
+                f"(set 0 to take it from the data)"
+            )
         self.config = config
         model = SASRec(config, device=torch.device("meta"))
         model.set_item_frequencies(torch.as_tensor(dm.item_counts, dtype=torch.float32))
@@ -49,8 +67,15 @@ class SASRecModule(ShardedRecommenderModule):
 
     def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         # Through the DMP wrapper, so its DistributedDataParallel synchronises dense gradients.
-        loss, _ = self.net(batch["input_ids"], batch["lengths"], batch["target_ids"], batch["weight"])
+        loss, _ = self.net(
+            batch["input_ids"], batch["lengths"], batch["target_ids"], batch["weight"]
+        )
         return loss
 
     def score_batch(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model.score_all(batch["input_ids"], batch["lengths"])  # (B, N + 1)
+
+    def prepare_for_export(self, network: SASRec, dm: Any) -> None:
+        """Give a network whose meta tensors were just materialised (``recforge export``) what
+        the checkpoint does not hold: the item frequencies, taken from the data."""
+        network.set_item_frequencies(torch.as_tensor(dm.item_counts, dtype=torch.float32))

@@ -1,4 +1,4 @@
-"""A Lightning strategy for models whose embedding tables TorchRec shards (DESIGN §5).
+"""A Lightning strategy for models whose embedding tables TorchRec shards (docs/architecture.md §5).
 
 It is Lightning's DDP strategy (same launchers: Lightning's own, ``torchrun``, multi-node), except
 that it never wraps the model in DDP: the LightningModule wraps its network in TorchRec's
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import torch
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 
 from recforge.trainer import checkpoint as ckpt
 
@@ -31,19 +31,30 @@ class TorchRecStrategy(DDPStrategy):
 
     strategy_name = "torchrec"
 
-    def __init__(self, process_group_backend: Optional[str] = None, timeout_minutes: float = 30.0,
-                 start_method: str = "popen", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        process_group_backend: str | None = None,
+        timeout_minutes: float = 30.0,
+        start_method: str = "popen",
+        **kwargs: Any,
+    ) -> None:
         """
         Args:
             process_group_backend: ``gloo`` or ``nccl``; default: nccl on CUDA, gloo on CPU.
             timeout_minutes: collective timeout.
             start_method: Lightning's launcher start method (``popen`` re-runs the command per rank).
         """
-        super().__init__(process_group_backend=process_group_backend, timeout=timedelta(minutes=timeout_minutes),
-                         start_method=start_method, **kwargs)
+        super().__init__(
+            process_group_backend=process_group_backend,
+            timeout=timedelta(minutes=timeout_minutes),
+            start_method=start_method,
+            **kwargs,
+        )
 
     def _get_process_group_backend(self) -> str:
-        return self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
+        return self._process_group_backend or (
+            "nccl" if self.root_device.type == "cuda" else "gloo"
+        )
 
     def setup_environment(self) -> None:
         super().setup_environment()
@@ -73,7 +84,9 @@ class TorchRecStrategy(DDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         return self.lightning_module.sharded_state_dict()
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
         module = self.lightning_module
         sharded = {"model": checkpoint["state_dict"]}
         if module.fused_optimizer is not None:
@@ -81,14 +94,18 @@ class TorchRecStrategy(DDPStrategy):
         plan, plan_text = module.sharding_plan()
         ckpt.save(filepath, checkpoint, sharded, plan, plan_text, self.world_size)
 
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: Any, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         module = self.lightning_module
         state = ckpt.read_trainer_state(checkpoint_path)
         meta = state["recforge"]
         resuming = module.trainer.state.fn == TrainerFn.FITTING
         plan, _ = module.sharding_plan()
         if resuming:
-            ckpt.check_plan(checkpoint_path, meta["plan"], plan, meta["world_size"], self.world_size)
+            ckpt.check_plan(
+                checkpoint_path, meta["plan"], plan, meta["world_size"], self.world_size
+            )
         skeleton: dict[str, Any] = {"model": module.sharded_state_dict()}
         if resuming and module.fused_optimizer is not None:
             skeleton["fused_optimizer"] = module.fused_optimizer.state_dict()
@@ -96,7 +113,9 @@ class TorchRecStrategy(DDPStrategy):
         state["state_dict"] = skeleton["model"]
         if "fused_optimizer" in skeleton:
             state["fused_optimizer"] = skeleton["fused_optimizer"]
-        rank_zero_info(f"loaded sharded checkpoint {checkpoint_path} (written by {meta['world_size']} rank(s))")
+        rank_zero_info(
+            f"loaded sharded checkpoint {checkpoint_path} (written by {meta['world_size']} rank(s))"
+        )
         return state
 
     def load_model_state_dict(self, checkpoint: dict[str, Any], strict: bool = True) -> None:

@@ -9,12 +9,16 @@ import torch
 
 from recforge.data.loader import load_feature_tables
 from recforge.models.two_tower import TwoTower, TwoTowerConfig
-from recforge.trainer.recommender_module import DenseOptimizerConfig, EvalConfig, ShardedRecommenderModule
+from recforge.trainer.recommender_module import (
+    DenseOptimizerConfig,
+    EvalConfig,
+    ShardedRecommenderModule,
+)
 from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig
 
 
 class TwoTowerModule(ShardedRecommenderModule):
-    """Trains :class:`recforge.models.two_tower.TwoTower` on ``model_family: two_tower`` batches.
+    """Trains :class:`recforge.models.two_tower.TwoTower` on ``history`` batches.
 
     The network is built and sharded in ``configure_model``; the item table
     (``model.table_name``) and every feature table (named like its KJT key: ``item_<name>``,
@@ -23,12 +27,17 @@ class TwoTowerModule(ShardedRecommenderModule):
     and scores each batch's user vectors against it.
     """
 
-    def __init__(self, model: TwoTowerConfig, item_features: list[str] | None = None,
-                 user_features: list[str] | None = None,
-                 optimizer: DenseOptimizerConfig = DenseOptimizerConfig(),
-                 embedding_optimizer: EmbeddingOptimizerConfig = EmbeddingOptimizerConfig(),
-                 sharding: ShardingConfig = ShardingConfig(), evaluation: EvalConfig = EvalConfig(),
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: TwoTowerConfig,
+        item_features: list[str] | None = None,
+        user_features: list[str] | None = None,
+        optimizer: DenseOptimizerConfig = DenseOptimizerConfig(),
+        embedding_optimizer: EmbeddingOptimizerConfig = EmbeddingOptimizerConfig(),
+        sharding: ShardingConfig = ShardingConfig(),
+        evaluation: EvalConfig = EvalConfig(),
+        seed: int = 0,
+    ) -> None:
         """
         Args:
             model: architecture and loss. ``num_items: 0`` / ``num_users: 0`` take the counts from
@@ -52,40 +61,61 @@ class TwoTowerModule(ShardedRecommenderModule):
 
     # --- building ---
 
+    @property
+    def max_len(self) -> int:
+        # Not read by history batches; the same window keeps the data's config consistent.
+        return self.config.history_len
+
+    @property
+    def history_len(self) -> int:
+        return self.config.history_len
+
     @staticmethod
-    def _select(side: str, wanted: list[str] | None, sparse: dict[str, int], numeric: list[str]
-                ) -> tuple[dict[str, int], list[str]]:
+    def _select(
+        side: str, wanted: list[str] | None, sparse: dict[str, int], numeric: list[str]
+    ) -> tuple[dict[str, int], list[str]]:
         available = [*sparse, *numeric]
         if wanted is None:
             return dict(sparse), list(numeric)
         unknown = [name for name in wanted if name not in available]
         if unknown:
-            raise ValueError(f"{side}_features: {unknown} not in the data's {side} features {available}")
-        return ({k: v for k, v in sparse.items() if k in wanted}, [k for k in numeric if k in wanted])
+            raise ValueError(
+                f"{side}_features: {unknown} not in the data's {side} features {available}"
+            )
+        return (
+            {k: v for k, v in sparse.items() if k in wanted},
+            [k for k in numeric if k in wanted],
+        )
 
     def resolve_config(self, dm: Any) -> TwoTowerConfig:
         """The model config with counts and features taken from the datamodule."""
-        if getattr(dm, "model_family", "two_tower") != "two_tower":
-            raise ValueError(f"data.model_family={dm.model_family!r}: the two-tower model needs 'two_tower' batches")
         config = self.config
         for name, value in (("num_items", dm.num_items), ("num_users", dm.num_users)):
             given = getattr(config, name)
             if given == 0:
                 config = replace(config, **{name: value})
             elif given != value:
-                raise ValueError(f"model.{name}={given} but the data has {value} (set 0 to take it from the data)")
-        if config.history_len != dm.history_len:
-            raise ValueError(f"model.history_len={config.history_len} differs from data.history_len={dm.history_len}")
-        item_sparse, item_numeric = self._select("item", self.item_features, dm.item_feature_cardinalities,
-                                                 dm.item_numeric_features)
-        user_sparse, user_numeric = self._select("user", self.user_features, dm.user_feature_cardinalities,
-                                                 dm.user_numeric_features)
-        for name, value in (("item_feature_cardinalities", item_sparse), ("user_feature_cardinalities", user_sparse),
-                            ("item_numeric_features", item_numeric), ("user_numeric_features", user_numeric)):
+                raise ValueError(
+                    f"model.{name}={given} but the data has {value} (set 0 to take it from the data)"
+                )
+        item_sparse, item_numeric = self._select(
+            "item", self.item_features, dm.item_feature_cardinalities, dm.item_numeric_features
+        )
+        user_sparse, user_numeric = self._select(
+            "user", self.user_features, dm.user_feature_cardinalities, dm.user_numeric_features
+        )
+        for name, value in (
+            ("item_feature_cardinalities", item_sparse),
+            ("user_feature_cardinalities", user_sparse),
+            ("item_numeric_features", item_numeric),
+            ("user_numeric_features", user_numeric),
+        ):
             given = getattr(config, name)
             if given and given != value:
-                raise ValueError(f"model.{name}={given!r} disagrees with the data ({value!r}); leave it empty "
-                                 f"(it is filled from the data) and select features with item_features/user_features")
+                raise ValueError(
+                    f"model.{name}={given!r} disagrees with the data ({value!r}); leave it empty "
+                    f"(it is filled from the data) and select features with item_features/user_features"
+                )
             config = replace(config, **{name: value})
         self._user_dense_columns = [dm.user_numeric_features.index(name) for name in user_numeric]
         return config
@@ -105,13 +135,19 @@ class TwoTowerModule(ShardedRecommenderModule):
         feature codes and numeric values, and the user numeric features' statistics."""
         config = model.config
         model.set_item_frequencies(torch.as_tensor(dm.item_counts, dtype=torch.float32))
-        if not (config.item_feature_cardinalities or config.item_numeric_features or config.user_numeric_features):
+        if not (
+            config.item_feature_cardinalities
+            or config.item_numeric_features
+            or config.user_numeric_features
+        ):
             return
         tables = load_feature_tables(dm.data_dir, dm.manifest)
         items, users = tables.item, tables.user
         item_cols = [items.dense_names.index(name) for name in config.item_numeric_features]
-        model.set_item_features({name: items.sparse_columns[name] for name in config.item_feature_cardinalities},
-                                items.dense[:, item_cols] if item_cols else None)
+        model.set_item_features(
+            {name: items.sparse_columns[name] for name in config.item_feature_cardinalities},
+            items.dense[:, item_cols] if item_cols else None,
+        )
         user_cols = [users.dense_names.index(name) for name in config.user_numeric_features]
         if user_cols:
             model.set_user_feature_stats(users.dense[1:][:, user_cols])
@@ -138,4 +174,11 @@ class TwoTowerModule(ShardedRecommenderModule):
         self._catalog = None
 
     def score_batch(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model.score_all(batch["features"], self._user_dense(batch), catalog=self._catalog)  # (B, N + 1)
+        return self.model.score_all(
+            batch["features"], self._user_dense(batch), catalog=self._catalog
+        )  # (B, N + 1)
+
+    def prepare_for_export(self, network: TwoTower, dm: Any) -> None:
+        """Give a network whose meta tensors were just materialised (``recforge export``) what
+        the checkpoint does not hold: the data-derived buffers of :meth:`set_data_state`."""
+        self.set_data_state(network, dm)

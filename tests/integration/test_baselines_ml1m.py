@@ -1,4 +1,4 @@
-"""Baselines on the SASRec ML-1M file reproduce reference full-ranking numbers (DESIGN §7).
+"""Baselines on the SASRec ML-1M file reproduce reference full-ranking numbers (docs/architecture.md §7).
 
 Reference (measured elsewhere with the same protocol, test stage, NDCG@10): most popular
 0.0179 filtered / 0.0079 unfiltered; first-order Markov on the last item 0.126 / 0.107.
@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 
 from recforge.data.prepare import PrepareConfig, prepare
-from recforge.trainer.evaluation.baselines import (_markov_scores, _Sequences, evaluate_baseline, main, popularity_counts,
-                               transition_counts)
+from recforge.trainer.evaluation.baselines import (
+    _markov_scores,
+    _Sequences,
+    evaluate_baseline,
+    main,
+    popularity_counts,
+    transition_counts,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 ML1M = REPO.parent / "shared" / "data" / "ml-1m.txt"
@@ -66,7 +72,9 @@ def test_markov_scores_order_without_data() -> None:
     # User 0: 1 2 3 | val 2 | test 4 ; user 1: 1 2 | val 3 | test 1 ; user 2: 2 3 (train only).
     items = np.array([1, 2, 3, 2, 4, 1, 2, 3, 1, 2, 3])
     lengths = np.array([5, 4, 2])
-    seqs = _Sequences(items, np.cumsum(lengths) - lengths, lengths, np.array([3, 2, 2]), np.array([4, 3, 2]), 5)
+    seqs = _Sequences(
+        items, np.cumsum(lengths) - lengths, lengths, np.array([3, 2, 2]), np.array([4, 3, 2]), 5
+    )
     assert popularity_counts(seqs, "validate").tolist() == [0, 2, 3, 2, 0, 0]
     assert popularity_counts(seqs, "test").tolist() == [0, 2, 4, 3, 0, 0]  # + validation items 2, 3
     trans = transition_counts(seqs, "test")  # 1->2 x2, 2->3 x3, 3->2 x1; never into a test item

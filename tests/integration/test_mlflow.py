@@ -29,16 +29,34 @@ def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen([MLFLOW, "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            MLFLOW,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url + "/health", timeout_s=90, proc=proc)
     except RuntimeError as exc:
         proc.kill()
-        raise RuntimeError(f"mlflow server: {exc}: {(root / 'server.log').read_text()[-2000:]}") from None
+        raise RuntimeError(
+            f"mlflow server: {exc}: {(root / 'server.log').read_text()[-2000:]}"
+        ) from None
     return proc, url
 
 
@@ -71,17 +89,51 @@ def tracked_run(server: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One 2-process `recforge fit` of the tiny config against the server, with registration."""
     tmp = tmp_path_factory.mktemp("tracked")
     env = {**os.environ, "MLFLOW_TRACKING_URI": server, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([RECFORGE, "fit", "--config", TINY, "--data.data_dir", str(tmp / "data"),
-                           "--trainer.default_root_dir", str(tmp / "run"), "--trainer.logger.init_args.save_dir",
-                           str(tmp / "run"), "--trainer.devices", "2", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "2",
-                           "--mlflow.experiment_name", "ci-tracked", "--mlflow.registered_model_name", MODEL_NAME,
-                           "--mlflow.system_metrics_interval", "1"],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            RECFORGE,
+            "fit",
+            "--config",
+            TINY,
+            "--data.data_dir",
+            str(tmp / "data"),
+            "--trainer.default_root_dir",
+            str(tmp / "run"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp / "run"),
+            "--trainer.devices",
+            "2",
+            "--trainer.max_epochs",
+            "2",
+            "--trainer.log_every_n_steps",
+            "2",
+            "--mlflow.experiment_name",
+            "ci-tracked",
+            "--mlflow.registered_model_name",
+            MODEL_NAME,
+            "--mlflow.system_metrics_interval",
+            "1",
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert not (tmp / "mlflow.db").exists(), "a server URI was given: nothing may go to the local store"
+    assert not (tmp / "mlflow.db").exists(), (
+        "a server URI was given: nothing may go to the local store"
+    )
     experiment = api(server, "experiments/get-by-name", experiment_name="ci-tracked")["experiment"]
-    runs = requests.post(f"{server}/api/2.0/mlflow/runs/search",
-                         json={"experiment_ids": [experiment["experiment_id"]]}, timeout=30).json().get("runs", [])
+    runs = (
+        requests.post(
+            f"{server}/api/2.0/mlflow/runs/search",
+            json={"experiment_ids": [experiment["experiment_id"]]},
+            timeout=30,
+        )
+        .json()
+        .get("runs", [])
+    )
     return {"tmp": tmp, "experiment": experiment, "runs": runs, "stderr": proc.stderr}
 
 
@@ -114,48 +166,86 @@ def test_two_process_fit_is_one_complete_run(server: str, tracked_run: dict) -> 
     manifest = json.loads((tracked_run["tmp"] / "data" / "manifest.json").read_text())
     assert tags["dataset.fingerprint"] == manifest["fingerprint"]
     assert tags["dataset.name"] == "data"
-    assert tags["world_size"] == "2" and tags["device.count"] == "2" and tags["device.kind"] == "cpu"
-    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["recforge.git.dirty"] in ("true", "false")
+    assert (
+        tags["world_size"] == "2" and tags["device.count"] == "2" and tags["device.kind"] == "cpu"
+    )
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["recforge.git.dirty"] in (
+        "true",
+        "false",
+    )
     for key in ("torch.version", "torchrec.version", "recforge.version", "sharding.item_table"):
         assert tags[key], key
     assert Path(tags["recforge.best_checkpoint"]).is_dir()
 
     def history(key: str) -> list[tuple[int, float]]:
-        return [(m["step"], m["value"]) for m in api(server, "metrics/get-history", run_id=run_id,
-                                                     metric_key=key).get("metrics", [])]
+        return [
+            (m["step"], m["value"])
+            for m in api(server, "metrics/get-history", run_id=run_id, metric_key=key).get(
+                "metrics", []
+            )
+        ]
 
-    assert [s for s, _ in history("val/ndcg_at_10_filtered")] == [0, 1], "one validation point per epoch"
+    assert [s for s, _ in history("val/ndcg_at_10_filtered")] == [0, 1], (
+        "one validation point per epoch"
+    )
     assert [s for s, _ in history("train/samples_per_sec")] == [0, 1]
     train_loss = history("train/loss")
-    assert len(train_loss) >= 2 and all(s > 0 for s, _ in train_loss), "train loss with global-step steps"
+    assert len(train_loss) >= 2 and all(s > 0 for s, _ in train_loss), (
+        "train loss with global-step steps"
+    )
     test_ndcg = history("test/ndcg_at_10_filtered")
     assert len(test_ndcg) == 1 and 0 < test_ndcg[0][1] <= 1
     assert history("system/cpu_utilization_percentage"), "MLflow system metrics"
 
     files = set(list_artifacts(server, run_id))
-    for name in ("config/config.yaml", "data/manifest.json", "sharding/sharding_plan.txt",
-                 "sharding/sharding_plan.json", "eval/report.md", "eval/segments.png", "eval/popularity.png",
-                 "eval/segments.csv", "checkpoints/checkpoints.json", "export/model.onnx", "export/manifest.json",
-                 "export/item_embeddings.npy", "export/items.parquet"):
+    for name in (
+        "config/config.yaml",
+        "data/manifest.json",
+        "sharding/sharding_plan.txt",
+        "sharding/sharding_plan.json",
+        "eval/report.md",
+        "eval/segments.png",
+        "eval/popularity.png",
+        "eval/segments.csv",
+        "checkpoints/checkpoints.json",
+        "export/model.onnx",
+        "export/manifest.json",
+        "export/item_embeddings.npy",
+        "export/items.parquet",
+    ):
         assert name in files, (name, sorted(files))
-    plan = requests.get(f"{server}/get-artifact", params={"path": "sharding/sharding_plan.txt", "run_uuid": run_id},
-                        timeout=30).text
+    plan = requests.get(
+        f"{server}/get-artifact",
+        params={"path": "sharding/sharding_plan.txt", "run_uuid": run_id},
+        timeout=30,
+    ).text
     assert "item_table" in plan and "rank:1" in plan, "the plan of the 2-rank run"
-    png = requests.get(f"{server}/get-artifact", params={"path": "eval/segments.png", "run_uuid": run_id},
-                       timeout=30).content
+    png = requests.get(
+        f"{server}/get-artifact",
+        params={"path": "eval/segments.png", "run_uuid": run_id},
+        timeout=30,
+    ).content
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_registered_version_points_at_the_exported_artifact(server: str, tracked_run: dict) -> None:
     run_id = tracked_run["runs"][0]["info"]["run_id"]
-    version = api(server, "registered-models/alias", name=MODEL_NAME, alias="champion")["model_version"]
+    version = api(server, "registered-models/alias", name=MODEL_NAME, alias="champion")[
+        "model_version"
+    ]
     assert version["run_id"] == run_id
     tags = {t["key"]: t["value"] for t in version.get("tags", [])}
     assert tags["recforge.artifact"] == f"runs:/{run_id}/export"
-    manifest = requests.get(f"{server}/get-artifact", params={"path": "export/manifest.json", "run_uuid": run_id},
-                            timeout=30).json()
-    onnx_bytes = requests.get(f"{server}/get-artifact", params={"path": "export/model.onnx", "run_uuid": run_id},
-                              timeout=60).content
+    manifest = requests.get(
+        f"{server}/get-artifact",
+        params={"path": "export/manifest.json", "run_uuid": run_id},
+        timeout=30,
+    ).json()
+    onnx_bytes = requests.get(
+        f"{server}/get-artifact",
+        params={"path": "export/model.onnx", "run_uuid": run_id},
+        timeout=60,
+    ).content
     assert hashlib.sha256(onnx_bytes).hexdigest() == manifest["files"]["model.onnx"]
     assert manifest["run_id"] == run_id and manifest["parity"]["max_abs_diff"] <= 1e-4
     assert manifest["metrics"]["test/ndcg@10_filtered"] > 0
@@ -177,11 +267,20 @@ def test_ui_run_page_shows_the_run(server: str, tracked_run: dict, tmp_path: Pat
         pytest.skip(reason)
     run = tracked_run["runs"][0]
     url = f"{server}/#/experiments/{tracked_run['experiment']['experiment_id']}/runs/{run['info']['run_id']}"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=20000",
+    ]
     dom = ""
     for _ in range(3):  # the single-page app may need a second load on a busy machine
-        proc = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+        )
         if proc.returncode != 0 and not proc.stdout:
             reason = f"Chromium cannot run here: {proc.stderr.strip().splitlines()[-1:]}"
             print(f"SKIP: {reason}")
@@ -195,19 +294,42 @@ def test_ui_run_page_shows_the_run(server: str, tracked_run: dict, tmp_path: Pat
 
 def test_unreachable_server_fails_before_training(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    args = [RECFORGE, "fit", "--config", TINY, "--data.data_dir", str(tmp_path / "data"), "--trainer.default_root_dir",
-            str(tmp_path / "run"), "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
-            "--trainer.max_epochs", "1", "--test_after_fit", "false"]
+    args = [
+        RECFORGE,
+        "fit",
+        "--config",
+        TINY,
+        "--data.data_dir",
+        str(tmp_path / "data"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "run"),
+        "--trainer.max_epochs",
+        "1",
+        "--test_after_fit",
+        "false",
+    ]
     env = {**os.environ, "MLFLOW_TRACKING_URI": dead, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("recforge fit: error: MLflow tracking server") and "unreachable" in last, last
+    assert (
+        last.startswith("recforge fit: error: MLflow tracking server") and "unreachable" in last
+    ), last
     assert dead in last and "MLFLOW_TRACKING_URI" in last
-    assert not (tmp_path / "run").exists(), "nothing may train when the tracking server is unreachable"
+    assert not (tmp_path / "run").exists(), (
+        "nothing may train when the tracking server is unreachable"
+    )
 
-    proc = subprocess.run([*args, "--mlflow.fallback_to_local", "true"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [*args, "--mlflow.fallback_to_local", "true"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "logging to the local store" in proc.stderr
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlartifacts").is_dir()

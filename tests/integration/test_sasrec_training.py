@@ -23,7 +23,9 @@ TINY = str(REPO / "configs" / "sasrec" / "tiny.yaml")
 
 
 def recforge(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([RECFORGE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [RECFORGE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
@@ -34,8 +36,18 @@ def run_ok(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPro
 
 
 def fit_args(root: Path, data: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", TINY, "--data.data_dir", str(data), "--trainer.default_root_dir", str(root),
-            "--trainer.logger.init_args.save_dir", str(root), *extra]
+    return [
+        "fit",
+        "--config",
+        TINY,
+        "--data.data_dir",
+        str(data),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        *extra,
+    ]
 
 
 def version_dir(root: Path, version: int = 0) -> Path:
@@ -52,9 +64,22 @@ def last_value(rows: list[dict[str, str]], key: str) -> float:
 
 
 def test_metrics(root: Path, data: Path, ckpt: Path, devices: int, cwd: Path) -> dict[str, float]:
-    run_ok("test", "--config", TINY, "--data.data_dir", str(data), "--ckpt_path", str(ckpt),
-           "--trainer.devices", str(devices), "--trainer.default_root_dir", str(root),
-           "--trainer.logger.init_args.save_dir", str(root), cwd=cwd)
+    run_ok(
+        "test",
+        "--config",
+        TINY,
+        "--data.data_dir",
+        str(data),
+        "--ckpt_path",
+        str(ckpt),
+        "--trainer.devices",
+        str(devices),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        cwd=cwd,
+    )
     return json.loads((version_dir(root) / "test_metrics.json").read_text())["metrics"]
 
 
@@ -78,10 +103,15 @@ def test_every_config_parses(tmp_path: Path) -> None:
         assert "class_path: trainer." in proc.stdout, config
 
 
-def test_two_processes_shard_the_item_table_row_wise_and_learn(two_process_run: dict[str, Path]) -> None:
+def test_two_processes_shard_the_item_table_row_wise_and_learn(
+    two_process_run: dict[str, Path],
+) -> None:
     run, data = two_process_run["run"], two_process_run["data"]
     plan = json.loads((run / "sharding_plan.json").read_text())
-    assert plan["item_table"]["sharding_type"] == "row_wise" and plan["item_table"]["ranks"] == [0, 1]
+    assert plan["item_table"]["sharding_type"] == "row_wise" and plan["item_table"]["ranks"] == [
+        0,
+        1,
+    ]
     num_rows = json.loads((data / "manifest.json").read_text())["items"] + 1
     key = "embedding_collection.embeddings.item_table.weight"
     shards = [json.loads((run / f"local_shards_rank{r}.json").read_text())[key] for r in (0, 1)]
@@ -98,9 +128,14 @@ def test_two_processes_shard_the_item_table_row_wise_and_learn(two_process_run: 
     popular = evaluate_baseline(str(data), "most_popular", stage="validate")["ndcg@10_filtered"]
     assert ndcg[-1] > 3 * popular, (ndcg, popular)
     assert ndcg[-1] > ndcg[0]
-    assert last_value(rows, "train/samples_per_sec") > 0 and last_value(rows, "train/tokens_per_sec") > 0
+    assert (
+        last_value(rows, "train/samples_per_sec") > 0
+        and last_value(rows, "train/tokens_per_sec") > 0
+    )
     ckpt = run / "checkpoints" / "last.ckpt"
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer_state.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer_state.pt"} <= {
+        p.name for p in ckpt.iterdir()
+    }
 
 
 def test_one_and_two_ranks_give_identical_test_metrics(two_process_run: dict[str, Path]) -> None:
@@ -113,7 +148,9 @@ def test_one_and_two_ranks_give_identical_test_metrics(two_process_run: dict[str
         assert value == pytest.approx(two[key], abs=1e-6, nan_ok=True), key
 
 
-def test_bad_checkpoints_get_a_clear_error(two_process_run: dict[str, Path], tmp_path: Path) -> None:
+def test_bad_checkpoints_get_a_clear_error(
+    two_process_run: dict[str, Path], tmp_path: Path
+) -> None:
     data, ckpt = two_process_run["data"], two_process_run["run"] / "checkpoints" / "last.ckpt"
     # Resuming training under another plan (1 rank instead of 2) is refused, naming the change.
     proc = recforge(*fit_args(tmp_path / "r", data, "--ckpt_path", str(ckpt)), cwd=tmp_path)
@@ -121,8 +158,18 @@ def test_bad_checkpoints_get_a_clear_error(two_process_run: dict[str, Path], tmp
     assert "another sharding plan" in proc.stderr and "world size 2 -> 1" in proc.stderr
 
     def test_error(path: Path) -> str:
-        proc = recforge("test", "--config", TINY, "--data.data_dir", str(data), "--ckpt_path", str(path),
-                        "--trainer.default_root_dir", str(tmp_path / "t"), cwd=tmp_path)
+        proc = recforge(
+            "test",
+            "--config",
+            TINY,
+            "--data.data_dir",
+            str(data),
+            "--ckpt_path",
+            str(path),
+            "--trainer.default_root_dir",
+            str(tmp_path / "t"),
+            cwd=tmp_path,
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         return proc.stderr
@@ -147,17 +194,33 @@ def test_bad_checkpoints_get_a_clear_error(two_process_run: dict[str, Path], tmp
 
 def test_kill_mid_epoch_and_resume_matches_uninterrupted(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    common = ["--trainer.devices", "2", "--trainer.max_epochs", "4",
-              "--data.synthesize", json.dumps({"users": 1500, "items": 300, "mean_length": 20, "seed": 1})]
+    common = [
+        "--trainer.devices",
+        "2",
+        "--trainer.max_epochs",
+        "4",
+        "--data.synthesize",
+        json.dumps({"users": 1500, "items": 300, "mean_length": 20, "seed": 1}),
+    ]
     # Uninterrupted reference run.
     run_ok(*fit_args(tmp_path / "ref", data, *common), cwd=tmp_path)
-    reference = test_metrics(tmp_path / "ref_test", data, version_dir(tmp_path / "ref") / "checkpoints" / "last.ckpt",
-                             1, tmp_path)
+    reference = test_metrics(
+        tmp_path / "ref_test",
+        data,
+        version_dir(tmp_path / "ref") / "checkpoints" / "last.ckpt",
+        1,
+        tmp_path,
+    )
 
     # Same seed, killed with SIGKILL (every rank) in the middle of epoch 2.
     root = tmp_path / "killed"
-    proc = subprocess.Popen([RECFORGE, *fit_args(root, data, *common)], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [RECFORGE, *fit_args(root, data, *common)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     last = version_dir(root) / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     epoch_seen = -1
@@ -193,7 +256,10 @@ def test_pinned_loss_of_the_tiny_config(tmp_path: Path) -> None:
     rows = read_metrics(version_dir(root))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     ndcg = last_value(rows, "val/ndcg@10_filtered")
-    assert (losses, ndcg) == (pytest.approx(PINNED_TINY_LOSSES, abs=1e-3), pytest.approx(PINNED_TINY_NDCG, abs=1e-3))
+    assert (losses, ndcg) == (
+        pytest.approx(PINNED_TINY_LOSSES, abs=1e-3),
+        pytest.approx(PINNED_TINY_NDCG, abs=1e-3),
+    )
 
 
 # Measured with the tiny config on this CPU: the loss logged at step 5 of epoch 0, and the
@@ -208,10 +274,24 @@ def test_torchrun_launch(two_process_run: dict[str, Path], tmp_path: Path) -> No
     """`torchrun` starts the ranks itself; Lightning must join them instead of launching its own."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     root = tmp_path / "run"
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29671", "-m", "recforge.cli",
-                           *fit_args(root, two_process_run["data"], "--trainer.devices", "2",
-                                     "--trainer.max_epochs", "1")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29671",
+            "-m",
+            "recforge.cli",
+            *fit_args(
+                root, two_process_run["data"], "--trainer.devices", "2", "--trainer.max_epochs", "1"
+            ),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = version_dir(root)
     assert {p.name for p in run.iterdir()} >= {"local_shards_rank0.json", "local_shards_rank1.json"}

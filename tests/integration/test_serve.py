@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "sasrec" / "tiny.yaml")
 
 
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two tiny SASRecs (seeds 0 and 1, one epoch each), exported."""
@@ -29,9 +28,26 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"tmp": tmp}
     for name, seed in (("first", "0"), ("second", "1")):
         root = tmp / f"run-{name}"
-        proc = run("fit", "--config", TINY, "--data.data_dir", str(tmp / "data"), "--trainer.default_root_dir",
-                   str(root), "--trainer.logger.init_args.save_dir", str(root), "--trainer.max_epochs", "1",
-                   "--seed_everything", seed, "--mlflow.enabled", "false", "--test_after_fit", "false", cwd=tmp)
+        proc = run(
+            "fit",
+            "--config",
+            TINY,
+            "--data.data_dir",
+            str(tmp / "data"),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.logger.init_args.save_dir",
+            str(root),
+            "--trainer.max_epochs",
+            "1",
+            "--seed_everything",
+            seed,
+            "--mlflow.enabled",
+            "false",
+            "--test_after_fit",
+            "false",
+            cwd=tmp,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         ckpt = root / "sasrec-tiny" / "version_0" / "checkpoints" / "last.ckpt"
         proc = run("export", "--checkpoint", str(ckpt), "--out", str(tmp / name), cwd=tmp)
@@ -46,32 +62,54 @@ def test_export_writes_a_verified_artifact_and_passes_parity(artifacts: dict[str
     art = artifacts["first"]
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["kind"] == "sasrec" and manifest["opset"] >= 17
-    assert set(manifest["files"]) == {"model.onnx", "item_embeddings.npy", "items.parquet", "users.parquet"}
+    assert set(manifest["files"]) == {
+        "model.onnx",
+        "item_embeddings.npy",
+        "items.parquet",
+        "users.parquet",
+    }
     assert manifest["parity"]["max_abs_diff"] <= 1e-4
     assert {(c["batch"], c["length"]) for c in manifest["parity"]["cases"]} >= {(1, 1), (64, 20)}
     assert all(c["same_top10"] for c in manifest["parity"]["cases"])
-    assert manifest["dataset"]["fingerprint"] == json.loads(
-        (artifacts["tmp"] / "data" / "manifest.json").read_text())["fingerprint"]
+    assert (
+        manifest["dataset"]["fingerprint"]
+        == json.loads((artifacts["tmp"] / "data" / "manifest.json").read_text())["fingerprint"]
+    )
     # Dynamic batch and length: a shape the exporter never saw.
     session = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = np.zeros((5, 13), dtype=np.int64)
     ids[:, :4] = [[1, 2, 3, 4]] * 5
     out = session.run(["user_vector"], {"item_ids": ids})[0]
     assert out.shape == (5, manifest["dim"]) and np.isfinite(out).all()
-    assert np.allclose(out, out[0], atol=1e-6), "identical histories give identical vectors, padding ignored"
+    assert np.allclose(out, out[0], atol=1e-6), (
+        "identical histories give identical vectors, padding ignored"
+    )
 
 
 def test_parity_gate_fails_loudly(artifacts: dict[str, Path]) -> None:
     tmp = artifacts["tmp"]
     ckpt = json.loads((artifacts["first"] / "manifest.json").read_text())["checkpoint"]
-    proc = run("export", "--checkpoint", ckpt, "--out", str(tmp / "strict"), "--tolerance", "1e-12", cwd=tmp)
+    proc = run(
+        "export",
+        "--checkpoint",
+        ckpt,
+        "--out",
+        str(tmp / "strict"),
+        "--tolerance",
+        "1e-12",
+        cwd=tmp,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert "parity failed" in last and "max |diff|" in last, last
-    assert not (tmp / "strict").exists() and not list(tmp.glob(".strict.partial-*")), "nothing half-written"
+    assert not (tmp / "strict").exists() and not list(tmp.glob(".strict.partial-*")), (
+        "nothing half-written"
+    )
 
 
-def test_tampered_or_incomplete_artifact_is_refused(artifacts: dict[str, Path], tmp_path: Path) -> None:
+def test_tampered_or_incomplete_artifact_is_refused(
+    artifacts: dict[str, Path], tmp_path: Path
+) -> None:
     from recforge.serve.artifact import ArtifactError
     from recforge.serve.recommender import Recommender
 
@@ -102,7 +140,9 @@ def test_library_recommends_by_user_and_history(artifacts: dict[str, Path]) -> N
     seen = {rec.item_ids[i - 1] for i in rec.histories[user]}
     result = rec.recommend(user_id=user, k=10)
     assert len(result.items) == 10 and not result.fallback
-    assert not seen & set(result.items), "exclude_seen removes all the user's items, not only the last L"
+    assert not seen & set(result.items), (
+        "exclude_seen removes all the user's items, not only the last L"
+    )
     assert not seen & set(rec.recommend(user_id=user, k=rec.num_items - len(seen)).items)
     assert result.scores == sorted(result.scores, reverse=True)
     unfiltered = rec.recommend(user_id=user, k=10, exclude_seen=False, exclude=[result.items[0]])
@@ -124,10 +164,17 @@ def test_library_recommends_by_user_and_history(artifacts: dict[str, Path]) -> N
 
 
 def test_serving_does_not_import_torch(artifacts: dict[str, Path]) -> None:
-    code = ("import sys; from serve.http import create_app; app = create_app(sys.argv[1]); "
-            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
-    proc = subprocess.run([sys.executable, "-c", code, str(artifacts["first"])], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    code = (
+        "import sys; from serve.http import create_app; app = create_app(sys.argv[1]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(artifacts["first"])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
@@ -140,22 +187,41 @@ def server(artifacts: dict[str, Path]):
 def test_http_routes(server: dict, artifacts: dict[str, Path]) -> None:
     url = server["url"]
     manifest = requests.get(url + "/v1/model", timeout=10).json()
-    assert manifest["files"] == json.loads((artifacts["first"] / "manifest.json").read_text())["files"]
+    assert (
+        manifest["files"] == json.loads((artifacts["first"] / "manifest.json").read_text())["files"]
+    )
     from recforge.serve.recommender import Recommender
 
     rec = Recommender.load(artifacts["first"])
     user = next(iter(rec.histories))
     body = requests.post(url + "/v1/recommend", json={"user_id": user, "k": 5}, timeout=10).json()
     assert [x["item_id"] for x in body["items"]] == rec.recommend(user_id=user, k=5).items
-    batch = requests.post(url + "/v1/recommend:batch", json={"requests": [{"user_id": user, "k": 2},
-                          {"history": [rec.item_ids[0], "zzz"], "k": 3}]}, timeout=10).json()["results"]
+    batch = requests.post(
+        url + "/v1/recommend:batch",
+        json={
+            "requests": [{"user_id": user, "k": 2}, {"history": [rec.item_ids[0], "zzz"], "k": 3}]
+        },
+        timeout=10,
+    ).json()["results"]
     assert len(batch[0]["items"]) == 2 and batch[1]["unknown_history_items"] == ["zzz"]
     assert requests.get(url + "/openapi.json", timeout=10).json()["paths"]["/v1/recommend"]
     # KServe v2 on the raw model.
     meta = requests.get(url + "/v2/models/recforge", timeout=10).json()
     assert meta["inputs"][0]["name"] == "item_ids" and meta["inputs"][0]["datatype"] == "INT64"
-    infer = requests.post(url + "/v2/models/recforge/infer", json={"inputs": [
-        {"name": "item_ids", "shape": [2, 3], "datatype": "INT64", "data": [1, 2, 0, 3, 0, 0]}]}, timeout=10).json()
+    infer = requests.post(
+        url + "/v2/models/recforge/infer",
+        json={
+            "inputs": [
+                {
+                    "name": "item_ids",
+                    "shape": [2, 3],
+                    "datatype": "INT64",
+                    "data": [1, 2, 0, 3, 0, 0],
+                }
+            ]
+        },
+        timeout=10,
+    ).json()
     out = infer["outputs"][0]
     expected = rec.encode_histories(np.array([[1, 2, 0], [3, 0, 0]], dtype=np.int64))
     assert out["shape"] == [2, manifest["dim"]]
@@ -163,17 +229,20 @@ def test_http_routes(server: dict, artifacts: dict[str, Path]) -> None:
     assert requests.get(url + "/v2/health/ready", timeout=10).json()["ready"] is True
 
 
-@pytest.mark.parametrize("body,status", [
-    ({"user_id": "nobody", "k": 5}, 404),
-    ({"history": [1], "k": 0}, 422),
-    ({"history": [1], "k": 10**9}, 422),
-    ({"history": [1], "k": "ten"}, 422),
-    ({"history": [{"id": 1}], "k": 3}, 422),
-    ({"history": "1,2,3"}, 422),
-    ({"k": 3}, 422),
-    ({"history": [1], "colour": "red"}, 422),
-    ([1, 2, 3], 422),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"user_id": "nobody", "k": 5}, 404),
+        ({"history": [1], "k": 0}, 422),
+        ({"history": [1], "k": 10**9}, 422),
+        ({"history": [1], "k": "ten"}, 422),
+        ({"history": [{"id": 1}], "k": 3}, 422),
+        ({"history": "1,2,3"}, 422),
+        ({"k": 3}, 422),
+        ({"history": [1], "colour": "red"}, 422),
+        ([1, 2, 3], 422),
+    ],
+)
 def test_bad_requests_get_4xx_with_a_message(server: dict, body: object, status: int) -> None:
     response = requests.post(server["url"] + "/v1/recommend", json=body, timeout=10)
     assert response.status_code == status, response.text
@@ -182,19 +251,36 @@ def test_bad_requests_get_4xx_with_a_message(server: dict, body: object, status:
 
 def test_malformed_oversized_and_bad_v2_requests(server: dict) -> None:
     url = server["url"]
-    response = requests.post(url + "/v1/recommend", data=b"{not json", headers={"content-type": "application/json"},
-                             timeout=10)
+    response = requests.post(
+        url + "/v1/recommend",
+        data=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
     assert response.status_code == 422
     huge = {"history": list(range(300_000))}
     assert requests.post(url + "/v1/recommend", json=huge, timeout=30).status_code == 413
     # Chunked bodies (no Content-Length) are capped too, and small ones still reach the route.
-    chunks = lambda body: (body[i:i + 4096] for i in range(0, len(body), 4096))  # noqa: E731
-    assert requests.post(url + "/v1/recommend", data=chunks(json.dumps(huge).encode()),
-                         headers={"content-type": "application/json"}, timeout=30).status_code == 413
-    small = requests.post(url + "/v1/recommend", data=chunks(json.dumps({"history": [1, 2], "k": 2}).encode()),
-                          headers={"content-type": "application/json"}, timeout=30)
+    chunks = lambda body: (body[i : i + 4096] for i in range(0, len(body), 4096))  # noqa: E731
+    assert (
+        requests.post(
+            url + "/v1/recommend",
+            data=chunks(json.dumps(huge).encode()),
+            headers={"content-type": "application/json"},
+            timeout=30,
+        ).status_code
+        == 413
+    )
+    small = requests.post(
+        url + "/v1/recommend",
+        data=chunks(json.dumps({"history": [1, 2], "k": 2}).encode()),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert small.status_code == 200 and len(small.json()["items"]) == 2, small.text
-    bad = {"inputs": [{"name": "item_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 10**9]}]}
+    bad = {
+        "inputs": [{"name": "item_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 10**9]}]
+    }
     assert requests.post(url + "/v2/models/recforge/infer", json=bad, timeout=10).status_code == 422
     assert requests.post(url + "/v2/models/other/infer", json=bad, timeout=10).status_code == 404
 
@@ -210,7 +296,9 @@ def test_reload_under_load_drops_no_request(server: dict, artifacts: dict[str, P
         session = requests.Session()
         while not done.is_set():
             try:
-                r = session.post(url + "/v1/recommend", json={"history": [1, 2, 3], "k": 10}, timeout=30)
+                r = session.post(
+                    url + "/v1/recommend", json={"history": [1, 2, 3], "k": 10}, timeout=30
+                )
                 if r.status_code != 200:
                     errors.append(f"{r.status_code}: {r.text[:200]}")
                 counts[0] += 1
@@ -223,10 +311,14 @@ def test_reload_under_load_drops_no_request(server: dict, artifacts: dict[str, P
     shas = []
     for source in ("second", "first", "second"):
         time.sleep(0.5)
-        r = requests.post(url + "/v1/admin/reload", json={"source": str(artifacts[source])}, timeout=60)
+        r = requests.post(
+            url + "/v1/admin/reload", json={"source": str(artifacts[source])}, timeout=60
+        )
         assert r.status_code == 200, r.text
         shas.append(r.json()["model"]["sha256"])
-    refused = requests.post(url + "/v1/admin/reload", json={"source": str(artifacts["tmp"] / "nope")}, timeout=60)
+    refused = requests.post(
+        url + "/v1/admin/reload", json={"source": str(artifacts["tmp"] / "nope")}, timeout=60
+    )
     time.sleep(0.5)
     done.set()
     for t in threads:
@@ -246,8 +338,18 @@ def test_triton_repository_matches_the_onnx_graph(artifacts: dict[str, Path]) ->
 
     tmp = artifacts["tmp"]
     ckpt = json.loads((artifacts["first"] / "manifest.json").read_text())["checkpoint"]
-    proc = run("export", "--checkpoint", ckpt, "--out", str(tmp / "for-triton"), "--triton", str(tmp / "triton"),
-               "--triton-name", "sasrec", cwd=tmp)
+    proc = run(
+        "export",
+        "--checkpoint",
+        ckpt,
+        "--out",
+        str(tmp / "for-triton"),
+        "--triton",
+        str(tmp / "triton"),
+        "--triton-name",
+        "sasrec",
+        cwd=tmp,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     model_dir = tmp / "triton" / "sasrec"
     config = (model_dir / "config.pbtxt").read_text()
@@ -259,4 +361,6 @@ def test_triton_repository_matches_the_onnx_graph(artifacts: dict[str, Path]) ->
     dim = json.loads((tmp / "for-triton" / "manifest.json").read_text())["dim"]
     assert f"dims: [ -1, {dim} ]" in config and "TYPE_INT64" in config and "TYPE_FP32" in config
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-    assert sha == json.loads((tmp / "for-triton" / "manifest.json").read_text())["files"]["model.onnx"]
+    assert (
+        sha == json.loads((tmp / "for-triton" / "manifest.json").read_text())["files"]["model.onnx"]
+    )

@@ -16,21 +16,46 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "two_tower" / "tiny.yaml")
 
 
-
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("serve-two-tower")
     root = tmp / "run"
-    proc = run("fit", "--config", TINY, "--data.data_dir", str(tmp / "data"), "--trainer.default_root_dir",
-               str(root), "--trainer.logger.init_args.save_dir", str(root), "--trainer.max_epochs", "1",
-               "--mlflow.enabled", "false", "--test_after_fit", "false",
-               # Fixed (not learned) pooling weights live in a buffer the checkpoint does not hold:
-               # the export must rebuild them, not leave them uninitialised.
-               "--model.init_args.model.pooling", "exp_decay", "--model.init_args.model.pooling_heads", "1", cwd=tmp)
+    proc = run(
+        "fit",
+        "--config",
+        TINY,
+        "--data.data_dir",
+        str(tmp / "data"),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        "--trainer.max_epochs",
+        "1",
+        "--mlflow.enabled",
+        "false",
+        "--test_after_fit",
+        "false",
+        # Fixed (not learned) pooling weights live in a buffer the checkpoint does not hold:
+        # the export must rebuild them, not leave them uninitialised.
+        "--model.init_args.model.pooling",
+        "exp_decay",
+        "--model.init_args.model.pooling_heads",
+        "1",
+        cwd=tmp,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = root / "two-tower-tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    proc = run("export", "--checkpoint", str(ckpt), "--out", str(tmp / "export"), "--triton", str(tmp / "triton"),
-               cwd=tmp)
+    proc = run(
+        "export",
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(tmp / "export"),
+        "--triton",
+        str(tmp / "triton"),
+        cwd=tmp,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"tmp": tmp, "ckpt": ckpt, "export": tmp / "export", "triton": tmp / "triton"}
 
@@ -39,7 +64,7 @@ def _padded(values: np.ndarray, lengths: np.ndarray, pad: int) -> np.ndarray:
     out = np.full((len(lengths), max(1, int(lengths.max()))), pad, dtype=np.int64)
     starts = np.cumsum(lengths) - lengths
     for r, (s, n) in enumerate(zip(starts, lengths)):
-        out[r, :n] = values[s:s + n]
+        out[r, :n] = values[s : s + n]
     return out
 
 
@@ -48,7 +73,7 @@ def test_served_vectors_equal_the_training_network(artifact: dict[str, Path]) ->
 
     from recforge.models.towers import HistoryPooling
     from recforge.serve.recommender import Recommender
-    from recforge.trainer.export.onnx_export import load_checkpoint
+    from recforge.trainer.export.loading import load_checkpoint
 
     manifest = json.loads((artifact["export"] / "manifest.json").read_text())
     assert manifest["kind"] == "two_tower" and manifest["parity"]["max_abs_diff"] <= 1e-4
@@ -61,7 +86,10 @@ def test_served_vectors_equal_the_training_network(artifact: dict[str, Path]) ->
     assert c.pooling == "exp_decay"
     fresh = HistoryPooling(c.pooling, c.history_len, c.decay, c.pooling_heads)
     assert torch.equal(network.user_tower.pooling.position_logits, fresh.position_logits)
-    assert [spec.get("feature_kind") for spec in manifest["inputs"][2:]] == ["categorical", "categorical"]
+    assert [spec.get("feature_kind") for spec in manifest["inputs"][2:]] == [
+        "categorical",
+        "categorical",
+    ]
     with torch.no_grad():
         catalogue = network.item_vectors(torch.arange(1, network.config.num_items + 1)).numpy()
     assert np.allclose(rec.item_embeddings, catalogue, atol=1e-6)
@@ -71,23 +99,39 @@ def test_served_vectors_equal_the_training_network(artifact: dict[str, Path]) ->
     batch = next(iter(dm.test_dataloader()))
     kjt = batch["features"].to_dict()
     with torch.no_grad():
-        expected = network.user_vectors(batch["features"]).numpy()  # (B, out_dim), the evaluation path
-    feeds = {"item_ids": _padded(kjt["history"].values().numpy(), kjt["history"].lengths().numpy(), 0),
-             "user_idx": batch["user_idx"].numpy().astype(np.int64)}
+        expected = network.user_vectors(
+            batch["features"]
+        ).numpy()  # (B, out_dim), the evaluation path
+    feeds = {
+        "item_ids": _padded(kjt["history"].values().numpy(), kjt["history"].lengths().numpy(), 0),
+        "user_idx": batch["user_idx"].numpy().astype(np.int64),
+    }
     for name in names[2:]:
         feeds[name] = _padded(kjt[name].values().numpy(), kjt[name].lengths().numpy(), -1)
     assert np.allclose(rec.run_model(feeds), expected, atol=1e-5)
     # A known user served by id uses its stored index and features.
     user = next(iter(rec.histories))
     by_id = rec.recommend(user_id=user, k=10, exclude_seen=False)
-    history_only = rec.recommend(history=[rec.item_ids[i - 1] for i in rec.histories[user]], k=10, exclude_seen=False)
-    assert not by_id.fallback and len(by_id.items) == 10 and by_id.scores == sorted(by_id.scores, reverse=True)
+    history_only = rec.recommend(
+        history=[rec.item_ids[i - 1] for i in rec.histories[user]], k=10, exclude_seen=False
+    )
+    assert (
+        not by_id.fallback
+        and len(by_id.items) == 10
+        and by_id.scores == sorted(by_id.scores, reverse=True)
+    )
     assert by_id.scores != history_only.scores, "user id and features change the user vector"
     # Without a known user: user_idx 0 and the "missing" code 0 of each categorical feature, as
     # training saw for users without that feature.
-    recent = np.array([rec.histories[user][-rec.max_len:]], dtype=np.int64)
-    cold = rec.run_model({"item_ids": recent, "user_idx": np.zeros(1, np.int64),
-                          "user_age_bucket": np.zeros((1, 1), np.int64), "user_country": np.zeros((1, 1), np.int64)})
+    recent = np.array([rec.histories[user][-rec.max_len :]], dtype=np.int64)
+    cold = rec.run_model(
+        {
+            "item_ids": recent,
+            "user_idx": np.zeros(1, np.int64),
+            "user_age_bucket": np.zeros((1, 1), np.int64),
+            "user_country": np.zeros((1, 1), np.int64),
+        }
+    )
     _assert_ranks_like(rec, history_only, cold)
     assert all(-1.0 - 1e-5 <= s <= 1.0 + 1e-5 for s in by_id.scores), "cosine scores"
 
@@ -95,7 +139,7 @@ def test_served_vectors_equal_the_training_network(artifact: dict[str, Path]) ->
 def _assert_ranks_like(rec, result, vector: np.ndarray) -> None:
     """``result`` (exclude_seen off) is the top of ``vector`` against the catalogue."""
     scores = (vector @ rec.item_embeddings.T)[0]
-    top = np.lexsort((np.arange(len(scores)), -scores))[:len(result.items)]
+    top = np.lexsort((np.arange(len(scores)), -scores))[: len(result.items)]
     assert result.items == [rec.item_ids[p] for p in top]
     assert np.allclose(result.scores, scores[top], atol=1e-5)
 
@@ -108,20 +152,42 @@ def test_new_user_served_from_raw_features(artifact: dict[str, Path]) -> None:
     vocab = json.loads((artifact["export"] / "user_features.json").read_text())
     assert set(vocab["categorical"]) == {"age_bucket", "country"} and vocab["numeric"] == []
     rec = Recommender.load(artifact["export"])
-    age, country = vocab["categorical"]["age_bucket"][2], vocab["categorical"]["country"][4]  # codes 3 and 5
+    age, country = (
+        vocab["categorical"]["age_bucket"][2],
+        vocab["categorical"]["country"][4],
+    )  # codes 3 and 5
     result = rec.recommend(user_features={"age_bucket": age, "country": country}, k=10)
     assert not result.fallback and result.unknown_user_features == []
-    vector = rec.run_model({"item_ids": np.zeros((1, 1), np.int64), "user_idx": np.zeros(1, np.int64),
-                            "user_age_bucket": np.array([[3]]), "user_country": np.array([[5]])})
+    vector = rec.run_model(
+        {
+            "item_ids": np.zeros((1, 1), np.int64),
+            "user_idx": np.zeros(1, np.int64),
+            "user_age_bucket": np.array([[3]]),
+            "user_country": np.array([[5]]),
+        }
+    )
     _assert_ranks_like(rec, result, vector)
     # With a history too; an unknown value counts as missing (code 0) and is reported.
-    mixed = rec.recommend(history=[rec.item_ids[0], rec.item_ids[7]], user_features={"country": "Atlantis"},
-                          k=5, exclude_seen=False)
+    mixed = rec.recommend(
+        history=[rec.item_ids[0], rec.item_ids[7]],
+        user_features={"country": "Atlantis"},
+        k=5,
+        exclude_seen=False,
+    )
     assert mixed.unknown_user_features == ["country='Atlantis'"]
-    vector = rec.run_model({"item_ids": np.array([[1, 8]]), "user_idx": np.zeros(1, np.int64),
-                            "user_age_bucket": np.zeros((1, 1), np.int64), "user_country": np.zeros((1, 1), np.int64)})
+    vector = rec.run_model(
+        {
+            "item_ids": np.array([[1, 8]]),
+            "user_idx": np.zeros(1, np.int64),
+            "user_age_bucket": np.zeros((1, 1), np.int64),
+            "user_country": np.zeros((1, 1), np.int64),
+        }
+    )
     _assert_ranks_like(rec, mixed, vector)
-    for bad, message in (({"height": 180}, "unknown feature 'height'"), ({"country": ["DE", "FR"]}, "one value")):
+    for bad, message in (
+        ({"height": 180}, "unknown feature 'height'"),
+        ({"country": ["DE", "FR"]}, "one value"),
+    ):
         with pytest.raises(RequestError, match=message):
             rec.recommend(user_features=bad)
 
@@ -143,32 +209,55 @@ def test_http_by_user_history_and_kserve_v2(server: str, artifact: dict[str, Pat
 
     rec = Recommender.load(artifact["export"])
     user = next(iter(rec.histories))
-    body = requests.post(server + "/v1/recommend", json={"user_id": user, "k": 5}, timeout=10).json()
+    body = requests.post(
+        server + "/v1/recommend", json={"user_id": user, "k": 5}, timeout=10
+    ).json()
     assert [x["item_id"] for x in body["items"]] == rec.recommend(user_id=user, k=5).items
-    body = requests.post(server + "/v1/recommend", json={"history": [rec.item_ids[3], "zzz"], "k": 3}, timeout=10).json()
-    assert len(body["items"]) == 3 and body["unknown_history_items"] == ["zzz"] and not body["fallback"]
-    body = requests.post(server + "/v1/recommend", json={"user_features": {"country": "Atlantis"}, "k": 3},
-                         timeout=10).json()
+    body = requests.post(
+        server + "/v1/recommend", json={"history": [rec.item_ids[3], "zzz"], "k": 3}, timeout=10
+    ).json()
+    assert (
+        len(body["items"]) == 3
+        and body["unknown_history_items"] == ["zzz"]
+        and not body["fallback"]
+    )
+    body = requests.post(
+        server + "/v1/recommend",
+        json={"user_features": {"country": "Atlantis"}, "k": 3},
+        timeout=10,
+    ).json()
     assert len(body["items"]) == 3 and body["unknown_user_features"] == ["country='Atlantis'"]
-    response = requests.post(server + "/v1/recommend", json={"user_features": {"shoe_size": 44}}, timeout=10)
-    assert response.status_code == 422 and "unknown feature 'shoe_size'" in response.json()["detail"]
+    response = requests.post(
+        server + "/v1/recommend", json={"user_features": {"shoe_size": 44}}, timeout=10
+    )
+    assert (
+        response.status_code == 422 and "unknown feature 'shoe_size'" in response.json()["detail"]
+    )
 
     meta = requests.get(server + "/v2/models/recforge", timeout=10).json()
     assert [t["name"] for t in meta["inputs"]] == rec.input_names
-    inputs = [{"name": "item_ids", "shape": [2, 3], "datatype": "INT64", "data": [1, 2, 0, 3, 0, 0]},
-              {"name": "user_idx", "shape": [2], "datatype": "INT64", "data": [1, 0]},
-              {"name": "user_age_bucket", "shape": [2, 1], "datatype": "INT64", "data": [2, -1]},
-              {"name": "user_country", "shape": [2, 2], "datatype": "INT64", "data": [1, 3, 0, -1]}]
-    out = requests.post(server + "/v2/models/recforge/infer", json={"inputs": inputs}, timeout=10).json()["outputs"][0]
+    inputs = [
+        {"name": "item_ids", "shape": [2, 3], "datatype": "INT64", "data": [1, 2, 0, 3, 0, 0]},
+        {"name": "user_idx", "shape": [2], "datatype": "INT64", "data": [1, 0]},
+        {"name": "user_age_bucket", "shape": [2, 1], "datatype": "INT64", "data": [2, -1]},
+        {"name": "user_country", "shape": [2, 2], "datatype": "INT64", "data": [1, 3, 0, -1]},
+    ]
+    out = requests.post(
+        server + "/v2/models/recforge/infer", json={"inputs": inputs}, timeout=10
+    ).json()["outputs"][0]
     feeds = {t["name"]: np.array(t["data"], dtype=np.int64).reshape(t["shape"]) for t in inputs}
     assert np.allclose(np.array(out["data"]).reshape(out["shape"]), rec.run_model(feeds), atol=1e-5)
 
-    for bad, message in ((inputs[:1], "takes exactly"),
-                         ([*inputs[:2], {**inputs[2], "data": [2, 99]}, inputs[3]], "must lie in"),
-                         ([*inputs[:1], {**inputs[1], "shape": [1], "data": [1]}, *inputs[2:]], "batch"),
-                         ([*inputs[:3], {**inputs[3], "datatype": "FP32"}], "expected int64"),
-                         ([{**inputs[0], "data": [1, 0, 2, 3, 0, 0]}, *inputs[1:]], "right-padded")):
-        response = requests.post(server + "/v2/models/recforge/infer", json={"inputs": bad}, timeout=10)
+    for bad, message in (
+        (inputs[:1], "takes exactly"),
+        ([*inputs[:2], {**inputs[2], "data": [2, 99]}, inputs[3]], "must lie in"),
+        ([*inputs[:1], {**inputs[1], "shape": [1], "data": [1]}, *inputs[2:]], "batch"),
+        ([*inputs[:3], {**inputs[3], "datatype": "FP32"}], "expected int64"),
+        ([{**inputs[0], "data": [1, 0, 2, 3, 0, 0]}, *inputs[1:]], "right-padded"),
+    ):
+        response = requests.post(
+            server + "/v2/models/recforge/infer", json={"inputs": bad}, timeout=10
+        )
         assert response.status_code == 422 and message in response.json()["detail"], response.text
 
 
@@ -176,17 +265,71 @@ def test_int8_export_is_checked_reported_and_served(artifact: dict[str, Path]) -
     from recforge.serve.recommender import Recommender
 
     tmp, ckpt = artifact["tmp"], str(artifact["ckpt"])
-    proc = run("export", "--checkpoint", ckpt, "--out", str(tmp / "int8"), "--quantize", "int8", cwd=tmp)
+    proc = run(
+        "export", "--checkpoint", ckpt, "--out", str(tmp / "int8"), "--quantize", "int8", cwd=tmp
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     q = json.loads((tmp / "int8" / "manifest.json").read_text())["quantization"]
-    assert q["weight_type"] == "int8" and q["recall@10_vs_float"] >= 0.9 and q["bytes_int8"] < q["bytes_float"] / 1.5
-    assert 0 < q["max_abs_diff_vs_pytorch"] < 0.1, "int8 really changed the graph, not beyond reason"
+    assert (
+        q["weight_type"] == "int8"
+        and q["recall@10_vs_float"] >= 0.9
+        and q["bytes_int8"] < q["bytes_float"] / 1.5
+    )
+    assert 0 < q["max_abs_diff_vs_pytorch"] < 0.1, (
+        "int8 really changed the graph, not beyond reason"
+    )
     quantized, exact = Recommender.load(tmp / "int8"), Recommender.load(artifact["export"])
     user = next(iter(exact.histories))
-    overlap = set(quantized.recommend(user_id=user, k=10).items) & set(exact.recommend(user_id=user, k=10).items)
+    overlap = set(quantized.recommend(user_id=user, k=10).items) & set(
+        exact.recommend(user_id=user, k=10).items
+    )
     assert len(overlap) >= 7
     # The gate: demanding perfect recall fails (this model measures below 1) and leaves nothing.
-    proc = run("export", "--checkpoint", ckpt, "--out", str(tmp / "int8-strict"), "--quantize", "int8",
-               "--min-recall", "1.0", cwd=tmp)
-    assert proc.returncode == 2 and "int8 quantization lost too much" in proc.stderr, proc.stderr[-2000:]
+    proc = run(
+        "export",
+        "--checkpoint",
+        ckpt,
+        "--out",
+        str(tmp / "int8-strict"),
+        "--quantize",
+        "int8",
+        "--min-recall",
+        "1.0",
+        cwd=tmp,
+    )
+    assert proc.returncode == 2 and "int8 quantization lost too much" in proc.stderr, proc.stderr[
+        -2000:
+    ]
     assert not (tmp / "int8-strict").exists()
+
+
+def test_checkpoint_of_the_previous_version_still_loads(
+    artifact: dict[str, Path], tmp_path: Path
+) -> None:
+    """Before the single namespace, checkpoints named the module ``trainer.<...>`` and the
+    DataModule's batch format by the model family (``model_family``); both are read through the
+    family registry."""
+    import shutil
+
+    import torch
+
+    from recforge.families import FAMILIES
+    from recforge.trainer.checkpoint import TRAINER_STATE
+    from recforge.trainer.export.loading import load_checkpoint
+
+    family = FAMILIES["two_tower"]
+    old = tmp_path / "old.ckpt"
+    shutil.copytree(artifact["ckpt"], old)
+    state = torch.load(old / TRAINER_STATE, map_location="cpu", weights_only=False)
+    assert state["hyper_parameters"]["_class_path"] == family.module
+    assert state["datamodule_hyper_parameters"]["batch_format"] == family.batch_format, (
+        "new checkpoints"
+    )
+    state["hyper_parameters"]["_class_path"] = family.legacy_modules[0]
+    state["datamodule_hyper_parameters"].pop("batch_format")
+    state["datamodule_hyper_parameters"]["model_family"] = family.name
+    torch.save(state, old / TRAINER_STATE)
+    loaded = load_checkpoint(old)
+    assert loaded.family is family and loaded.datamodule.batch_format == family.batch_format
+    fresh = load_checkpoint(artifact["ckpt"]).network.state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in loaded.network.state_dict().items())

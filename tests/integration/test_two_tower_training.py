@@ -27,14 +27,28 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_ok(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([RECFORGE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    proc = subprocess.run(
+        [RECFORGE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def fit_args(root: Path, data: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", TINY, "--data.data_dir", str(data), "--trainer.default_root_dir", str(root),
-            "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false", *extra]
+    return [
+        "fit",
+        "--config",
+        TINY,
+        "--data.data_dir",
+        str(data),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
 
 
 def version_dir(root: Path) -> Path:
@@ -43,13 +57,32 @@ def version_dir(root: Path) -> Path:
 
 def val_ndcg(run: Path) -> list[float]:
     with open(run / "metrics.csv") as f:
-        return [float(r["val/ndcg@10_filtered"]) for r in csv.DictReader(f) if r.get("val/ndcg@10_filtered")]
+        return [
+            float(r["val/ndcg@10_filtered"])
+            for r in csv.DictReader(f)
+            if r.get("val/ndcg@10_filtered")
+        ]
 
 
 def test_metrics(root: Path, data: Path, ckpt: Path, devices: int, cwd: Path) -> dict[str, float]:
-    run_ok("test", "--config", TINY, "--data.data_dir", str(data), "--ckpt_path", str(ckpt),
-           "--trainer.devices", str(devices), "--trainer.default_root_dir", str(root),
-           "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar", "false", cwd=cwd)
+    run_ok(
+        "test",
+        "--config",
+        TINY,
+        "--data.data_dir",
+        str(data),
+        "--ckpt_path",
+        str(ckpt),
+        "--trainer.devices",
+        str(devices),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger.init_args.save_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        cwd=cwd,
+    )
     return json.loads((version_dir(root) / "test_metrics.json").read_text())["metrics"]
 
 
@@ -65,15 +98,21 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return {"tmp": tmp, "data": data, "run": version_dir(root)}
 
 
-def test_two_processes_shard_items_row_wise_and_features_table_wise_and_learn(two_process_run: dict[str, Path]
-                                                                              ) -> None:
+def test_two_processes_shard_items_row_wise_and_features_table_wise_and_learn(
+    two_process_run: dict[str, Path],
+) -> None:
     run, data = two_process_run["run"], two_process_run["data"]
     plan = json.loads((run / "sharding_plan.json").read_text())
-    assert plan["item_table"]["sharding_type"] == "row_wise" and plan["item_table"]["ranks"] == [0, 1]
+    assert plan["item_table"]["sharding_type"] == "row_wise" and plan["item_table"]["ranks"] == [
+        0,
+        1,
+    ]
     assert plan["item_table"]["module"].endswith("embedding_collection")
     for table in FEATURE_TABLES:
         assert plan[table]["sharding_type"] == "table_wise", table
-        assert len(plan[table]["ranks"]) == 1 and plan[table]["module"].endswith("feature_collection")
+        assert len(plan[table]["ranks"]) == 1 and plan[table]["module"].endswith(
+            "feature_collection"
+        )
     assert len({plan[t]["ranks"][0] for t in FEATURE_TABLES}) == 2  # the planner used both ranks
 
     # Each rank holds one block of item rows and not the others: together exactly the whole table.
@@ -94,7 +133,9 @@ def test_two_processes_shard_items_row_wise_and_features_table_wise_and_learn(tw
     popular = evaluate_baseline(str(data), "most_popular", stage="validate")["ndcg@10_filtered"]
     assert ndcg[-1] > 3 * popular, (ndcg, popular)
     ckpt = run / "checkpoints" / "last.ckpt"
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer_state.pt"} <= {p.name for p in ckpt.iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer_state.pt"} <= {
+        p.name for p in ckpt.iterdir()
+    }
 
 
 def test_one_and_two_ranks_give_identical_test_metrics(two_process_run: dict[str, Path]) -> None:
@@ -107,7 +148,9 @@ def test_one_and_two_ranks_give_identical_test_metrics(two_process_run: dict[str
         assert value == pytest.approx(two[key], abs=1e-6, nan_ok=True), key
 
 
-def test_one_process_fit_beats_most_popular(two_process_run: dict[str, Path], tmp_path: Path) -> None:
+def test_one_process_fit_beats_most_popular(
+    two_process_run: dict[str, Path], tmp_path: Path
+) -> None:
     data = two_process_run["data"]  # already synthesised
     run_ok(*fit_args(tmp_path / "run", data, "--trainer.max_epochs", "2"), cwd=tmp_path)
     ndcg = val_ndcg(version_dir(tmp_path / "run"))

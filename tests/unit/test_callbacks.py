@@ -29,17 +29,33 @@ class ScriptedMetric(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2
+        )
 
     val_dataloader = train_dataloader
 
 
-def _fit(root: Path, patience: int, ckpt_path: str | None = None) -> tuple[L.Trainer, ModelCheckpoint]:
-    checkpoint = ModelCheckpoint(dirpath=root, monitor="score", mode="max", save_top_k=1, save_last=True,
-                                 filename="best-{epoch}")
-    trainer = L.Trainer(max_epochs=len(SCRIPT), accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[checkpoint, EarlyStopping(monitor="score", mode="max", patience=patience)])
+def _fit(
+    root: Path, patience: int, ckpt_path: str | None = None
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    checkpoint = ModelCheckpoint(
+        dirpath=root,
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        filename="best-{epoch}",
+    )
+    trainer = L.Trainer(
+        max_epochs=len(SCRIPT),
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[checkpoint, EarlyStopping(monitor="score", mode="max", patience=patience)],
+    )
     trainer.fit(ScriptedMetric(), ckpt_path=ckpt_path)
     return trainer, checkpoint
 
@@ -48,7 +64,9 @@ def _epoch(path: Path) -> int:
     return torch.load(path, weights_only=False)["epoch"]
 
 
-def test_last_is_written_after_every_validation_and_patience_can_be_raised_on_resume(tmp_path: Path) -> None:
+def test_last_is_written_after_every_validation_and_patience_can_be_raised_on_resume(
+    tmp_path: Path,
+) -> None:
     # Best at epoch 1; two validations without improvement stop the run after epoch 3.
     trainer, checkpoint = _fit(tmp_path, patience=2)
     assert trainer.current_epoch == 4  # epochs 0..3 ran

@@ -16,7 +16,9 @@ from recforge.models.sasrec import SASRec, SASRecConfig
 from recforge.models.towers import TowerConfig
 from recforge.models.two_tower import TwoTower, TwoTowerConfig
 from recforge.trainer.export.encoders import SASRecUserEncoder, TwoTowerUserEncoder
-from recforge.trainer.export.onnx_export import ExportError, _export_onnx, parity
+from recforge.trainer.export.errors import ExportError
+from recforge.trainer.export.parity import parity
+from recforge.trainer.export.writing import write_onnx
 
 N, H = 40, 6
 
@@ -31,11 +33,23 @@ def _one_thread() -> Any:
 
 def _two_tower() -> TwoTower:
     torch.manual_seed(0)
-    config = TwoTowerConfig(num_items=N, num_users=0, dim=16, out_dim=8, feature_dim=4, history_len=H,
-                            use_user_id=True, user_id_dim=4, user_id_hash_buckets=7, pooling="learned",
-                            pooling_heads=2, item_tower=TowerConfig([16], 0.0), user_tower=TowerConfig([16], 0.0),
-                            user_feature_cardinalities={"country": 5, "tags": 9},
-                            user_numeric_features=["age", "spend"])
+    config = TwoTowerConfig(
+        num_items=N,
+        num_users=0,
+        dim=16,
+        out_dim=8,
+        feature_dim=4,
+        history_len=H,
+        use_user_id=True,
+        user_id_dim=4,
+        user_id_hash_buckets=7,
+        pooling="learned",
+        pooling_heads=2,
+        item_tower=TowerConfig([16], 0.0),
+        user_tower=TowerConfig([16], 0.0),
+        user_feature_cardinalities={"country": 5, "tags": 9},
+        user_numeric_features=["age", "spend"],
+    )
     model = TwoTower(config).eval()
     model.set_user_feature_stats(np.array([[20.0, 3.0], [40.0, 300.0], [60.0, 0.0]]))
     with torch.no_grad():  # random, not near-zero, position logits so pooling order matters
@@ -44,11 +58,13 @@ def _two_tower() -> TwoTower:
 
 
 def _users() -> dict[str, Any]:
-    return {"history": [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6], [9, 9]],
-            "user_id": [11, 12, 13, 0],
-            "country": [[2], [0], [4], []],  # the last user has no code: a zero (mean of nothing) bag
-            "tags": [[1, 8], [], [3], [2, 2, 5]],
-            "dense": [[30.0, 5.0], [0.0, 0.0], [70.0, 1e4], [25.0, -3.0]]}
+    return {
+        "history": [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6], [9, 9]],
+        "user_id": [11, 12, 13, 0],
+        "country": [[2], [0], [4], []],  # the last user has no code: a zero (mean of nothing) bag
+        "tags": [[1, 8], [], [3], [2, 2, 5]],
+        "dense": [[30.0, 5.0], [0.0, 0.0], [70.0, 1e4], [25.0, -3.0]],
+    }
 
 
 def _kjt(u: dict[str, Any]) -> KeyedJaggedTensor:
@@ -56,8 +72,12 @@ def _kjt(u: dict[str, Any]) -> KeyedJaggedTensor:
     rows = [u["history"], [[x] for x in u["user_id"]], u["country"], u["tags"]]
     values = [v for column in rows for r in column for v in r]
     lengths = [len(r) for column in rows for r in column]
-    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.int64),
-                             lengths=torch.tensor(lengths, dtype=torch.int32), stride=len(u["history"]))
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int32),
+        stride=len(u["history"]),
+    )
 
 
 def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -66,8 +86,13 @@ def _padded(rows: list[list[int]], pad: int) -> torch.Tensor:
 
 
 def _encoder_inputs(u: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    return (_padded(u["history"], 0), torch.tensor(u["user_id"]), _padded(u["country"], -1),
-            _padded(u["tags"], -1), torch.tensor(u["dense"], dtype=torch.float32))
+    return (
+        _padded(u["history"], 0),
+        torch.tensor(u["user_id"]),
+        _padded(u["country"], -1),
+        _padded(u["tags"], -1),
+        torch.tensor(u["dense"], dtype=torch.float32),
+    )
 
 
 def test_two_tower_encoder_matches_the_torchrec_model() -> None:
@@ -87,8 +112,11 @@ def test_two_tower_encoder_matches_the_torchrec_model() -> None:
     wide[0] = torch.nn.functional.pad(wide[0], (0, H - wide[0].shape[1]))
     with torch.no_grad():
         assert torch.allclose(encoder(*wide), got, atol=1e-6)
-    assert np.allclose(encoder.item_vectors(), model.item_vectors(torch.arange(1, N + 1)).detach().numpy(),
-                       atol=1e-6)
+    assert np.allclose(
+        encoder.item_vectors(),
+        model.item_vectors(torch.arange(1, N + 1)).detach().numpy(),
+        atol=1e-6,
+    )
 
 
 def test_two_tower_encoder_exports_with_dynamic_widths(tmp_path: Path) -> None:
@@ -97,12 +125,15 @@ def test_two_tower_encoder_exports_with_dynamic_widths(tmp_path: Path) -> None:
     model = _two_tower()
     encoder = TwoTowerUserEncoder(model).eval()
     path = tmp_path / "model.onnx"
-    _export_onnx(encoder, encoder.random_inputs(2, 4, torch.Generator().manual_seed(0)), path)
+    write_onnx(encoder, encoder.random_inputs(2, 4, torch.Generator().manual_seed(0)), path)
     report = parity(encoder, path, encoder.item_vectors(), tolerance=1e-4)
     assert report["max_abs_diff"] <= 1e-5 and all(c["same_top10"] for c in report["cases"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == encoder.names == \
-        ["item_ids", "user_idx", "user_country", "user_tags", "user_dense"]
+    assert (
+        [i.name for i in session.get_inputs()]
+        == encoder.names
+        == ["item_ids", "user_idx", "user_country", "user_tags", "user_dense"]
+    )
     inputs = _encoder_inputs(_users())  # widths 6, 1 and 3: none of them the example's
     got = session.run(["user_vector"], {n: x.numpy() for n, x in zip(encoder.names, inputs)})[0]
     with torch.no_grad():
@@ -114,19 +145,42 @@ def test_two_tower_encoder_exports_with_dynamic_widths(tmp_path: Path) -> None:
 def test_two_tower_without_user_inputs_exports(tmp_path: Path) -> None:
     # The ML-1M shape: history only (no user id, no user features).
     torch.manual_seed(0)
-    model = TwoTower(TwoTowerConfig(num_items=N, dim=16, out_dim=8, history_len=H, pooling="exp_decay",
-                                    item_tower=TowerConfig([], 0.0), user_tower=TowerConfig([16], 0.0))).eval()
+    model = TwoTower(
+        TwoTowerConfig(
+            num_items=N,
+            dim=16,
+            out_dim=8,
+            history_len=H,
+            pooling="exp_decay",
+            item_tower=TowerConfig([], 0.0),
+            user_tower=TowerConfig([16], 0.0),
+        )
+    ).eval()
     encoder = TwoTowerUserEncoder(model).eval()
     assert encoder.names == ["item_ids"]
-    _export_onnx(encoder, encoder.random_inputs(2, 4, torch.Generator().manual_seed(0)), tmp_path / "m.onnx")
-    assert parity(encoder, tmp_path / "m.onnx", encoder.item_vectors(), tolerance=1e-4)["max_abs_diff"] <= 1e-5
+    write_onnx(
+        encoder, encoder.random_inputs(2, 4, torch.Generator().manual_seed(0)), tmp_path / "m.onnx"
+    )
+    assert (
+        parity(encoder, tmp_path / "m.onnx", encoder.item_vectors(), tolerance=1e-4)["max_abs_diff"]
+        <= 1e-5
+    )
 
 
 def test_sasrec_encoder_scores_like_the_model() -> None:
     # The evaluation path (score_all: TorchRec lookup, tied output) ranks as encoder . item vectors.
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(num_items=N, max_len=8, dim=16, num_layers=1, num_heads=2, dropout=0.0,
-                                attention_dropout=0.0)).eval()
+    model = SASRec(
+        SASRecConfig(
+            num_items=N,
+            max_len=8,
+            dim=16,
+            num_layers=1,
+            num_heads=2,
+            dropout=0.0,
+            attention_dropout=0.0,
+        )
+    ).eval()
     encoder = SASRecUserEncoder(model).eval()
     ids = torch.tensor([[1, 2, 3, 0, 0], [5, 0, 0, 0, 0], [4, 4, 9, 12, 30]])
     with torch.no_grad():

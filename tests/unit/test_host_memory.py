@@ -32,8 +32,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=REPO, capture_output=True, text=True,
-                         check=True, env={**os.environ, **(env or {})}).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+    ).stdout.split()
     return out[0], int(out[1])
 
 

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from recforge.models.losses import bce_one_negative, full_softmax_ce, sampled_softmax, sampled_softmax_logits, weighted_mean
+from recforge.models.losses import (
+    bce_one_negative,
+    full_softmax_ce,
+    sampled_softmax,
+    sampled_softmax_logits,
+    weighted_mean,
+)
 
 
 def _lse(xs: list[float]) -> float:
@@ -31,8 +37,13 @@ def test_full_softmax_ce_hand_computed() -> None:
         logits = [_dot(q, e) / tau for e in CATALOG]
         expected_rows.append(_lse(logits) - logits[y])
     expected = sum(w * l for w, l in zip(weight, expected_rows)) / sum(weight)
-    got = full_softmax_ce(torch.tensor(Q), torch.tensor(CATALOG), torch.tensor(target), torch.tensor(weight),
-                          temperature=tau)
+    got = full_softmax_ce(
+        torch.tensor(Q),
+        torch.tensor(CATALOG),
+        torch.tensor(target),
+        torch.tensor(weight),
+        temperature=tau,
+    )
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -54,9 +65,18 @@ def test_sampled_softmax_hand_computed_with_logq_and_hits() -> None:
             hit = nid == [7, 9][t]
             cands.append(float("-inf") if hit else _dot(q, neg_emb[k]) / tau - log_q_n[k])
         rows.append(_lse(cands) - pos)
-    got = sampled_softmax(torch.tensor(Q), torch.tensor(tgt_emb), torch.tensor([7, 9]), torch.tensor(neg_emb),
-                          torch.tensor([9, 4]), in_batch=True, log_q_target=torch.tensor(log_q_t),
-                          log_q_negative=torch.tensor(log_q_n), temperature=tau, weight=torch.ones(2))
+    got = sampled_softmax(
+        torch.tensor(Q),
+        torch.tensor(tgt_emb),
+        torch.tensor([7, 9]),
+        torch.tensor(neg_emb),
+        torch.tensor([9, 4]),
+        in_batch=True,
+        log_q_target=torch.tensor(log_q_t),
+        log_q_negative=torch.tensor(log_q_n),
+        temperature=tau,
+        weight=torch.ones(2),
+    )
     assert got.item() == pytest.approx(sum(rows) / 2, rel=1e-6)
 
 
@@ -75,11 +95,20 @@ def _random_case(seed: int = 0, t: int = 6, m: int = 5, d: int = 4, n: int = 8):
 def test_logq_shifts_each_candidate_logit_by_exactly_minus_log_q() -> None:
     query, target_emb, target_ids, neg_emb, neg_ids, log_q_t, log_q_n = _random_case()
     off = sampled_softmax_logits(query, target_emb, target_ids, neg_emb, neg_ids, in_batch=True)
-    on = sampled_softmax_logits(query, target_emb, target_ids, neg_emb, neg_ids, in_batch=True,
-                                log_q_target=log_q_t, log_q_negative=log_q_n)
+    on = sampled_softmax_logits(
+        query,
+        target_emb,
+        target_ids,
+        neg_emb,
+        neg_ids,
+        in_batch=True,
+        log_q_target=log_q_t,
+        log_q_negative=log_q_n,
+    )
     t = len(target_ids)
-    expected_shift = -torch.cat([log_q_t[:, None], log_q_t[None, :].expand(t, -1),
-                                 log_q_n[None, :].expand(t, -1)], dim=1)
+    expected_shift = -torch.cat(
+        [log_q_t[:, None], log_q_t[None, :].expand(t, -1), log_q_n[None, :].expand(t, -1)], dim=1
+    )
     finite = torch.isfinite(off)
     assert torch.equal(finite, torch.isfinite(on))  # the correction never unmasks or masks
     torch.testing.assert_close((on - off)[finite], expected_shift[finite], rtol=0, atol=1e-6)
@@ -89,32 +118,57 @@ def test_accidental_hits_are_masked_and_equal_dropping_them() -> None:
     query, target_emb, _, neg_emb, _, _, _ = _random_case(1, t=4, m=3)
     target_ids = torch.tensor([5, 6, 5, 7])
     negative_ids = torch.tensor([6, 1, 5])
-    logits = sampled_softmax_logits(query, target_emb, target_ids, neg_emb, negative_ids, in_batch=True)
+    logits = sampled_softmax_logits(
+        query, target_emb, target_ids, neg_emb, negative_ids, in_batch=True
+    )
     assert logits.shape == (4, 1 + 4 + 3)
     assert torch.isfinite(logits[:, 0]).all()
-    expected_masked = torch.cat([target_ids[:, None] == target_ids[None, :],
-                                 target_ids[:, None] == negative_ids[None, :]], dim=1)
+    expected_masked = torch.cat(
+        [target_ids[:, None] == target_ids[None, :], target_ids[:, None] == negative_ids[None, :]],
+        dim=1,
+    )
     assert torch.equal(torch.isinf(logits[:, 1:]), expected_masked)
     # Row 0 (target 5): the loss is the softmax over the positive and the surviving candidates.
     keep = [target_emb[1], target_emb[3], neg_emb[0], neg_emb[1]]
     row0 = torch.stack([query[0] @ target_emb[0]] + [query[0] @ e for e in keep])
     expected = torch.logsumexp(row0, 0) - row0[0]
-    loss = sampled_softmax(query, target_emb, target_ids, neg_emb, negative_ids, in_batch=True,
-                           log_q_target=None, log_q_negative=None, weight=torch.tensor([1.0, 0, 0, 0]))
+    loss = sampled_softmax(
+        query,
+        target_emb,
+        target_ids,
+        neg_emb,
+        negative_ids,
+        in_batch=True,
+        log_q_target=None,
+        log_q_negative=None,
+        weight=torch.tensor([1.0, 0, 0, 0]),
+    )
     torch.testing.assert_close(loss, expected)
 
 
 def test_in_batch_only_and_uniform_only() -> None:
     query, target_emb, target_ids, neg_emb, neg_ids, log_q_t, log_q_n = _random_case(2)
-    only_in = sampled_softmax_logits(query, target_emb, target_ids, None, None, in_batch=True, log_q_target=log_q_t)
+    only_in = sampled_softmax_logits(
+        query, target_emb, target_ids, None, None, in_batch=True, log_q_target=log_q_t
+    )
     assert only_in.shape == (6, 7)
-    only_uniform = sampled_softmax_logits(query, target_emb, target_ids, neg_emb, neg_ids, in_batch=False,
-                                          log_q_target=log_q_t, log_q_negative=log_q_n)
+    only_uniform = sampled_softmax_logits(
+        query,
+        target_emb,
+        target_ids,
+        neg_emb,
+        neg_ids,
+        in_batch=False,
+        log_q_target=log_q_t,
+        log_q_negative=log_q_n,
+    )
     assert only_uniform.shape == (6, 6)
     with pytest.raises(ValueError, match="no negatives"):
         sampled_softmax_logits(query, target_emb, target_ids, None, None, in_batch=False)
     with pytest.raises(ValueError, match="log_q_negative"):
-        sampled_softmax_logits(query, target_emb, target_ids, neg_emb, neg_ids, in_batch=True, log_q_target=log_q_t)
+        sampled_softmax_logits(
+            query, target_emb, target_ids, neg_emb, neg_ids, in_batch=True, log_q_target=log_q_t
+        )
 
 
 def test_bce_one_negative_hand_computed() -> None:
@@ -124,7 +178,9 @@ def test_bce_one_negative_hand_computed() -> None:
         sp, sn = _dot(q, p), _dot(q, n)
         rows.append(-math.log(1 / (1 + math.exp(-sp))) - math.log(1 - 1 / (1 + math.exp(-sn))))
     expected = (2 * rows[0] + rows[1]) / 3
-    got = bce_one_negative(torch.tensor(Q), torch.tensor(pos), torch.tensor(neg), torch.tensor(weight))
+    got = bce_one_negative(
+        torch.tensor(Q), torch.tensor(pos), torch.tensor(neg), torch.tensor(weight)
+    )
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -133,8 +189,17 @@ def _all_losses(query, target_emb, target_ids, neg_emb, neg_ids, weight):
     catalog = torch.cat([target_emb, neg_emb])
     return {
         "ce": full_softmax_ce(query, catalog, torch.arange(len(query)), weight),
-        "sampled": sampled_softmax(query, target_emb, target_ids, neg_emb, neg_ids, in_batch=False,
-                                   log_q_target=None, log_q_negative=None, weight=weight),
+        "sampled": sampled_softmax(
+            query,
+            target_emb,
+            target_ids,
+            neg_emb,
+            neg_ids,
+            in_batch=False,
+            log_q_target=None,
+            log_q_negative=None,
+            weight=weight,
+        ),
         "bce": bce_one_negative(query, target_emb, neg_emb[: len(query)], weight),
     }
 
@@ -156,7 +221,9 @@ def test_weight_zero_rows_contribute_nothing() -> None:
         assert grad[[0, 2, 3]].abs().max() > 0, name
     # All weights 0 (a filler batch): 0, with finite zero gradients.
     q = query.clone().requires_grad_(True)
-    for name, loss in _all_losses(q, target_emb, target_ids, neg_emb, neg_ids, torch.zeros(5)).items():
+    for name, loss in _all_losses(
+        q, target_emb, target_ids, neg_emb, neg_ids, torch.zeros(5)
+    ).items():
         assert loss.item() == 0.0, name
         (grad,) = torch.autograd.grad(loss, q)
         assert torch.equal(grad, torch.zeros_like(grad)), name
@@ -166,13 +233,25 @@ def test_gradients_reach_query_and_item_embeddings() -> None:
     query, target_emb, target_ids, neg_emb, neg_ids, log_q_t, log_q_n = _random_case(4)
     leaves = [t.clone().requires_grad_(True) for t in (query, target_emb, neg_emb)]
     q, te, ne = leaves
-    loss = sampled_softmax(q, te, target_ids, ne, neg_ids, in_batch=True, log_q_target=log_q_t,
-                           log_q_negative=log_q_n, temperature=0.5, weight=torch.ones(6))
+    loss = sampled_softmax(
+        q,
+        te,
+        target_ids,
+        ne,
+        neg_ids,
+        in_batch=True,
+        log_q_target=log_q_t,
+        log_q_negative=log_q_n,
+        temperature=0.5,
+        weight=torch.ones(6),
+    )
     loss = loss + full_softmax_ce(q, ne, torch.zeros(6, dtype=torch.long), torch.ones(6))
     loss = loss + bce_one_negative(q, te, ne[:1].expand(6, -1), torch.ones(6))
     loss.backward()
     for leaf in leaves:
-        assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+        assert (
+            leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+        )
 
 
 def test_weighted_mean_shape_check() -> None:
@@ -181,7 +260,9 @@ def test_weighted_mean_shape_check() -> None:
 
 
 def _unfused_ce(query, catalog, target, weight, tau):
-    per_position = torch.nn.functional.cross_entropy((query @ catalog.T / tau).float(), target, reduction="none")
+    per_position = torch.nn.functional.cross_entropy(
+        (query @ catalog.T / tau).float(), target, reduction="none"
+    )
     return (per_position * weight).sum() / weight.sum()
 
 
@@ -198,10 +279,15 @@ def test_chunked_ce_matches_full_logits_value_and_gradients(monkeypatch, chunk_l
     got = full_softmax_ce(query, catalog, target, weight, temperature=0.7)
     want = _unfused_ce(query, catalog, target, weight, 0.7)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
-    for a, b in zip(torch.autograd.grad(3 * got, (query, catalog)), torch.autograd.grad(3 * want, (query, catalog))):
+    for a, b in zip(
+        torch.autograd.grad(3 * got, (query, catalog)),
+        torch.autograd.grad(3 * want, (query, catalog)),
+    ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        assert full_softmax_ce(query, catalog, target, weight, temperature=0.7).item() == pytest.approx(got.item())
+        assert full_softmax_ce(
+            query, catalog, target, weight, temperature=0.7
+        ).item() == pytest.approx(got.item())
 
 
 def test_chunked_ce_gradcheck_in_double(monkeypatch) -> None:
@@ -210,8 +296,9 @@ def test_chunked_ce_gradcheck_in_double(monkeypatch) -> None:
     query = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
     catalog = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True)
     target, weight = torch.randint(0, 4, (7,), generator=g), torch.rand(7, generator=g)
-    assert torch.autograd.gradcheck(lambda q, c: full_softmax_ce(q, c, target, weight, temperature=0.5),
-                                    (query, catalog))
+    assert torch.autograd.gradcheck(
+        lambda q, c: full_softmax_ce(q, c, target, weight, temperature=0.5), (query, catalog)
+    )
 
 
 def test_chunked_ce_bf16_inputs_get_bf16_gradients_of_a_float32_softmax() -> None:
@@ -221,8 +308,9 @@ def test_chunked_ce_bf16_inputs_get_bf16_gradients_of_a_float32_softmax() -> Non
     target, weight = torch.randint(0, 9, (6,), generator=g), torch.ones(6)
     loss = full_softmax_ce(query, catalog, target, weight)
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(_unfused_ce(query.float(), catalog.float(), target, weight, 1.0).item(),
-                                        rel=1e-5)
+    assert loss.item() == pytest.approx(
+        _unfused_ce(query.float(), catalog.float(), target, weight, 1.0).item(), rel=1e-5
+    )
     loss.backward()
     assert query.grad.dtype == catalog.grad.dtype == torch.bfloat16
 
@@ -246,5 +334,7 @@ def test_chunked_ce_is_exact_where_the_target_probability_underflows() -> None:
     got = full_softmax_ce(query, catalog, target, weight)
     want = _unfused_ce(query, catalog, target, weight, 1.0)
     assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-6)
-    for a, b in zip(torch.autograd.grad(got, (query, catalog)), torch.autograd.grad(want, (query, catalog))):
+    for a, b in zip(
+        torch.autograd.grad(got, (query, catalog)), torch.autograd.grad(want, (query, catalog))
+    ):
         torch.testing.assert_close(a, b)

@@ -1,5 +1,5 @@
 """RankingEvaluator: hand-computed metrics, the tie rule, filtering, weights, segments, batching
-invariance, and 2 real gloo processes against 1 (DESIGN §7)."""
+invariance, and 2 real gloo processes against 1 (docs/architecture.md §7)."""
 
 from __future__ import annotations
 
@@ -21,20 +21,24 @@ POP = [0, 10, 20, 30, 40, 50]  # item i has count 10 * i
 
 def _batch(rows: list[tuple[list[float], int, list[int], float]]) -> dict[str, torch.Tensor]:
     """(scores incl. padding column, target, seen items, weight) per row -> update() kwargs."""
-    return {"scores": torch.tensor([r[0] for r in rows], dtype=torch.float32),
-            "target": torch.tensor([r[1] for r in rows]),
-            "seen_values": torch.tensor([i for r in rows for i in r[2]], dtype=torch.int64),
-            "seen_lengths": torch.tensor([len(r[2]) for r in rows]),
-            "weight": torch.tensor([r[3] for r in rows])}
+    return {
+        "scores": torch.tensor([r[0] for r in rows], dtype=torch.float32),
+        "target": torch.tensor([r[1] for r in rows]),
+        "seen_values": torch.tensor([i for r in rows for i in r[2]], dtype=torch.int64),
+        "seen_lengths": torch.tensor([len(r[2]) for r in rows]),
+        "weight": torch.tensor([r[3] for r in rows]),
+    }
 
 
 # Row 0: item 4 ties item 2 (0.5); item 2 has the smaller index, so unfiltered rank 1. The user saw
 # 2 and 4 (4 twice) before; filtering removes 2 but keeps the target 4 -> rank 0.
 # Row 1: target 5 is 5th (rank 4); seen 1 and 3 removed -> rank 2. The padding column scores highest.
 # Row 2: a filler (weight 0) that would be a perfect hit.
-HAND = [([100.0, 0.1, 0.5, 0.3, 0.5, 0.2], 4, [2, 4, 4], 1.0),
-        ([9.0, 0.9, 0.8, 0.7, 0.6, 0.5], 5, [1, 3], 1.0),
-        ([0.0, 0.0, 0.0, 9.0, 0.0, 0.0], 3, [1], 0.0)]
+HAND = [
+    ([100.0, 0.1, 0.5, 0.3, 0.5, 0.2], 4, [2, 4, 4], 1.0),
+    ([9.0, 0.9, 0.8, 0.7, 0.6, 0.5], 5, [1, 3], 1.0),
+    ([0.0, 0.0, 0.0, 9.0, 0.0, 0.0], 3, [1], 0.0),
+]
 
 
 def test_hand_computed() -> None:
@@ -44,17 +48,31 @@ def test_hand_computed() -> None:
     g = 1 / math.log2(3)
     expected = {
         "count": 2.0,
-        "hr@1": 0.0, "hr@3": 0.5, "ndcg@1": 0.0, "ndcg@3": g / 2, "mrr": (1 / 2 + 1 / 5) / 2,
-        "hr@1_filtered": 0.5, "hr@3_filtered": 1.0, "ndcg@1_filtered": 0.5,
-        "ndcg@3_filtered": (1 + 0.5) / 2, "mrr_filtered": (1 + 1 / 3) / 2,
+        "hr@1": 0.0,
+        "hr@3": 0.5,
+        "ndcg@1": 0.0,
+        "ndcg@3": g / 2,
+        "mrr": (1 / 2 + 1 / 5) / 2,
+        "hr@1_filtered": 0.5,
+        "hr@3_filtered": 1.0,
+        "ndcg@1_filtered": 0.5,
+        "ndcg@3_filtered": (1 + 0.5) / 2,
+        "mrr_filtered": (1 + 1 / 3) / 2,
         # Filtered lists: row 0 -> 4, 3, 5 ; row 1 -> 2, 4, 5 (the filler's item 3 at top-1 is not counted).
-        "coverage@1": 2 / 5, "coverage@3": 4 / 5,
-        "popularity@1": (40 + 20) / 2, "popularity@3": ((40 + 30 + 50) / 3 + (20 + 40 + 50) / 3) / 2,
-        "popularity@1_relative": 30 / 50, "popularity@3_relative": ((120 + 110) / 6) / 50,
+        "coverage@1": 2 / 5,
+        "coverage@3": 4 / 5,
+        "popularity@1": (40 + 20) / 2,
+        "popularity@3": ((40 + 30 + 50) / 3 + (20 + 40 + 50) / 3) / 2,
+        "popularity@1_relative": 30 / 50,
+        "popularity@3_relative": ((120 + 110) / 6) / 50,
         # Histories of 3 and 2 items: segments 1-1, 2-2, 3+.
-        "segment/1-1/count": 0.0, "segment/2-2/count": 1.0, "segment/3+/count": 1.0,
-        "segment/2-2/hr@1_filtered": 0.0, "segment/2-2/ndcg@1_filtered": 0.0,
-        "segment/3+/hr@1_filtered": 1.0, "segment/3+/ndcg@1_filtered": 1.0,
+        "segment/1-1/count": 0.0,
+        "segment/2-2/count": 1.0,
+        "segment/3+/count": 1.0,
+        "segment/2-2/hr@1_filtered": 0.0,
+        "segment/2-2/ndcg@1_filtered": 0.0,
+        "segment/3+/hr@1_filtered": 1.0,
+        "segment/3+/ndcg@1_filtered": 1.0,
     }
     for name, value in expected.items():
         assert m[name] == pytest.approx(value, abs=1e-12), name
@@ -70,7 +88,9 @@ def test_tie_rule_is_stable_descending_sort() -> None:
     scores = torch.tensor([[7.0, 0.0, -0.0, 0.0, -0.0, 0.0, 0.0]])
     for target, rank in ((1, 0), (3, 2), (6, 5)):
         ev.reset()
-        ev.update(scores, torch.tensor([target]), torch.tensor([], dtype=torch.int64), torch.tensor([0]))
+        ev.update(
+            scores, torch.tensor([target]), torch.tensor([], dtype=torch.int64), torch.tensor([0])
+        )
         assert ev.compute()["mrr"] == pytest.approx(1 / (rank + 1)), target
     # A higher score beats any index; among equals the smaller index wins, also for negatives.
     ev.reset()
@@ -94,7 +114,12 @@ def test_padding_column_never_ranked_or_covered() -> None:
 
 def test_filtered_list_shorter_than_k() -> None:
     ev = RankingEvaluator(3, np.array([0, 5, 7, 9]), ks=(3,))
-    ev.update(torch.tensor([[0.0, 0.3, 0.2, 0.1]]), torch.tensor([3]), torch.tensor([1, 2]), torch.tensor([2]))
+    ev.update(
+        torch.tensor([[0.0, 0.3, 0.2, 0.1]]),
+        torch.tensor([3]),
+        torch.tensor([1, 2]),
+        torch.tensor([2]),
+    )
     m = ev.compute()
     assert m["hr@3_filtered"] == 1.0 and m["mrr_filtered"] == 1.0
     assert m["coverage@3"] == pytest.approx(1 / 3)
@@ -109,8 +134,15 @@ def test_weight_zero_rows_ignored() -> None:
     assert a.compute() == pytest.approx(b.compute(), nan_ok=True)
 
 
-def _reference(scores: np.ndarray, target: np.ndarray, seen: list[list[int]], weight: np.ndarray,
-               pop: np.ndarray, ks: tuple[int, ...], bounds: tuple[int, ...]) -> dict[str, float]:
+def _reference(
+    scores: np.ndarray,
+    target: np.ndarray,
+    seen: list[list[int]],
+    weight: np.ndarray,
+    pop: np.ndarray,
+    ks: tuple[int, ...],
+    bounds: tuple[int, ...],
+) -> dict[str, float]:
     """A direct implementation: stable argsort per row, then the definitions."""
     n = scores.shape[1] - 1
     sums: dict[str, float] = {}
@@ -135,7 +167,11 @@ def _reference(scores: np.ndarray, target: np.ndarray, seen: list[list[int]], we
         seg = labels[int(np.searchsorted(bounds, len(hist), side="left"))]
         add(f"segment/{seg}/count", 1.0, w)
         add(f"segment/{seg}/hr@{ks[0]}_filtered", float(rank < ks[0]), w)
-        add(f"segment/{seg}/ndcg@{ks[0]}_filtered", 1 / math.log2(rank + 2) if rank < ks[0] else 0.0, w)
+        add(
+            f"segment/{seg}/ndcg@{ks[0]}_filtered",
+            1 / math.log2(rank + 2) if rank < ks[0] else 0.0,
+            w,
+        )
     count = float(weight.sum())
     out = {name: v / count for name, v in sums.items() if not name.startswith("segment/")}
     out["count"] = count
@@ -146,7 +182,9 @@ def _reference(scores: np.ndarray, target: np.ndarray, seen: list[list[int]], we
         c = sums.get(f"segment/{label}/count", 0.0)
         out[f"segment/{label}/count"] = c
         for name in (f"hr@{ks[0]}_filtered", f"ndcg@{ks[0]}_filtered"):
-            out[f"segment/{label}/{name}"] = sums.get(f"segment/{label}/{name}", 0.0) / c if c else math.nan
+            out[f"segment/{label}/{name}"] = (
+                sums.get(f"segment/{label}/{name}", 0.0) / c if c else math.nan
+            )
     return out
 
 
@@ -165,9 +203,13 @@ def _random_examples(seed: int, b: int = 40, n: int = 30) -> dict[str, object]:
 
 def _update(ev: RankingEvaluator, ex: dict, rows: slice) -> None:
     seen = ex["seen"][rows]
-    ev.update(torch.from_numpy(ex["scores"][rows]), torch.from_numpy(ex["target"][rows]),
-              torch.tensor([i for s in seen for i in s], dtype=torch.int64),
-              torch.tensor([len(s) for s in seen], dtype=torch.int64), torch.from_numpy(ex["weight"][rows]))
+    ev.update(
+        torch.from_numpy(ex["scores"][rows]),
+        torch.from_numpy(ex["target"][rows]),
+        torch.tensor([i for s in seen for i in s], dtype=torch.int64),
+        torch.tensor([len(s) for s in seen], dtype=torch.int64),
+        torch.from_numpy(ex["weight"][rows]),
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -208,9 +250,13 @@ def test_score_dtypes_agree() -> None:
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         ev = RankingEvaluator(ex["n"], ex["pop"], ks=(1, 5))
         seen = ex["seen"]
-        ev.update(torch.from_numpy(ex["scores"]).to(dtype), torch.from_numpy(ex["target"]),
-                  torch.tensor([i for s in seen for i in s]), torch.tensor([len(s) for s in seen]),
-                  torch.from_numpy(ex["weight"]))
+        ev.update(
+            torch.from_numpy(ex["scores"]).to(dtype),
+            torch.from_numpy(ex["target"]),
+            torch.tensor([i for s in seen for i in s]),
+            torch.tensor([len(s) for s in seen]),
+            torch.from_numpy(ex["weight"]),
+        )
         results.append(ev.compute())
     assert all(r == pytest.approx(results[0], nan_ok=True) for r in results)
 
@@ -223,7 +269,9 @@ def test_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="target"):
         ev.update(torch.zeros(1, 4), torch.tensor([0]), empty, torch.tensor([0]))
     with pytest.raises(ValueError, match="NaN"):
-        ev.update(torch.tensor([[0.0, math.nan, 0.0, 0.0]]), torch.tensor([1]), empty, torch.tensor([0]))
+        ev.update(
+            torch.tensor([[0.0, math.nan, 0.0, 0.0]]), torch.tensor([1]), empty, torch.tensor([0])
+        )
     with pytest.raises(ValueError, match="sum to"):
         ev.update(torch.zeros(1, 4), torch.tensor([1]), empty, torch.tensor([2]))
     with pytest.raises(ValueError, match="segment_k"):
@@ -237,7 +285,9 @@ DIST_KS, DIST_BOUNDS = (1, 5, 10), (3, 10)
 
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Top-level so that spawn can pickle it: evaluate this rank's share, write compute()."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         ex = _random_examples(5, b=41)
         ev = RankingEvaluator(ex["n"], ex["pop"], ks=DIST_KS, segments=DIST_BOUNDS)
@@ -253,7 +303,9 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         metrics = ev.compute()
         # Rank 0 alone asks for the table, as a logger would: must reuse compute(), not reduce again.
         table = ev.segment_table() if rank == 0 else []
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "table": table}))
+        Path(out_dir, f"rank{rank}.json").write_text(
+            json.dumps({"metrics": metrics, "table": table})
+        )
     finally:
         dist.destroy_process_group()
 
@@ -275,7 +327,14 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
                 assert got[name] == pytest.approx(value, abs=1e-7), name
     table = json.loads((tmp_path / "rank0.json").read_text())["table"]
     want_table = single.segment_table()
-    assert [r["segment"] for r in table] == [r["segment"] for r in want_table] == ["1-3", "4-10", "11+"]
+    assert (
+        [r["segment"] for r in table]
+        == [r["segment"] for r in want_table]
+        == ["1-3", "4-10", "11+"]
+    )
     for row, want_row in zip(table, want_table):
         for key in ("count", "hr@1_filtered", "ndcg@1_filtered"):
-            assert row[key] == pytest.approx(want_row[key], abs=1e-7, nan_ok=True), (row["segment"], key)
+            assert row[key] == pytest.approx(want_row[key], abs=1e-7, nan_ok=True), (
+                row["segment"],
+                key,
+            )

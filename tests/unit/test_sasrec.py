@@ -16,15 +16,23 @@ LOSSES = ("ce", "sampled_softmax", "bce")
 
 def _model(loss: str = "ce", seed: int = 0, **overrides) -> SASRec:
     torch.manual_seed(seed)
-    kwargs = dict(num_items=N, max_len=8, dim=16, num_layers=2, num_heads=2, dropout=0.0, loss=loss,
-                  num_negatives=7)
+    kwargs = dict(
+        num_items=N,
+        max_len=8,
+        dim=16,
+        num_layers=2,
+        num_heads=2,
+        dropout=0.0,
+        loss=loss,
+        num_negatives=7,
+    )
     return SASRec(SASRecConfig(**{**kwargs, **overrides}))
 
 
 def _hidden(model: SASRec, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Hidden states through the model's own TorchRec lookup path."""
     mask = model._check_inputs(ids, lengths)
-    emb = model._lookup(ids[mask], None, lengths, ids.new_zeros(0), torch.zeros_like(lengths), ids.shape[0])
+    emb = model.lookup_items(ids.shape[0], (ids[mask], lengths), None, ids.new_zeros(0))
     return model._hidden(emb["history"], mask, lengths)
 
 
@@ -41,10 +49,21 @@ def _ec_calls(model: SASRec) -> list[int]:
 # --------------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("field, value", [
-    ("num_items", -1), ("max_len", 0), ("num_heads", 3), ("dropout", 1.0), ("loss", "mse"),
-    ("temperature", 0.0), ("num_negatives", -1), ("table_name", "items"), ("dim", 2.5),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_items", -1),
+        ("max_len", 0),
+        ("num_heads", 3),
+        ("dropout", 1.0),
+        ("loss", "mse"),
+        ("temperature", 0.0),
+        ("num_negatives", -1),
+        ("table_name", "items"),
+        ("dim", 2.5),
+        ("position_origin", "left"),
+    ],
+)
 def test_config_errors_name_the_field(field: str, value: object) -> None:
     base = dict(num_items=10, dim=16, num_heads=2)
     with pytest.raises(ValueError, match=f"SASRecConfig.{field}"):
@@ -53,7 +72,9 @@ def test_config_errors_name_the_field(field: str, value: object) -> None:
 
 def test_config_cross_field_rules() -> None:
     with pytest.raises(ValueError, match="num_negatives"):
-        SASRecConfig(num_items=10, loss="sampled_softmax", in_batch_negatives=False, num_negatives=0)
+        SASRecConfig(
+            num_items=10, loss="sampled_softmax", in_batch_negatives=False, num_negatives=0
+        )
     with pytest.raises(ValueError, match="temperature"):
         SASRecConfig(num_items=10, loss="bce", temperature=0.5)
     with pytest.raises(ValueError, match="num_items"):
@@ -87,8 +108,12 @@ def test_padding_never_leaks_into_real_positions() -> None:
         hidden = _hidden(model, padded, torch.tensor([3]))
         torch.testing.assert_close(hidden[:, :3], alone, rtol=0, atol=1e-6)
         assert torch.equal(hidden[:, 3:], torch.zeros_like(hidden[:, 3:]))
-        torch.testing.assert_close(model.score_all(padded, torch.tensor([3])),
-                                   model.score_all(seq, torch.tensor([3])), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            model.score_all(padded, torch.tensor([3])),
+            model.score_all(seq, torch.tensor([3])),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 def test_encode_ignores_what_sits_at_padding() -> None:
@@ -103,10 +128,11 @@ def test_encode_ignores_what_sits_at_padding() -> None:
     assert torch.isfinite(a).all() and torch.equal(a[0, 3:], torch.zeros(5, 16))
 
 
-def test_packed_training_path_equals_the_padded_one() -> None:
+@pytest.mark.parametrize("origin", ["newest", "oldest"])
+def test_packed_training_path_equals_the_padded_one(origin: str) -> None:
     """Training encodes only the real positions (Packing); it must match the padded encode
     that evaluation and the ONNX export use, values and gradients, lengths 0 to L."""
-    model = _model().eval()
+    model = _model(position_origin=origin).eval()
     lengths = torch.tensor([3, 8, 0, 1, 5])
     mask = torch.arange(8) < lengths[:, None]  # (B, L)
     emb = torch.randn(5, 8, 16) * mask[..., None]
@@ -126,8 +152,30 @@ def test_packed_training_path_equals_the_padded_one() -> None:
     loss, _ = model.training_loss(ids, targets, lengths, torch.ones(2))
     mask = ids != 0
     query = _hidden(model, ids, lengths)[mask]
-    want = full_softmax_ce(query, model.item_table.weight[1:], targets[mask] - 1, torch.ones(len(query)))
+    want = full_softmax_ce(
+        query, model.item_table.weight[1:], targets[mask] - 1, torch.ones(len(query))
+    )
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "origin, newest_row", [("newest", lambda n: 0), ("oldest", lambda n: n - 1)]
+)
+def test_position_origin_sets_the_position_of_the_newest_item(origin: str, newest_row) -> None:
+    """With ``newest`` the most recent item reads position row 0 whatever the length (SASRec's
+    left-padded layout); with ``oldest`` it reads row n - 1. Zero item embeddings and no blocks
+    leave the position embedding alone in the hidden state."""
+    model = _model(position_origin=origin, num_layers=0).eval()
+    lengths = torch.tensor([1, 3, 8, 5])
+    hidden = model.encode(torch.zeros(4, 8, 16), lengths)
+    last = model.user_vector(hidden, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        want = model.final_norm(model.positions.weight[newest_row(n)])
+        torch.testing.assert_close(last[row], want)
+    packed = model.encode_packed(
+        torch.zeros(int(lengths.sum()), 16), Packing(torch.arange(8) < lengths[:, None])
+    )
+    torch.testing.assert_close(packed, hidden[torch.arange(8) < lengths[:, None]])
 
 
 @pytest.mark.parametrize("loss", LOSSES)
@@ -226,7 +274,9 @@ def test_score_all_matches_user_vector_times_table() -> None:
     assert scores.shape == (2, N + 1)
     assert torch.isneginf(scores[:, 0]).all() and torch.isfinite(scores[:, 1:]).all()
     table = model.item_table.weight
-    user = model.user_vector(model.encode(model.item_table(ids), lengths), lengths)  # the export path
+    user = model.user_vector(
+        model.encode(model.item_table(ids), lengths), lengths
+    )  # the export path
     torch.testing.assert_close(scores[:, 1:], user @ table[1:].T, rtol=1e-5, atol=1e-5)
     assert torch.equal(model(ids, lengths), scores)  # forward without targets scores
 
@@ -234,7 +284,9 @@ def test_score_all_matches_user_vector_times_table() -> None:
 def test_user_vector_picks_last_real_position() -> None:
     model = _model()
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
-    torch.testing.assert_close(model.user_vector(hidden, torch.tensor([2, 4])), hidden[[0, 1], [1, 3]])
+    torch.testing.assert_close(
+        model.user_vector(hidden, torch.tensor([2, 4])), hidden[[0, 1], [1, 3]]
+    )
 
 
 def test_item_frequencies_give_log_expected_counts() -> None:
@@ -296,7 +348,11 @@ def test_tiny_model_learns_item_cycles(loss: str) -> None:
 def test_forward_with_targets_is_training_loss() -> None:
     """DistributedModelParallel must be called through forward so DDP syncs dense gradients."""
     model = _model().eval()
-    inputs, targets, lengths = torch.tensor([[1, 2, 0]]), torch.tensor([[2, 3, 0]]), torch.tensor([2])
+    inputs, targets, lengths = (
+        torch.tensor([[1, 2, 0]]),
+        torch.tensor([[2, 3, 0]]),
+        torch.tensor([2]),
+    )
     loss, stats = model(inputs, lengths, targets, torch.ones(1))
     expected, _ = model.training_loss(inputs, targets, lengths, torch.ones(1))
     torch.testing.assert_close(loss, expected)

@@ -52,8 +52,14 @@ def test_same_seed_gives_identical_files_other_seed_differs(tmp_path: Path, smal
 def test_interactions_schema_and_ranges(small) -> None:
     config, out, summary = small
     table = _read(out)
-    assert table.schema == pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()),
-                                      ("timestamp", pa.int64()), ("rating", pa.float32())])
+    assert table.schema == pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("item_id", pa.int64()),
+            ("timestamp", pa.int64()),
+            ("rating", pa.float32()),
+        ]
+    )
     assert table.num_rows == summary["interactions"]
     user, item = table["user_id"].to_numpy(), table["item_id"].to_numpy()
     assert np.array_equal(np.unique(user), np.arange(1, config.users + 1))
@@ -99,8 +105,14 @@ def test_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_item_and_user_features(small) -> None:
     config, out, _ = small
     items = _read(out, synth.ITEM_FEATURES)
-    assert items.schema == pa.schema([("item_id", pa.int64()), ("category", pa.string()),
-                                      ("tags", pa.list_(pa.string())), ("price", pa.float32())])
+    assert items.schema == pa.schema(
+        [
+            ("item_id", pa.int64()),
+            ("category", pa.string()),
+            ("tags", pa.list_(pa.string())),
+            ("price", pa.float32()),
+        ]
+    )
     assert np.array_equal(items["item_id"].to_numpy(), np.arange(1, config.items + 1))
     categories = set(items["category"].to_pylist())
     assert categories == {f"cat_{c:02d}" for c in range(config.categories)}
@@ -110,8 +122,9 @@ def test_item_and_user_features(small) -> None:
     assert items["price"].to_numpy().min() > 0
 
     users = _read(out, synth.USER_FEATURES)
-    assert users.schema == pa.schema([("user_id", pa.int64()), ("age_bucket", pa.string()),
-                                      ("country", pa.string())])
+    assert users.schema == pa.schema(
+        [("user_id", pa.int64()), ("age_bucket", pa.string()), ("country", pa.string())]
+    )
     assert np.array_equal(users["user_id"].to_numpy(), np.arange(1, config.users + 1))
     assert set(users["age_bucket"].to_pylist()) <= set(synth.AGE_BUCKETS)
     assert set(users["country"].to_pylist()) <= set(synth.COUNTRIES)
@@ -125,7 +138,8 @@ def test_summary_file(small) -> None:
     assert on_disk["interactions"] == summary["interactions"]
     assert summary["files"]["interactions"] == str(out / synth.INTERACTIONS)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [synth.INTERACTIONS, synth.ITEM_FEATURES, synth.USER_FEATURES, synth.SUMMARY])
+        [synth.INTERACTIONS, synth.ITEM_FEATURES, synth.USER_FEATURES, synth.SUMMARY]
+    )
 
 
 def test_existing_out_is_refused_unless_overwrite(tmp_path: Path) -> None:
@@ -152,12 +166,26 @@ def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("field, value", [
-    ("users", 0), ("items", 1), ("categories", 0), ("min_length", 0), ("max_length", 3),
-    ("mean_length", 1000.0), ("zipf_exponent", -1.0), ("transition_prob", 1.5), ("successors", 0),
-    ("taste_concentration", 0.0), ("seed", -1), ("time_span_days", 0.001), ("users", 2.5),
-    ("mean_length", float("nan")), ("out", ""),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("users", 0),
+        ("items", 1),
+        ("categories", 0),
+        ("min_length", 0),
+        ("max_length", 3),
+        ("mean_length", 1000.0),
+        ("zipf_exponent", -1.0),
+        ("transition_prob", 1.5),
+        ("successors", 0),
+        ("taste_concentration", 0.0),
+        ("seed", -1),
+        ("time_span_days", 0.001),
+        ("users", 2.5),
+        ("mean_length", float("nan")),
+        ("out", ""),
+    ],
+)
 def test_validation_names_the_field(field: str, value: object) -> None:
     kwargs = {"out": "/tmp/unused", **SMALL, field: value}
     with pytest.raises(ValueError, match=rf"\b{field}\b"):

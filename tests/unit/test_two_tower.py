@@ -34,9 +34,18 @@ def _one_thread() -> Any:
 
 
 def _config(**overrides: Any) -> TwoTowerConfig:
-    kwargs: dict[str, Any] = dict(num_items=N, num_users=U, dim=16, out_dim=8, feature_dim=4, history_len=H,
-                                  item_tower=TowerConfig([16], 0.0), user_tower=TowerConfig([16], 0.0),
-                                  temperature=0.1, num_negatives=5)
+    kwargs: dict[str, Any] = dict(
+        num_items=N,
+        num_users=U,
+        dim=16,
+        out_dim=8,
+        feature_dim=4,
+        history_len=H,
+        item_tower=TowerConfig([16], 0.0),
+        user_tower=TowerConfig([16], 0.0),
+        temperature=0.1,
+        num_negatives=5,
+    )
     return TwoTowerConfig(**{**kwargs, **overrides})
 
 
@@ -45,8 +54,12 @@ def _model(seed: int = 0, **overrides: Any) -> TwoTower:
     return TwoTower(_config(**overrides))
 
 
-def _batch(histories: list[list[int]], targets: list[int] | None = None, users: list[int] | None = None,
-           user_features: dict[str, list[list[int]]] | None = None) -> KeyedJaggedTensor:
+def _batch(
+    histories: list[list[int]],
+    targets: list[int] | None = None,
+    users: list[int] | None = None,
+    user_features: dict[str, list[list[int]]] | None = None,
+) -> KeyedJaggedTensor:
     """A batch KJT laid out like data.loader's two-tower batches."""
     b = len(histories)
     targets = targets if targets is not None else [1] * b
@@ -58,8 +71,12 @@ def _batch(histories: list[list[int]], targets: list[int] | None = None, users: 
         keys.append(f"user_{name}")
         values += [v for r in rows for v in r]
         lengths += [len(r) for r in rows]
-    return KeyedJaggedTensor(keys=keys, values=torch.tensor(values, dtype=torch.int64),
-                             lengths=torch.tensor(lengths, dtype=torch.int32), stride=b)
+    return KeyedJaggedTensor(
+        keys=keys,
+        values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int32),
+        stride=b,
+    )
 
 
 def _calls(module: torch.nn.Module) -> list[Any]:
@@ -72,11 +89,23 @@ def _calls(module: torch.nn.Module) -> list[Any]:
 # --------------------------------------------------------------------------------- config, layout
 
 
-@pytest.mark.parametrize("field, value", [
-    ("num_items", -1), ("dim", 0), ("pooling", "max"), ("decay", 0.0), ("decay", 1.5), ("temperature", 0.0),
-    ("num_negatives", -1), ("table_name", "items"), ("pooling_heads", 0), ("user_id_hash_buckets", -1),
-    ("history_len", 2.5), ("item_feature_cardinalities", {"a.b": 3}),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_items", -1),
+        ("dim", 0),
+        ("pooling", "max"),
+        ("decay", 0.0),
+        ("decay", 1.5),
+        ("temperature", 0.0),
+        ("num_negatives", -1),
+        ("table_name", "items"),
+        ("pooling_heads", 0),
+        ("user_id_hash_buckets", -1),
+        ("history_len", 2.5),
+        ("item_feature_cardinalities", {"a.b": 3}),
+    ],
+)
 def test_config_errors_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"TwoTowerConfig.{field}"):
         TwoTowerConfig(**{"num_items": 10, field: value})
@@ -91,22 +120,38 @@ def test_config_cross_field_rules() -> None:
         TwoTower(TwoTowerConfig(num_items=0))
     with pytest.raises(ValueError, match="num_users=0"):
         TwoTower(TwoTowerConfig(num_items=5, use_user_id=True))
-    TwoTower(TwoTowerConfig(num_items=5, use_user_id=True, user_id_hash_buckets=7))  # hashing needs no count
+    TwoTower(
+        TwoTowerConfig(num_items=5, use_user_id=True, user_id_hash_buckets=7)
+    )  # hashing needs no count
     with pytest.raises(ValueError, match="hidden"):
         TowerConfig(hidden=[0])
 
 
 def test_table_layout_and_meta_device() -> None:
-    model = TwoTower(_config(use_user_id=True, item_feature_cardinalities={"genre": 5},
-                             user_feature_cardinalities={"gender": 3}), device="meta")
+    model = TwoTower(
+        _config(
+            use_user_id=True,
+            item_feature_cardinalities={"genre": 5},
+            user_feature_cardinalities={"gender": 3},
+        ),
+        device="meta",
+    )
     weight = model.embedding_collection.embeddings["item_table"].weight
     assert weight.device.type == "meta" and weight.shape == (N + 1, 16)
     cfg = model.embedding_collection.embedding_configs()[0]
     assert cfg.feature_names == ["history", "target", "candidates"]
-    bags = {c.name: (c.num_embeddings, c.feature_names) for c in model.feature_collection.embedding_bag_configs()}
-    assert bags == {"user_id": (U + 1, ["user_id"]), "item_genre": (5, ["item_genre"]),
-                    "user_gender": (3, ["user_gender"])}
-    assert model.item_tower.mlp[1].weight.device.type == "cpu"  # dense layers follow the ambient device
+    bags = {
+        c.name: (c.num_embeddings, c.feature_names)
+        for c in model.feature_collection.embedding_bag_configs()
+    }
+    assert bags == {
+        "user_id": (U + 1, ["user_id"]),
+        "item_genre": (5, ["item_genre"]),
+        "user_gender": (3, ["user_gender"]),
+    }
+    assert (
+        model.item_tower.mlp[1].weight.device.type == "cpu"
+    )  # dense layers follow the ambient device
     assert TwoTower(_config()).feature_collection is None  # ids only: no bag tables at all
     names = dict(model.named_parameters())
     assert f"{EC_MODULE}.embeddings.item_table.weight" in names
@@ -117,20 +162,29 @@ def test_table_layout_and_meta_device() -> None:
 
 
 def test_one_item_table_lookup_per_training_step_and_gradients_reach_its_rows() -> None:
-    model = _model(use_user_id=True, item_feature_cardinalities={"genre": 4},
-                   user_feature_cardinalities={"gender": 3}).train()
+    model = _model(
+        use_user_id=True,
+        item_feature_cardinalities={"genre": 4},
+        user_feature_cardinalities={"gender": 3},
+    ).train()
     offsets = np.arange(N + 2).clip(1, N + 1) - 1  # item i has one genre code: i % 4
     model.set_item_features({"genre": (offsets, np.arange(N + 1)[1:] % 4)})
     item_calls, bag_calls = _calls(model.embedding_collection), _calls(model.feature_collection)
     model.sample_negatives = lambda device: torch.tensor([20, 21, 3])  # type: ignore[method-assign]
-    batch = _batch([[1, 2, 3], [4, 5], [6]], targets=[7, 8, 9], user_features={"gender": [[1], [2], [1]]})
+    batch = _batch(
+        [[1, 2, 3], [4, 5], [6]], targets=[7, 8, 9], user_features={"gender": [[1], [2], [1]]}
+    )
     loss, stats = model(batch, None, torch.ones(3))
     assert len(item_calls) == 1 and len(bag_calls) == 1
     kjt = item_calls[0]
     assert kjt.keys() == ["history", "target", "candidates"] and kjt.stride() == 3
     jt = kjt.to_dict()
-    assert jt["history"].values().tolist() == [1, 2, 3, 4, 5, 6] and jt["target"].values().tolist() == [7, 8, 9]
-    assert jt["candidates"].lengths().tolist() == [3, 0, 0] and jt["candidates"].values().tolist() == [20, 21, 3]
+    assert jt["history"].values().tolist() == [1, 2, 3, 4, 5, 6] and jt[
+        "target"
+    ].values().tolist() == [7, 8, 9]
+    assert jt["candidates"].lengths().tolist() == [3, 0, 0] and jt[
+        "candidates"
+    ].values().tolist() == [20, 21, 3]
     assert int(stats["negatives"]) == 3 + 3
     loss.backward()
     grad = model.embedding_collection.embeddings["item_table"].weight.grad
@@ -138,8 +192,14 @@ def test_one_item_table_lookup_per_training_step_and_gradients_reach_its_rows() 
     assert (grad[looked_up].abs().sum(-1) > 0).all()
     others = [i for i in range(N + 1) if i not in looked_up]
     assert grad[others].abs().sum() == 0  # padding and untouched rows
-    dense = [(n, p.grad) for n, p in model.named_parameters() if not n.startswith((EC_MODULE, EBC_MODULE))]
-    assert all(g is not None and torch.isfinite(g).all() for _, g in dense), [n for n, g in dense if g is None]
+    dense = [
+        (n, p.grad)
+        for n, p in model.named_parameters()
+        if not n.startswith((EC_MODULE, EBC_MODULE))
+    ]
+    assert all(g is not None and torch.isfinite(g).all() for _, g in dense), [
+        n for n, g in dense if g is None
+    ]
 
     # Scoring: one lookup each too, the whole catalogue as candidates.
     item_calls.clear(), bag_calls.clear()
@@ -162,7 +222,9 @@ def test_pooling_weights_ignore_padding_and_follow_recency() -> None:
     mean = HistoryPooling("mean", 5, 0.5).weights(torch.tensor([4]), 5)[0, :, 0]
     torch.testing.assert_close(mean, torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0]))
     learned = HistoryPooling("learned", 5, 0.5, heads=2)
-    assert isinstance(learned.position_logits, torch.nn.Parameter) and learned.position_logits.shape == (5, 2)
+    assert isinstance(
+        learned.position_logits, torch.nn.Parameter
+    ) and learned.position_logits.shape == (5, 2)
     lw = learned.weights(torch.tensor([3]), 5)[0]
     torch.testing.assert_close(lw[:, 0], w[0])  # head 0 starts as exp_decay
     assert lw[2, 1] < lw[2, 0]  # head 1 looks further back (flatter)
@@ -204,13 +266,16 @@ def test_towers_are_l2_normalised_and_scores_are_cosines() -> None:
     scores = model.score_all(batch)
     assert torch.isneginf(scores[:, 0]).all()
     torch.testing.assert_close(scores[:, 1:], users @ items.T)
-    torch.testing.assert_close(model.score_all(batch, catalog=items), scores)  # precomputed catalogue
+    torch.testing.assert_close(
+        model.score_all(batch, catalog=items), scores
+    )  # precomputed catalogue
     assert torch.equal(model(batch), scores)  # forward without weight scores
     assert scores[:, 1:].abs().max() <= 1 + 1e-5
 
 
-def _manual_loss(model: TwoTower, batch: KeyedJaggedTensor, targets: list[int], negatives: list[int],
-                 logq: bool) -> torch.Tensor:
+def _manual_loss(
+    model: TwoTower, batch: KeyedJaggedTensor, targets: list[int], negatives: list[int], logq: bool
+) -> torch.Tensor:
     """The sampled softmax written out: each row's candidates are its positive, the *other* items
     among the batch's targets and the negatives (accidental hits left out), logits cos / tau - log Q."""
     c = model.config
@@ -219,8 +284,11 @@ def _manual_loss(model: TwoTower, batch: KeyedJaggedTensor, targets: list[int], 
     p = model.log_item_prob.exp()
     losses = []
     for t in range(b):
-        cands = [targets[t]] + [targets[j] for j in range(b) if targets[j] != targets[t]] \
+        cands = (
+            [targets[t]]
+            + [targets[j] for j in range(b) if targets[j] != targets[t]]
             + [k for k in negatives if k != targets[t]]
+        )
         logits = users[t] @ model.item_vectors(torch.tensor(cands)).T / c.temperature
         if logq:
             logits = logits - torch.log(b * p[cands] + m / c.num_items)
@@ -234,11 +302,16 @@ def test_loss_masks_accidental_hits_and_applies_logq(logq: bool) -> None:
     counts = torch.zeros(N + 1)
     counts[1:] = torch.arange(1, N + 1).float() ** 2  # skewed popularity
     model.set_item_frequencies(counts)
-    targets, negatives = [5, 5, 9, 12], [5, 30, 9, 2]  # duplicate targets; negatives that hit targets
+    targets, negatives = (
+        [5, 5, 9, 12],
+        [5, 30, 9, 2],
+    )  # duplicate targets; negatives that hit targets
     model.sample_negatives = lambda device: torch.tensor(negatives)  # type: ignore[method-assign]
     batch = _batch([[1, 2], [3], [4, 6, 7], [8]], targets=targets)
     loss, _ = model.training_loss(batch, None, torch.ones(4))
-    torch.testing.assert_close(loss, _manual_loss(model, batch, targets, negatives, logq), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        loss, _manual_loss(model, batch, targets, negatives, logq), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_logq_correction_is_passed_to_the_shared_loss(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -307,22 +380,56 @@ def _write_raw(tmp: Path) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     users, items = [f"u{u}" for u in range(1, 9)], list(range(101, 113))
     rows = [(u, int(rng.choice(items)), t) for u in users for t in range(6)]
-    pq.write_table(pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
-                             "timestamp": [r[2] for r in rows]}), tmp / "inter.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": [r[0] for r in rows],
+                "item_id": [r[1] for r in rows],
+                "timestamp": [r[2] for r in rows],
+            }
+        ),
+        tmp / "inter.parquet",
+    )
     genres = [["Drama"], ["Comedy", "Romance"], [], ["Action", "Drama", "Thriller"]]
-    pq.write_table(pa.table({
-        "item_id": items,
-        "genres": pa.array([genres[i % 4] for i in range(len(items))], pa.list_(pa.string())),
-        "decade": [f"{1950 + 10 * (i % 5)}s" for i in range(len(items))],
-        "title": [f"Title {i}" for i in items],
-        "price": pa.array([1.0 + i for i in range(len(items))], pa.float32()),
-    }), tmp / "items.parquet")
-    pq.write_table(pa.table({
-        "user_id": users, "gender": ["F", "M"] * 4,
-        "occupation": ["artist", "doctor", "engineer", "artist", "writer", "doctor", "none", "artist"],
-        "age": pa.array([20.0 + 5 * i for i in range(len(users))], pa.float32()),
-    }), tmp / "users.parquet")
-    return {"inter": tmp / "inter.parquet", "items": tmp / "items.parquet", "users": tmp / "users.parquet"}
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": items,
+                "genres": pa.array(
+                    [genres[i % 4] for i in range(len(items))], pa.list_(pa.string())
+                ),
+                "decade": [f"{1950 + 10 * (i % 5)}s" for i in range(len(items))],
+                "title": [f"Title {i}" for i in items],
+                "price": pa.array([1.0 + i for i in range(len(items))], pa.float32()),
+            }
+        ),
+        tmp / "items.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": users,
+                "gender": ["F", "M"] * 4,
+                "occupation": [
+                    "artist",
+                    "doctor",
+                    "engineer",
+                    "artist",
+                    "writer",
+                    "doctor",
+                    "none",
+                    "artist",
+                ],
+                "age": pa.array([20.0 + 5 * i for i in range(len(users))], pa.float32()),
+            }
+        ),
+        tmp / "users.parquet",
+    )
+    return {
+        "inter": tmp / "inter.parquet",
+        "items": tmp / "items.parquet",
+        "users": tmp / "users.parquet",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -331,8 +438,14 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     tmp = tmp_path_factory.mktemp("tt_features")
     raw = _write_raw(tmp)
-    prepare(PrepareConfig(input=[str(raw["inter"])], out=str(tmp / "prepared"), item_features=str(raw["items"]),
-                          user_features=str(raw["users"])))
+    prepare(
+        PrepareConfig(
+            input=[str(raw["inter"])],
+            out=str(tmp / "prepared"),
+            item_features=str(raw["items"]),
+            user_features=str(raw["users"]),
+        )
+    )
     return tmp
 
 
@@ -341,20 +454,30 @@ def test_feature_codes_of_known_rows_reach_the_models_kjt(prepared: Path) -> Non
     from recforge.trainer.two_tower_module import TwoTowerModule
 
     out = prepared / "prepared"
-    dm = SequenceDataModule(str(out), model_family="two_tower", batch_size=16, history_len=H)
+    dm = SequenceDataModule(str(out), batch_format="history", batch_size=16, history_len=H)
     dm.setup()
-    module = TwoTowerModule(_config(num_items=0, num_users=0, use_user_id=True, num_negatives=3),
-                            item_features=["genres", "decade", "price"], user_features=None)
+    module = TwoTowerModule(
+        _config(num_items=0, num_users=0, use_user_id=True, num_negatives=3),
+        item_features=["genres", "decade", "price"],
+        user_features=None,
+    )
     config = module.resolve_config(dm)
-    assert config.item_feature_cardinalities == {"genres": dm.item_feature_cardinalities["genres"],
-                                                 "decade": dm.item_feature_cardinalities["decade"]}
+    assert config.item_feature_cardinalities == {
+        "genres": dm.item_feature_cardinalities["genres"],
+        "decade": dm.item_feature_cardinalities["decade"],
+    }
     assert config.item_numeric_features == ["price"] and config.user_numeric_features == ["age"]
-    assert set(config.user_feature_cardinalities) == {"gender", "occupation"}  # "title" left out above
+    assert set(config.user_feature_cardinalities) == {
+        "gender",
+        "occupation",
+    }  # "title" left out above
     model = TwoTower(config).eval()
     TwoTowerModule.set_data_state(model, dm)
 
     vocabs = json.loads((out / "feature_vocabs.json").read_text())
-    item_ids = pq.read_table(out / "items.parquet").column("item_id").to_pylist()  # row i <-> idx i + 1
+    item_ids = (
+        pq.read_table(out / "items.parquet").column("item_id").to_pylist()
+    )  # row i <-> idx i + 1
     user_ids = pq.read_table(out / "users.parquet").column("user_id").to_pylist()
     raw_items = pq.read_table(prepared / "items.parquet").to_pylist()
     raw_items = {r["item_id"]: r for r in raw_items}
@@ -375,7 +498,7 @@ def test_feature_codes_of_known_rows_reach_the_models_kjt(prepared: Path) -> Non
     b = len(targets)
     embedded = targets + negatives  # rows 0..B-1 targets, then the negatives
     for key in ("item_genres", "item_decade"):
-        assert sent[key].lengths()[len(embedded):].sum() == 0  # rows past the items are empty
+        assert sent[key].lengths()[len(embedded) :].sum() == 0  # rows past the items are empty
     genres = sent["item_genres"].to_dense()
     decades = sent["item_decade"].to_dense()
     for row, idx in enumerate(embedded):
@@ -384,13 +507,19 @@ def test_feature_codes_of_known_rows_reach_the_models_kjt(prepared: Path) -> Non
         assert decode("item", "decade", decades[row].tolist()) == [raw["decade"]]
     # The model's per-item codes agree with the loader's own item keys for the targets.
     loader = batch["features"].to_dict()
-    assert [t.tolist() for t in loader["item_genres"].to_dense()] == [g.tolist() for g in genres[:b]]
+    assert [t.tolist() for t in loader["item_genres"].to_dense()] == [
+        g.tolist() for g in genres[:b]
+    ]
     # User rows 0..B-1: the batch's users' codes and (unhashed) ids.
     assert sent["user_id"].values().tolist() == batch["user_idx"].tolist()
     for row, idx in enumerate(batch["user_idx"].tolist()):
         raw = raw_users[user_ids[idx - 1]]
-        assert decode("user", "gender", sent["user_gender"].to_dense()[row].tolist()) == [raw["gender"]]
-        assert decode("user", "occupation", sent["user_occupation"].to_dense()[row].tolist()) == [raw["occupation"]]
+        assert decode("user", "gender", sent["user_gender"].to_dense()[row].tolist()) == [
+            raw["gender"]
+        ]
+        assert decode("user", "occupation", sent["user_occupation"].to_dense()[row].tolist()) == [
+            raw["occupation"]
+        ]
     # Numeric item features: standardised signed log1p of the raw price, any item id.
     x = torch.log1p(torch.tensor([raw_items[i]["price"] for i in item_ids]))
     expected = (x - x.mean()) / x.std(unbiased=False)
@@ -403,7 +532,9 @@ def test_feature_codes_of_known_rows_reach_the_models_kjt(prepared: Path) -> Non
 # --------------------------------------------------------------------------------- learning
 
 
-def _successor_batch(perm: torch.Tensor, g: torch.Generator, b: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+def _successor_batch(
+    perm: torch.Tensor, g: torch.Generator, b: int
+) -> tuple[KeyedJaggedTensor, torch.Tensor]:
     """Random histories; the target is the successor ``perm[.]`` of the *last* item only, so a
     model must learn to weight the most recent position."""
     lengths = torch.randint(1, H + 1, (b,), generator=g)
@@ -416,8 +547,15 @@ def test_tiny_model_learns_successors_of_the_last_item() -> None:
     torch.manual_seed(0)
     perm = torch.zeros(N + 1, dtype=torch.long)
     perm[1:] = torch.randperm(N) + 1
-    model = _model(pooling="learned", decay=1.0, dim=32, out_dim=16, num_negatives=8,
-                   item_tower=TowerConfig([32], 0.0), user_tower=TowerConfig([32], 0.0)).train()
+    model = _model(
+        pooling="learned",
+        decay=1.0,
+        dim=32,
+        out_dim=16,
+        num_negatives=8,
+        item_tower=TowerConfig([32], 0.0),
+        user_tower=TowerConfig([32], 0.0),
+    ).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     losses = []

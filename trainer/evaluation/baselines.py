@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pyarrow.compute as pc
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 
 from recforge.data.layout import SEQUENCES, read_manifest, split_bounds
+from recforge.data.ragged import gather_ragged
 from recforge.trainer.evaluation.metrics import RankingEvaluator
 
 BaselineName = Literal["most_popular", "markov"]
@@ -124,15 +126,6 @@ def _examples(seqs: _Sequences, stage: EvalStage) -> tuple[np.ndarray, np.ndarra
     return users, t[users]
 
 
-def _gather(flat: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of ``flat[starts[i]:starts[i] + lens[i]]``."""
-    total = int(lens.sum())
-    if total == 0:
-        return flat[:0]
-    offsets = np.repeat(starts - (np.cumsum(lens) - lens), lens)
-    return flat[np.arange(total) + offsets]
-
-
 def _markov_scores(trans: Transitions, last: np.ndarray, pop_rank: np.ndarray) -> np.ndarray:
     """``(B, N + 1)`` float32 scores ordering items by (transitions from ``last[i]``, popularity).
 
@@ -144,7 +137,7 @@ def _markov_scores(trans: Transitions, last: np.ndarray, pop_rank: np.ndarray) -
     n_distinct = int(pop_rank.max()) + 1
     scores = np.broadcast_to(pop_rank.astype(np.float32), (len(last), len(pop_rank))).copy()
     lens = trans.indptr[last + 1] - trans.indptr[last]
-    pos = _gather(np.arange(len(trans.next_item)), trans.indptr[last], lens)
+    pos = gather_ragged(np.arange(len(trans.next_item)), trans.indptr[last], lens)
     rows = np.repeat(np.arange(len(last)), lens)
     items = trans.next_item[pos]
     key = trans.count[pos] * n_distinct + pop_rank[items]  # lexicographic (count, popularity)
@@ -158,9 +151,14 @@ def _markov_scores(trans: Transitions, last: np.ndarray, pop_rank: np.ndarray) -
     return scores
 
 
-def run_baseline(data_dir: str | Path, name: BaselineName, stage: EvalStage = "test", batch_size: int = 1024,
-                 ks: Sequence[int] = (10, 20, 100), segments: Sequence[int] = (5, 20, 50, 200)
-                 ) -> RankingEvaluator:
+def run_baseline(
+    data_dir: str | Path,
+    name: BaselineName,
+    stage: EvalStage = "test",
+    batch_size: int = 1024,
+    ks: Sequence[int] = (10, 20, 100),
+    segments: Sequence[int] = (5, 20, 50, 200),
+) -> RankingEvaluator:
     """Evaluate a baseline; returns the filled evaluator (for :meth:`~RankingEvaluator.compute`
     and :meth:`~RankingEvaluator.segment_table`)."""
     if name not in BASELINES:
@@ -175,31 +173,49 @@ def run_baseline(data_dir: str | Path, name: BaselineName, stage: EvalStage = "t
     pop_rank = np.unique(pop, return_inverse=True)[1].astype(np.int64)
     trans = transition_counts(seqs, stage) if name == "markov" else None
     for lo in range(0, len(users), batch_size):
-        u, tt = users[lo:lo + batch_size], t[lo:lo + batch_size]
+        u, tt = users[lo : lo + batch_size], t[lo : lo + batch_size]
         starts = seqs.starts[u]
         target = seqs.items[starts + tt]
-        seen = _gather(seqs.items, starts, tt)
+        seen = gather_ragged(seqs.items, starts, tt)
         if trans is None:
             scores = np.broadcast_to(pop_rank.astype(np.float32), (len(u), len(pop_rank)))
         else:
             scores = _markov_scores(trans, seqs.items[starts + tt - 1], pop_rank)
-        evaluator.update(torch.from_numpy(np.ascontiguousarray(scores)), torch.from_numpy(target),
-                         torch.from_numpy(seen), torch.from_numpy(tt), torch.ones(len(u)))
+        evaluator.update(
+            torch.from_numpy(np.ascontiguousarray(scores)),
+            torch.from_numpy(target),
+            torch.from_numpy(seen),
+            torch.from_numpy(tt),
+            torch.ones(len(u)),
+        )
     return evaluator
 
 
-def evaluate_baseline(data_dir: str | Path, name: BaselineName, stage: EvalStage = "test", batch_size: int = 1024,
-                      ks: Sequence[int] = (10, 20, 100)) -> dict[str, float]:
+def evaluate_baseline(
+    data_dir: str | Path,
+    name: BaselineName,
+    stage: EvalStage = "test",
+    batch_size: int = 1024,
+    ks: Sequence[int] = (10, 20, 100),
+) -> dict[str, float]:
     """Metrics of one baseline on one stage (names as in :mod:`recforge.trainer.evaluation.metrics`)."""
     return run_baseline(data_dir, name, stage, batch_size, ks).compute()
 
 
 def format_table(results: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
     """A plain-text table: one row per metric, one column per baseline."""
-    names = (["count"] + [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
-             + [f"hr@{k}_filtered" for k in ks] + [f"ndcg@{k}_filtered" for k in ks] + ["mrr_filtered"]
-             + [f"coverage@{k}" for k in ks] + [f"popularity@{k}" for k in ks]
-             + [f"popularity@{k}_relative" for k in ks])
+    names = (
+        ["count"]
+        + [f"hr@{k}" for k in ks]
+        + [f"ndcg@{k}" for k in ks]
+        + ["mrr"]
+        + [f"hr@{k}_filtered" for k in ks]
+        + [f"ndcg@{k}_filtered" for k in ks]
+        + ["mrr_filtered"]
+        + [f"coverage@{k}" for k in ks]
+        + [f"popularity@{k}" for k in ks]
+        + [f"popularity@{k}_relative" for k in ks]
+    )
     width = max(len(n) for n in names)
     cols = list(results)
     lines = [f"{'metric':<{width}}" + "".join(f"  {c:>14}" for c in cols)]
@@ -228,10 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         evaluator = run_baseline(args.data_dir, name, args.stage, args.batch_size, args.ks)
         metrics = results[name] = evaluator.compute()
-        print(f"{name}, {args.stage} stage: {metrics['count']:.0f} examples in {time.perf_counter() - started:.1f} s; "
-              f"by history length (filtered):")
+        print(
+            f"{name}, {args.stage} stage: {metrics['count']:.0f} examples in {time.perf_counter() - started:.1f} s; "
+            f"by history length (filtered):"
+        )
         for row in evaluator.segment_table(metrics):
-            cells = "  ".join(f"{key} {value:.4f}" for key, value in row.items() if key not in ("segment", "count"))
+            cells = "  ".join(
+                f"{key} {value:.4f}"
+                for key, value in row.items()
+                if key not in ("segment", "count")
+            )
             print(f"  {row['segment']:>8}  count {row['count']:>7.0f}  {cells}")
     print(format_table(results, sorted(set(args.ks))))
     return 0

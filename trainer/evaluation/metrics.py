@@ -1,4 +1,4 @@
-"""Full-ranking evaluation (DESIGN §7): a batch-by-batch accumulator, correct across ranks.
+"""Full-ranking evaluation (docs/architecture.md §7): a batch-by-batch accumulator, correct across ranks.
 
 Protocol. Each example is one user with one held-out ``target`` item and the user's whole
 history before it (``seen``). The model scores every item: a ``(B, N + 1)`` matrix whose column
@@ -53,7 +53,7 @@ does not import Lightning.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -102,18 +102,26 @@ class RankingEvaluator:
     segments. ``device``: where the state lives (``cuda`` for NCCL, ``cpu`` for gloo).
     """
 
-    def __init__(self, num_items: int, item_popularity: Tensor | np.ndarray | None = None,
-                 ks: Sequence[int] = (10, 20, 100), segments: Sequence[int] = (5, 20, 50, 200),
-                 device: str | torch.device = "cpu", segment_k: int | None = None,
-                 max_elements: int = 1 << 22) -> None:
-        if not 1 <= num_items < 2 ** 31:
+    def __init__(
+        self,
+        num_items: int,
+        item_popularity: Tensor | np.ndarray | None = None,
+        ks: Sequence[int] = (10, 20, 100),
+        segments: Sequence[int] = (5, 20, 50, 200),
+        device: str | torch.device = "cpu",
+        segment_k: int | None = None,
+        max_elements: int = 1 << 22,
+    ) -> None:
+        if not 1 <= num_items < 2**31:
             raise ValueError(f"num_items must be in [1, 2**31), got {num_items}")
         ks = tuple(sorted(set(int(k) for k in ks)))
         if not ks or ks[0] < 1:
             raise ValueError(f"ks must be positive integers, got {ks}")
         segments = tuple(int(s) for s in segments)
         if any(b <= a for a, b in zip((0, *segments), segments)):
-            raise ValueError(f"segments must be strictly increasing positive bounds, got {segments}")
+            raise ValueError(
+                f"segments must be strictly increasing positive bounds, got {segments}"
+            )
         self.segment_k = ks[0] if segment_k is None else int(segment_k)
         if self.segment_k not in ks:
             raise ValueError(f"segment_k {self.segment_k} must be one of ks {ks}")
@@ -127,16 +135,24 @@ class RankingEvaluator:
             item_popularity = np.zeros(num_items + 1)
         pop = torch.as_tensor(np.asarray(item_popularity), dtype=torch.float64).flatten()
         if pop.numel() != num_items + 1:
-            raise ValueError(f"item_popularity must have N + 1 = {num_items + 1} entries, got {pop.numel()}")
+            raise ValueError(
+                f"item_popularity must have N + 1 = {num_items + 1} entries, got {pop.numel()}"
+            )
         self._popularity = pop.to(self.device)
         self._max_popularity = float(pop[1:].max())
         # Item index occupies the low bits of a ranking key; smaller index = larger key.
         self._index_bits = max(1, int(num_items).bit_length())
         self._low_bits: Tensor | None = None  # built on the scores' device at the first update
         # Names of the per-example quantities summed in ``_sums`` (weighted); order is fixed.
-        self._sum_names = ([f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
-                           + [f"hr@{k}_filtered" for k in ks] + [f"ndcg@{k}_filtered" for k in ks]
-                           + ["mrr_filtered"] + [f"popularity@{k}" for k in ks])
+        self._sum_names = (
+            [f"hr@{k}" for k in ks]
+            + [f"ndcg@{k}" for k in ks]
+            + ["mrr"]
+            + [f"hr@{k}_filtered" for k in ks]
+            + [f"ndcg@{k}_filtered" for k in ks]
+            + ["mrr_filtered"]
+            + [f"popularity@{k}" for k in ks]
+        )
         self._bounds = torch.tensor(segments, dtype=torch.int64, device=self.device)
         self.reset()
 
@@ -147,12 +163,20 @@ class RankingEvaluator:
         self._sums = torch.zeros(len(self._sum_names), dtype=torch.float64, device=self.device)
         # Per segment: weighted count, hits@segment_k, ndcg@segment_k (filtered).
         self._segment_sums = torch.zeros(n_seg, 3, dtype=torch.float64, device=self.device)
-        self._coverage = torch.zeros(len(self.ks), self.num_items + 1, dtype=torch.int32, device=self.device)
+        self._coverage = torch.zeros(
+            len(self.ks), self.num_items + 1, dtype=torch.int32, device=self.device
+        )
         self._last: dict[str, float] | None = None  # compute()'s result while no update followed
 
     @torch.no_grad()
-    def update(self, scores: Tensor, target: Tensor, seen_values: Tensor, seen_lengths: Tensor,
-               weight: Tensor | None = None) -> None:
+    def update(
+        self,
+        scores: Tensor,
+        target: Tensor,
+        seen_values: Tensor,
+        seen_lengths: Tensor,
+        weight: Tensor | None = None,
+    ) -> None:
         """Add one batch: ``scores`` (B, N + 1), ``target`` (B,) in 1..N, the users' histories as
         flat ``seen_values`` (S,) with ``seen_lengths`` (B,), ``weight`` (B,) (0 = filler row)."""
         n1 = self.num_items + 1
@@ -162,10 +186,16 @@ class RankingEvaluator:
         target = target.to(dev, torch.int64).flatten()
         seen_values = seen_values.to(dev, torch.int64).flatten()
         seen_lengths = seen_lengths.to(dev, torch.int64).flatten()
-        weight = (torch.ones(b, device=dev) if weight is None else weight.to(dev)).to(torch.float64).flatten()
+        weight = (
+            (torch.ones(b, device=dev) if weight is None else weight.to(dev))
+            .to(torch.float64)
+            .flatten()
+        )
         if target.numel() != b or seen_lengths.numel() != b or weight.numel() != b:
-            raise ValueError(f"target, seen_lengths and weight need B = {b} entries, got "
-                             f"{target.numel()}, {seen_lengths.numel()}, {weight.numel()}")
+            raise ValueError(
+                f"target, seen_lengths and weight need B = {b} entries, got "
+                f"{target.numel()}, {seen_lengths.numel()}, {weight.numel()}"
+            )
         if int(seen_lengths.sum()) != seen_values.numel() or (b and int(seen_lengths.min()) < 0):
             raise ValueError("seen_lengths must be >= 0 and sum to len(seen_values)")
         self._last = None
@@ -173,7 +203,9 @@ class RankingEvaluator:
             return
         if int(target.min()) < 1 or int(target.max()) > self.num_items:
             raise ValueError(f"target items must lie in 1..{self.num_items}")
-        if seen_values.numel() and (int(seen_values.min()) < 0 or int(seen_values.max()) > self.num_items):
+        if seen_values.numel() and (
+            int(seen_values.min()) < 0 or int(seen_values.max()) > self.num_items
+        ):
             raise ValueError(f"seen items must lie in 0..{self.num_items}")
         if bool(torch.isnan(scores).any()):
             raise ValueError("scores contain NaN")
@@ -182,11 +214,24 @@ class RankingEvaluator:
         for lo in range(0, b, chunk):
             hi = min(b, lo + chunk)
             in_chunk = (seen_row >= lo) & (seen_row < hi)
-            self._update_rows(scores[lo:hi], target[lo:hi], seen_row[in_chunk] - lo, seen_values[in_chunk],
-                              seen_lengths[lo:hi], weight[lo:hi])
+            self._update_rows(
+                scores[lo:hi],
+                target[lo:hi],
+                seen_row[in_chunk] - lo,
+                seen_values[in_chunk],
+                seen_lengths[lo:hi],
+                weight[lo:hi],
+            )
 
-    def _update_rows(self, scores: Tensor, target: Tensor, seen_row: Tensor, seen_item: Tensor,
-                     seen_lengths: Tensor, weight: Tensor) -> None:
+    def _update_rows(
+        self,
+        scores: Tensor,
+        target: Tensor,
+        seen_row: Tensor,
+        seen_item: Tensor,
+        seen_lengths: Tensor,
+        weight: Tensor,
+    ) -> None:
         b, n1 = scores.shape
         dev = scores.device
         # Keys are unique per row, so "key greater" is exactly "ranks before" under the tie rule
@@ -208,7 +253,11 @@ class RankingEvaluator:
         active = weight > 0
         w = weight.to(self.device)
         rank, rank_f = rank.to(self.device), rank_f.to(self.device)
-        top_items, valid, active = top_items.to(self.device), valid.to(self.device), active.to(self.device)
+        top_items, valid, active = (
+            top_items.to(self.device),
+            valid.to(self.device),
+            active.to(self.device),
+        )
         per_example: list[Tensor] = []
         for r in (rank, rank_f):
             rf = r.to(torch.float64)
@@ -242,8 +291,8 @@ class RankingEvaluator:
             # SUM of 0/1 bitmaps: an item is covered if any rank covered it (gloo and NCCL both
             # support int32 SUM, not every backend supports MAX on every dtype).
             dist.all_reduce(coverage, op=dist.ReduceOp.SUM)
-            count, sums = flat[0], flat[1:1 + len(sums)]
-            segment_sums = flat[1 + len(sums):].reshape(segment_sums.shape)
+            count, sums = flat[0], flat[1 : 1 + len(sums)]
+            segment_sums = flat[1 + len(sums) :].reshape(segment_sums.shape)
         return count, sums, segment_sums, coverage
 
     def compute(self) -> dict[str, float]:
@@ -256,7 +305,9 @@ class RankingEvaluator:
         for i, k in enumerate(self.ks):
             out[f"coverage@{k}"] = float((coverage[i, 1:] > 0).sum()) / self.num_items
             pop = out[f"popularity@{k}"]
-            out[f"popularity@{k}_relative"] = pop / self._max_popularity if self._max_popularity > 0 else math.nan
+            out[f"popularity@{k}_relative"] = (
+                pop / self._max_popularity if self._max_popularity > 0 else math.nan
+            )
         k = self.segment_k
         for label, (c, h, g) in zip(self.segment_names, segment_sums.tolist()):
             out[f"segment/{label}/count"] = c
@@ -265,7 +316,9 @@ class RankingEvaluator:
         self._last = dict(out)
         return out
 
-    def segment_table(self, metrics: dict[str, float] | None = None) -> list[dict[str, float | str]]:
+    def segment_table(
+        self, metrics: dict[str, float] | None = None
+    ) -> list[dict[str, float | str]]:
         """One row per history-length segment: ``segment``, ``count``, filtered HR/NDCG@segment_k.
 
         Without ``metrics``, reuses the last :meth:`compute` result when no update came after it,
@@ -275,7 +328,12 @@ class RankingEvaluator:
         if metrics is None:
             metrics = self._last if self._last is not None else self.compute()
         k = self.segment_k
-        return [{"segment": label, "count": metrics[f"segment/{label}/count"],
-                 f"hr@{k}_filtered": metrics[f"segment/{label}/hr@{k}_filtered"],
-                 f"ndcg@{k}_filtered": metrics[f"segment/{label}/ndcg@{k}_filtered"]}
-                for label in self.segment_names]
+        return [
+            {
+                "segment": label,
+                "count": metrics[f"segment/{label}/count"],
+                f"hr@{k}_filtered": metrics[f"segment/{label}/hr@{k}_filtered"],
+                f"ndcg@{k}_filtered": metrics[f"segment/{label}/ndcg@{k}_filtered"],
+            }
+            for label in self.segment_names
+        ]

@@ -1,4 +1,4 @@
-"""The evaluation report of a test run: a Markdown table and two PNG plots (DESIGN §7, §8).
+"""The evaluation report of a test run: a Markdown table and two PNG plots (docs/architecture.md §7, §8).
 
 Files, written into one directory: ``report.md`` (every metric, and the per-segment table),
 ``metrics.json``, ``segments.csv``, ``segments.png`` (filtered HR/NDCG by history length, with
@@ -12,17 +12,28 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
-def write_report(out: Path, metrics: dict[str, float], segments: Sequence[dict[str, Any]],
-                 item_counts: Sequence[float], title: str) -> list[Path]:
+def write_report(
+    out: Path,
+    metrics: dict[str, float],
+    segments: Sequence[dict[str, Any]],
+    item_counts: Sequence[float],
+    title: str,
+) -> list[Path]:
     """Write the report files into ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     ks = sorted({int(k.split("@")[1].split("_")[0]) for k in metrics if k.startswith("coverage@")})
-    files = [out / "metrics.json", out / "segments.csv", out / "report.md", out / "segments.png",
-             out / "popularity.png"]
+    files = [
+        out / "metrics.json",
+        out / "segments.csv",
+        out / "report.md",
+        out / "segments.png",
+        out / "popularity.png",
+    ]
     files[0].write_text(json.dumps({k: _num(v) for k, v in metrics.items()}, indent=2))
     with open(files[1], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(segments[0]) if segments else ["segment"])
@@ -38,22 +49,47 @@ def _num(value: float) -> float | None:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def _markdown(metrics: dict[str, float], segments: Sequence[dict[str, Any]], ks: list[int], title: str) -> str:
-    lines = [f"# {title}", "", f"Examples: {metrics.get('count', float('nan')):.0f}", "",
-             "| metric | unfiltered | filtered |", "|---|---|---|"]
+def _markdown(
+    metrics: dict[str, float], segments: Sequence[dict[str, Any]], ks: list[int], title: str
+) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"Examples: {metrics.get('count', float('nan')):.0f}",
+        "",
+        "| metric | unfiltered | filtered |",
+        "|---|---|---|",
+    ]
     for name in [f"{m}@{k}" for m in ("hr", "ndcg") for k in ks] + ["mrr"]:
         if name in metrics:
-            lines.append(f"| {name} | {metrics[name]:.4f} | {metrics.get(name + '_filtered', float('nan')):.4f} |")
-    lines += ["", "| K | coverage@K | popularity@K | popularity@K (relative) |", "|---|---|---|---|"]
+            lines.append(
+                f"| {name} | {metrics[name]:.4f} | {metrics.get(name + '_filtered', float('nan')):.4f} |"
+            )
+    lines += [
+        "",
+        "| K | coverage@K | popularity@K | popularity@K (relative) |",
+        "|---|---|---|---|",
+    ]
     for k in ks:
-        lines.append(f"| {k} | {metrics[f'coverage@{k}']:.4f} | {metrics[f'popularity@{k}']:.1f} | "
-                     f"{metrics[f'popularity@{k}_relative']:.4f} |")
+        lines.append(
+            f"| {k} | {metrics[f'coverage@{k}']:.4f} | {metrics[f'popularity@{k}']:.1f} | "
+            f"{metrics[f'popularity@{k}_relative']:.4f} |"
+        )
     if segments:
         keys = list(segments[0])
-        lines += ["", "History-length segments (filtered):", "", "| " + " | ".join(keys) + " |",
-                  "|" + "---|" * len(keys)]
+        lines += [
+            "",
+            "History-length segments (filtered):",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+        ]
         for row in segments:
-            lines.append("| " + " | ".join(v if isinstance(v, str) else f"{v:.4g}" for v in row.values()) + " |")
+            lines.append(
+                "| "
+                + " | ".join(v if isinstance(v, str) else f"{v:.4g}" for v in row.values())
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -85,15 +121,22 @@ def _plot_segments(path: Path, segments: Sequence[dict[str, Any]], title: str) -
     plt.close(fig)
 
 
-def _plot_popularity(path: Path, metrics: dict[str, float], ks: list[int], item_counts: Sequence[float],
-                     title: str) -> None:
+def _plot_popularity(
+    path: Path, metrics: dict[str, float], ks: list[int], item_counts: Sequence[float], title: str
+) -> None:
     plt = _figure()
     counts = [float(c) for c in item_counts[1:]]  # index 0 is padding
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
-    left.bar([str(k) for k in ks], [metrics[f"popularity@{k}"] for k in ks], color="tab:orange",
-             label="recommended items")
+    left.bar(
+        [str(k) for k in ks],
+        [metrics[f"popularity@{k}"] for k in ks],
+        color="tab:orange",
+        label="recommended items",
+    )
     if counts:
-        left.axhline(sum(counts) / len(counts), color="tab:blue", linestyle="--", label="catalogue mean")
+        left.axhline(
+            sum(counts) / len(counts), color="tab:blue", linestyle="--", label="catalogue mean"
+        )
     left.set_xlabel("K")
     left.set_ylabel("mean training interactions per item")
     left.set_title("popularity of recommended items")

@@ -1,9 +1,10 @@
-"""The ONNX-exportable faces of the models: user encoders on padded tensors (DESIGN §9, §11).
+"""The ONNX-exportable faces of the models: user encoders on padded tensors (docs/architecture.md §9, §11).
 
 TorchRec's KeyedJaggedTensor does not export, so each encoder copies the unsharded tables into
 plain ``nn.Embedding`` modules and takes right-padded dense tensors. Each encoder also says how
 it is exported: its input specs (names, dtypes, symbolic shapes), dynamic dimensions, random
 inputs for the parity gate, and the item vectors that its user vectors are scored against.
+Its ``kind`` (the artifact's) is the model's family in :mod:`recforge.families`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from recforge.families import ModelFamily, family_of_model
 from recforge.models.towers import hash_user_ids
 
 
@@ -21,21 +23,28 @@ def _frozen(weight: Tensor) -> nn.Embedding:
     return nn.Embedding.from_pretrained(weight.detach().clone(), freeze=True)
 
 
-def _right_padded(batch: int, length: int, low: int, high: int, pad: int, generator: torch.Generator) -> Tensor:
+def _right_padded(
+    batch: int, length: int, low: int, high: int, pad: int, generator: torch.Generator
+) -> Tensor:
     """(B, length) random ids in [low, high], each row a random prefix then ``pad``; row 0 full."""
     ids = torch.randint(low, high + 1, (batch, length), generator=generator)
     lengths = torch.randint(1, length + 1, (batch,), generator=generator)
     lengths[0] = length
-    return torch.where(torch.arange(length)[None, :] < lengths[:, None], ids, torch.full_like(ids, pad))
+    return torch.where(
+        torch.arange(length)[None, :] < lengths[:, None], ids, torch.full_like(ids, pad)
+    )
 
 
 class SASRecUserEncoder(nn.Module):
     """Padded ``item_ids`` (B, L) -> user vectors (B, D): the last position's hidden state."""
 
-    kind = "sasrec"
+    unit_vectors = False
+    """Scores are raw inner products."""
+    reads_user_features = False
 
     def __init__(self, sasrec: nn.Module) -> None:
         super().__init__()
+        self.kind = family_of_model(sasrec).name
         self.sasrec = sasrec
         self.items = _frozen(sasrec.item_table.weight)
         self.config = sasrec.config
@@ -50,13 +59,23 @@ class SASRecUserEncoder(nn.Module):
 
     def input_specs(self) -> list[dict[str, Any]]:
         n, L = self.config.num_items, self.max_length
-        return [{"name": "item_ids", "dtype": "int64", "shape": ["batch", "length"], "range": [0, n],
-                 "max_width": L, "doc": f"item indexes 1..{n}, right-padded with 0, length <= {L}"}]
+        return [
+            {
+                "name": "item_ids",
+                "dtype": "int64",
+                "shape": ["batch", "length"],
+                "range": [0, n],
+                "max_width": L,
+                "doc": f"item indexes 1..{n}, right-padded with 0, length <= {L}",
+            }
+        ]
 
     def dynamic_shapes(self, batch: Any, length: Any) -> tuple:
         return ({0: batch, 1: length},)
 
-    def random_inputs(self, batch: int, length: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+    def random_inputs(
+        self, batch: int, length: int, generator: torch.Generator
+    ) -> tuple[Tensor, ...]:
         return (_right_padded(batch, length, 1, self.config.num_items, 0, generator),)
 
     @torch.no_grad()
@@ -78,27 +97,44 @@ class TwoTowerUserEncoder(nn.Module):
     - ``user_dense`` (B, k) float32: raw numeric user features (missing = 0, as in training).
     """
 
-    kind = "two_tower"
+    unit_vectors = True
+    """Both towers end in unit vectors: scores are cosines."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
+        self.kind = family_of_model(model).name
         c = model.config
         self.config = c
         self.max_length = c.history_len
         self.out_dim = c.out_dim
         self.items = _frozen(model.embedding_collection.embeddings[c.table_name].weight)
-        bags = model.feature_collection.embedding_bags if model.feature_collection is not None else {}
+        bags = (
+            model.feature_collection.embedding_bags if model.feature_collection is not None else {}
+        )
         self.user_id = _frozen(bags["user_id"].weight) if c.use_user_id else None
-        self.user_features = nn.ModuleList([_frozen(bags[key].weight) for key in c.user_feature_keys])
+        self.user_features = nn.ModuleList(
+            [_frozen(bags[key].weight) for key in c.user_feature_keys]
+        )
         self.tower = model.user_tower
-        self.names = (["item_ids"] + (["user_idx"] if c.use_user_id else []) + list(c.user_feature_keys)
-                      + (["user_dense"] if c.user_numeric_features else []))
+        self.names = (
+            ["item_ids"]
+            + (["user_idx"] if c.use_user_id else [])
+            + list(c.user_feature_keys)
+            + (["user_dense"] if c.user_numeric_features else [])
+        )
         # The item tower over every item, once, in eval mode (not part of the exported graph).
         training = model.training
         model.eval()
         with torch.no_grad():
-            self._item_vectors = model.item_vectors(torch.arange(1, c.num_items + 1)).numpy().astype(np.float32)
+            self._item_vectors = (
+                model.item_vectors(torch.arange(1, c.num_items + 1)).numpy().astype(np.float32)
+            )
         model.train(training)
+
+    @property
+    def reads_user_features(self) -> bool:
+        """Whether the tower takes user feature codes or numbers (not only history and id)."""
+        return bool(self.config.user_feature_cardinalities or self.config.user_numeric_features)
 
     def forward(self, item_ids: Tensor, *user: Tensor) -> Tensor:
         c = self.config
@@ -109,7 +145,9 @@ class TwoTowerUserEncoder(nn.Module):
         if self.user_id is not None:
             idx = rest.pop(0)
             rows = hash_user_ids(idx, c.user_id_hash_buckets) if c.user_id_hash_buckets > 0 else idx
-            parts.append(self.user_id(rows) * (idx != 0).to(history.dtype)[:, None])  # (B, user_id_dim)
+            parts.append(
+                self.user_id(rows) * (idx != 0).to(history.dtype)[:, None]
+            )  # (B, user_id_dim)
         for table in self.user_features:
             codes = rest.pop(0)  # (B, W)
             valid = (codes >= 0).to(history.dtype)
@@ -122,19 +160,48 @@ class TwoTowerUserEncoder(nn.Module):
 
     def input_specs(self) -> list[dict[str, Any]]:
         c = self.config
-        specs = [{"name": "item_ids", "dtype": "int64", "shape": ["batch", "length"], "range": [0, c.num_items],
-                  "max_width": c.history_len, "doc": f"recent history item indexes 1..{c.num_items}, oldest first, right-padded with 0, "
-                         f"length <= {c.history_len}"}]
+        specs = [
+            {
+                "name": "item_ids",
+                "dtype": "int64",
+                "shape": ["batch", "length"],
+                "range": [0, c.num_items],
+                "max_width": c.history_len,
+                "doc": f"recent history item indexes 1..{c.num_items}, oldest first, right-padded with 0, "
+                f"length <= {c.history_len}",
+            }
+        ]
         if c.use_user_id:
             top = 2**63 - 1 if c.user_id_hash_buckets else c.num_users
-            specs.append({"name": "user_idx", "dtype": "int64", "shape": ["batch"], "range": [0, top],
-                          "doc": "user index from users.parquet (user_idx); 0 = unknown user"})
+            specs.append(
+                {
+                    "name": "user_idx",
+                    "dtype": "int64",
+                    "shape": ["batch"],
+                    "range": [0, top],
+                    "doc": "user index from users.parquet (user_idx); 0 = unknown user",
+                }
+            )
         for key, card in zip(c.user_feature_keys, c.user_feature_cardinalities.values()):
-            specs.append({"name": key, "dtype": "int64", "shape": ["batch", f"{key}_width"], "range": [-1, card - 1],
-                          "max_width": 1024, "doc": f"codes 0..{card - 1} of user feature {key[len('user_'):]!r}, right-padded with -1"})
+            specs.append(
+                {
+                    "name": key,
+                    "dtype": "int64",
+                    "shape": ["batch", f"{key}_width"],
+                    "range": [-1, card - 1],
+                    "max_width": 1024,
+                    "doc": f"codes 0..{card - 1} of user feature {key[len('user_') :]!r}, right-padded with -1",
+                }
+            )
         if c.user_numeric_features:
-            specs.append({"name": "user_dense", "dtype": "float32", "shape": ["batch", len(c.user_numeric_features)],
-                          "doc": f"raw user numeric features {c.user_numeric_features} (missing = 0)"})
+            specs.append(
+                {
+                    "name": "user_dense",
+                    "dtype": "float32",
+                    "shape": ["batch", len(c.user_numeric_features)],
+                    "doc": f"raw user numeric features {c.user_numeric_features} (missing = 0)",
+                }
+            )
         return specs
 
     def dynamic_shapes(self, batch: Any, length: Any) -> tuple:
@@ -150,7 +217,9 @@ class TwoTowerUserEncoder(nn.Module):
         # forward(item_ids, *user): the varargs get a nested tuple, absent when empty.
         return (shapes[0], tuple(shapes[1:])) if len(shapes) > 1 else (shapes[0],)
 
-    def random_inputs(self, batch: int, length: int, generator: torch.Generator) -> tuple[Tensor, ...]:
+    def random_inputs(
+        self, batch: int, length: int, generator: torch.Generator
+    ) -> tuple[Tensor, ...]:
         c = self.config
         out = [_right_padded(batch, length, 1, c.num_items, 0, generator)]
         if c.use_user_id:
@@ -166,7 +235,6 @@ class TwoTowerUserEncoder(nn.Module):
         return self._item_vectors  # (N, out_dim), row i - 1 = item i
 
 
-def user_encoder(family: str, network: nn.Module) -> nn.Module:
-    """The exportable user encoder of a loaded network (``sasrec`` or ``two_tower``)."""
-    encoder = SASRecUserEncoder(network) if family == "sasrec" else TwoTowerUserEncoder(network)
-    return encoder.eval()
+def user_encoder(family: ModelFamily, network: nn.Module) -> nn.Module:
+    """The exportable user encoder of a loaded network of ``family``, in eval mode."""
+    return family.load("user_encoder")(network).eval()

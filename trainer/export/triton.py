@@ -7,39 +7,47 @@ Triton's dynamic batcher, which would need requests of one sequence length to me
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
+
+from recforge import artifact
+from recforge.atomic import atomic_directory
 
 TRITON_TYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}
 
 
-def write_triton_repository(artifact_dir: str | Path, repository: str | Path, name: str = "recforge") -> Path:
+def write_triton_repository(
+    artifact_dir: str | Path, repository: str | Path, name: str = "recforge"
+) -> Path:
     """Write (atomically) the model ``name`` into ``repository``; returns the model directory."""
     artifact_dir, repository = Path(artifact_dir), Path(repository)
-    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    manifest = artifact.read_manifest(artifact_dir)
 
     def tensors(specs: list[dict]) -> str:
         blocks = []
         for spec in specs:
-            dims = ", ".join("-1" if isinstance(d, str) else str(d) for d in spec["shape"])
-            blocks.append(f'  {{\n    name: "{spec["name"]}"\n    data_type: {TRITON_TYPES[spec["dtype"]]}\n'
-                          f"    dims: [ {dims} ]\n  }}")
+            dims = ", ".join(str(d) for d in artifact.onnx_dims(spec["shape"]))
+            blocks.append(
+                f'  {{\n    name: "{spec["name"]}"\n'
+                f"    data_type: {TRITON_TYPES[spec['dtype']]}\n"
+                f"    dims: [ {dims} ]\n  }}"
+            )
         return ",\n".join(blocks)
 
-    config = (f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: 0\n'
-              f"input [\n{tensors(manifest['inputs'])}\n]\noutput [\n{tensors(manifest['outputs'])}\n]\n"
-              "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
-              f'parameters {{ key: "recforge_sha256" value: {{ string_value: "{manifest["files"]["model.onnx"]}" }} }}\n')
-    repository.mkdir(parents=True, exist_ok=True)
+    config = (
+        f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: 0\n'
+        f"input [\n{tensors(manifest['inputs'])}\n]\n"
+        f"output [\n{tensors(manifest['outputs'])}\n]\n"
+        "instance_group [ { kind: KIND_CPU, count: 1 } ]\n"
+        f'parameters {{ key: "{artifact.TRITON_SHA256_PARAMETER}" value: {{ string_value: '
+        f'"{manifest["files"][artifact.MODEL]}" }} }}\n'
+    )
     final = repository / name
-    tmp = repository / f".{name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "1").mkdir(parents=True)
-    shutil.copyfile(artifact_dir / "model.onnx", tmp / "1" / "model.onnx")
-    (tmp / "config.pbtxt").write_text(config)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # The repository's other models stay; this one is replaced whole.
+    with atomic_directory(final, overwrite=True) as tmp:
+        (tmp / artifact.TRITON_VERSION).mkdir()
+        shutil.copyfile(
+            artifact_dir / artifact.MODEL, tmp / artifact.TRITON_VERSION / artifact.MODEL
+        )
+        (tmp / artifact.TRITON_CONFIG).write_text(config)
     return final

@@ -1,9 +1,9 @@
-"""MLflow tracking (DESIGN §8): where runs go, and a Lightning logger that never stops training.
+"""MLflow tracking (docs/architecture.md §8): where runs go, and a Lightning logger that never stops training.
 
 :class:`TrackingConfig` is the ``mlflow:`` section of every ``recforge fit|validate|test``
 config. With no tracking URI anywhere, runs go to an embedded store that needs no server:
 ``sqlite:///mlflow.db`` with artifacts in ``./mlartifacts`` (MLflow 3's file store is in
-maintenance mode and refuses to start, DESIGN §11). An ``http(s)`` server is probed before
+maintenance mode and refuses to start, docs/architecture.md §11). An ``http(s)`` server is probed before
 training starts, so a wrong URI is a one-line error rather than minutes of retries.
 
 :class:`MLflowLogger` is Lightning's ``MLFlowLogger`` with two changes: a failing logging
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 EPOCH_METRIC_PREFIXES = ("val/", "test/")
-EPOCH_METRIC_KEYS = frozenset({"train/samples_per_sec", "train/tokens_per_sec", "train/epoch_seconds",
-                               "train/loss_epoch"})
+EPOCH_METRIC_KEYS = frozenset(
+    {"train/samples_per_sec", "train/tokens_per_sec", "train/epoch_seconds", "train/loss_epoch"}
+)
 
 
 class TrackingError(RuntimeError):
@@ -41,7 +43,7 @@ class TrackingError(RuntimeError):
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking of a run (DESIGN §8)."""
+    """MLflow tracking of a run (docs/architecture.md §8)."""
 
     enabled: bool = True
     """Track the run in MLflow. ``false`` turns tracking off entirely."""
@@ -69,7 +71,9 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         if self.system_metrics_interval <= 0:
-            raise ValueError(f"mlflow.system_metrics_interval: must be > 0, got {self.system_metrics_interval}")
+            raise ValueError(
+                f"mlflow.system_metrics_interval: must be > 0, got {self.system_metrics_interval}"
+            )
         if self.probe_timeout <= 0:
             raise ValueError(f"mlflow.probe_timeout: must be > 0, got {self.probe_timeout}")
         if self.registered_model_name is not None and not self.registered_model_name.strip():
@@ -89,8 +93,13 @@ def resolve_tracking(config: TrackingConfig) -> tuple[str, str | None]:
     ``http(s)`` server does not answer ``/health``, or a sqlite file cannot be created.
     """
     uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    source = ("mlflow.tracking_uri" if config.tracking_uri else
-              "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default")
+    source = (
+        "mlflow.tracking_uri"
+        if config.tracking_uri
+        else "MLFLOW_TRACKING_URI"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else "the default"
+    )
     if uri.startswith(("http://", "https://")):
         problem = probe_server(uri, config.probe_timeout)
         if problem is None:
@@ -98,18 +107,28 @@ def resolve_tracking(config: TrackingConfig) -> tuple[str, str | None]:
         if not config.fallback_to_local:
             raise TrackingError(
                 f"MLflow tracking server {uri} (from {source}) is unreachable: {problem}. Start the server, fix the "
-                "URI, set mlflow.fallback_to_local=true to log locally instead, or mlflow.enabled=false")
-        log.warning("MLflow tracking server %s is unreachable (%s); logging to the local store %s instead "
-                    "(mlflow.fallback_to_local=true)", uri, problem, DEFAULT_TRACKING_URI)
+                "URI, set mlflow.fallback_to_local=true to log locally instead, or mlflow.enabled=false"
+            )
+        log.warning(
+            "MLflow tracking server %s is unreachable (%s); logging to the local store %s instead "
+            "(mlflow.fallback_to_local=true)",
+            uri,
+            problem,
+            DEFAULT_TRACKING_URI,
+        )
         uri = DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         try:
             db.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TrackingError(f"MLflow store {uri} (from {source}): cannot create its directory ({exc})") from None
+            raise TrackingError(
+                f"MLflow store {uri} (from {source}): cannot create its directory ({exc})"
+            ) from None
         if not os.access(db.expanduser().resolve().parent, os.W_OK):
-            raise TrackingError(f"MLflow store {uri} (from {source}): directory {db.parent} is not writable")
+            raise TrackingError(
+                f"MLflow store {uri} (from {source}): directory {db.parent} is not writable"
+            )
         return local_store(db)
     return uri, None
 
@@ -138,10 +157,23 @@ def bound_http_retries() -> None:
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLflow logger, failure-tolerant and with epoch-level steps (module docstring)."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, run_name: str | None = None,
-                 artifact_location: str | None = None, tags: dict[str, Any] | None = None) -> None:
-        super().__init__(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
-                         artifact_location=artifact_location, tags=tags)
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str | None = None,
+        artifact_location: str | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=tracking_uri,
+            artifact_location=artifact_location,
+            tags=tags,
+        )
+        # Ours to read; Lightning keeps its copies private.
+        self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
         self.failures = 0
         self.config_logged = False
 
@@ -150,8 +182,13 @@ class MLflowLogger(MLFlowLogger):
             return fn(*args, **kwargs)
         except Exception as exc:  # any transport/server error: warn, count, keep training
             self.failures += 1
-            log.warning("MLflow: %s failed (%s: %s); training continues (%d logging failure(s) so far)",
-                        what, type(exc).__name__, str(exc)[:300], self.failures)
+            log.warning(
+                "MLflow: %s failed (%s: %s); training continues (%d logging failure(s) so far)",
+                what,
+                type(exc).__name__,
+                str(exc)[:300],
+                self.failures,
+            )
             return None
 
     @rank_zero_only
@@ -170,8 +207,15 @@ class MLflowLogger(MLFlowLogger):
         # MLflow caps a param value at 6000 characters.
         params = [Param(key=str(k), value=str(v)[:6000]) for k, v in flat.items()]
         for start in range(0, len(params), 100):
-            self._guard("log params", self.experiment.log_batch, run_id=self.run_id, params=params[start:start + 100])
-        self._guard("log config", self.experiment.log_text, self.run_id, yaml_text, "config/config.yaml")
+            self._guard(
+                "log params",
+                self.experiment.log_batch,
+                run_id=self.run_id,
+                params=params[start : start + 100],
+            )
+        self._guard(
+            "log config", self.experiment.log_text, self.run_id, yaml_text, "config/config.yaml"
+        )
         self.config_logged = True
 
     @rank_zero_only
@@ -183,14 +227,21 @@ class MLflowLogger(MLFlowLogger):
         if per_step:
             self._guard("log metrics", super().log_metrics, per_step, step)
         if per_epoch:
-            self._guard("log metrics", super().log_metrics, per_epoch, int(epoch) if epoch is not None else step)
+            self._guard(
+                "log metrics",
+                super().log_metrics,
+                per_epoch,
+                int(epoch) if epoch is not None else step,
+            )
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         self._guard("finalize", super().finalize, status)
         if self.failures:
-            log.warning("MLflow: %d logging call(s) failed during this run; the run record is incomplete",
-                        self.failures)
+            log.warning(
+                "MLflow: %d logging call(s) failed during this run; the run record is incomplete",
+                self.failures,
+            )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if rank_zero_only.rank != 0:
@@ -201,13 +252,20 @@ class MLflowLogger(MLFlowLogger):
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         if rank_zero_only.rank != 0:
             return
-        self._guard(f"log artifact {Path(local_path).name}", self.experiment.log_artifact, self.run_id,
-                    str(local_path), artifact_path)
+        self._guard(
+            f"log artifact {Path(local_path).name}",
+            self.experiment.log_artifact,
+            self.run_id,
+            str(local_path),
+            artifact_path,
+        )
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if rank_zero_only.rank != 0:
             return
-        self._guard(f"log {artifact_file}", self.experiment.log_text, self.run_id, text, artifact_file)
+        self._guard(
+            f"log {artifact_file}", self.experiment.log_text, self.run_id, text, artifact_file
+        )
 
 
 def mlflow_metric_name(key: str) -> str:

@@ -1,4 +1,4 @@
-"""What a recforge run records in MLflow beyond Lightning's metric stream (DESIGN §8).
+"""What a recforge run records in MLflow beyond Lightning's metric stream (docs/architecture.md §8).
 
 :class:`MLflowRecorder` is added by the CLI next to :class:`recforge.trainer.tracking.logger.MLflowLogger`:
 
@@ -19,30 +19,47 @@ import json
 import logging
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import lightning as L
 import torch
 
+from recforge.artifact import BEST_CHECKPOINT_TAG, LAST_CHECKPOINT_TAG
 from recforge.trainer.tracking.logger import MLflowLogger
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def git_state(repo: Path = REPO) -> dict[str, str]:
     """The commit of the code that runs and whether tracked files differ from it."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"recforge.git.commit": "unknown"}
-    return {"mlflow.source.git.commit": commit, "recforge.git.commit": commit,
-            "recforge.git.dirty": str(bool(dirty)).lower()}
+    return {
+        "mlflow.source.git.commit": commit,
+        "recforge.git.commit": commit,
+        "recforge.git.dirty": str(bool(dirty)).lower(),
+    }
 
 
 def _version(package: str) -> str:
@@ -55,9 +72,15 @@ def _version(package: str) -> str:
 class MLflowRecorder(L.Callback):
     """Tags, config, manifest, plan, evaluation report and checkpoint references (module docstring)."""
 
-    def __init__(self, logger: MLflowLogger, command: str, config_flat: Mapping[str, Any] | None = None,
-                 config_yaml: str | None = None, system_metrics: bool = True,
-                 system_metrics_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        logger: MLflowLogger,
+        command: str,
+        config_flat: Mapping[str, Any] | None = None,
+        config_yaml: str | None = None,
+        system_metrics: bool = True,
+        system_metrics_interval: float = 10.0,
+    ) -> None:
         super().__init__()
         self.logger, self.command = logger, command
         self.config_flat, self.config_yaml = config_flat, config_yaml
@@ -111,9 +134,12 @@ class MLflowRecorder(L.Callback):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             # A second start (the test after fit) continues the step count of the first.
-            self._monitor = SystemMetricsMonitor(self.logger.run_id, sampling_interval=self.system_metrics_interval,
-                                                 tracking_uri=self.logger._tracking_uri,
-                                                 resume_logging=self._set_up)
+            self._monitor = SystemMetricsMonitor(
+                self.logger.run_id,
+                sampling_interval=self.system_metrics_interval,
+                tracking_uri=self.logger.tracking_uri,
+                resume_logging=self._set_up,
+            )
             self._monitor.start()
         except Exception as exc:  # a missing psutil or a dead server must not stop training
             log.warning("MLflow system metrics are off: %s: %s", type(exc).__name__, exc)
@@ -134,14 +160,22 @@ class MLflowRecorder(L.Callback):
     # --- plan ---
 
     def _log_plan(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._plan_logged or not trainer.is_global_zero or not hasattr(pl_module, "sharding_plan"):
+        if (
+            self._plan_logged
+            or not trainer.is_global_zero
+            or not hasattr(pl_module, "sharding_plan")
+        ):
             return
         self._plan_logged = True
         plan, text = pl_module.sharding_plan()
         self.logger.log_text(text, "sharding/sharding_plan.txt")
         self.logger.log_text(json.dumps(plan, indent=2, default=str), "sharding/sharding_plan.json")
-        self.logger.set_tags({f"sharding.{table}": f"{p['sharding_type']} on ranks {p['ranks']}"
-                              for table, p in plan.items()})
+        self.logger.set_tags(
+            {
+                f"sharding.{table}": f"{p['sharding_type']} on ranks {p['ranks']}"
+                for table, p in plan.items()
+            }
+        )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_plan(trainer, pl_module)
@@ -161,9 +195,11 @@ class MLflowRecorder(L.Callback):
         from recforge.trainer.evaluation.report import write_report
 
         dm = trainer.datamodule
-        title = f"{self.logger._experiment_name} test"
+        title = f"{self.logger.experiment_name} test"
         with tempfile.TemporaryDirectory() as tmp:
-            files = write_report(Path(tmp), result["metrics"], result["segments"], list(dm.item_counts), title)
+            files = write_report(
+                Path(tmp), result["metrics"], result["segments"], list(dm.item_counts), title
+            )
             for path in files:
                 self.logger.log_artifact(path, "eval")
         self.last_report = result
@@ -175,14 +211,25 @@ class MLflowRecorder(L.Callback):
         refs: dict[str, Any] = {}
         if ckpt is not None:
             score = getattr(ckpt, "best_model_score", None)
-            refs = {"best_model_path": str(Path(ckpt.best_model_path).resolve()) if ckpt.best_model_path else None,
-                    "best_model_score": float(score) if score is not None else None,
-                    "monitor": getattr(ckpt, "monitor", None),
-                    "last_model_path": str(Path(ckpt.last_model_path).resolve()) if ckpt.last_model_path else None}
+            refs = {
+                "best_model_path": str(Path(ckpt.best_model_path).resolve())
+                if ckpt.best_model_path
+                else None,
+                "best_model_score": float(score) if score is not None else None,
+                "monitor": getattr(ckpt, "monitor", None),
+                "last_model_path": str(Path(ckpt.last_model_path).resolve())
+                if ckpt.last_model_path
+                else None,
+            }
             self.logger.log_text(json.dumps(refs, indent=2), "checkpoints/checkpoints.json")
-            tags = {"recforge.best_checkpoint": refs["best_model_path"], "recforge.last_checkpoint": refs["last_model_path"]}
+            tags = {
+                BEST_CHECKPOINT_TAG: refs["best_model_path"],
+                LAST_CHECKPOINT_TAG: refs["last_model_path"],
+            }
             self.logger.set_tags({k: v for k, v in tags.items() if v})
-        self.logger.set_tags({"recforge.epochs": trainer.current_epoch, "recforge.global_step": trainer.global_step})
+        self.logger.set_tags(
+            {"recforge.epochs": trainer.current_epoch, "recforge.global_step": trainer.global_step}
+        )
 
 
 def _device_kind(trainer: L.Trainer) -> str:
