@@ -1,7 +1,7 @@
 """Loader throughput: Parquet row groups -> batch tensors, in one process (num_workers=0).
 
-    python benchmarks/loader.py                 # synthesises ~1M interactions, prepares them, measures
-    python benchmarks/loader.py --data DIR      # measures an existing prepared directory
+    python benchmarks/loader.py             # synthesises ~1M interactions, prepares them, measures
+    python benchmarks/loader.py --data DIR  # measures an existing prepared directory
 
 Per configuration (SASRec B=128, L=200; two-tower B=1024, H=50; training and validation): the
 median over ``--repeats`` epochs, each a fresh shuffle whose windows are read again.
@@ -175,8 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         for config in CONFIGS:
             r = measure(data_dir, config, args.shuffle_window, args.repeats)
             print(
-                f"{config['name']:<20} {config['batch_size']:>5} {r['setup_s']:>8.2f} {r['seconds']:>8.2f} "
-                f"{r['batches']:>8,} {r['batches'] / r['seconds']:>10,.1f} {r['examples'] / r['seconds']:>11,.0f} "
+                f"{config['name']:<20} {config['batch_size']:>5} "
+                f"{r['setup_s']:>8.2f} {r['seconds']:>8.2f} "
+                f"{r['batches']:>8,} {r['batches'] / r['seconds']:>10,.1f} "
+                f"{r['examples'] / r['seconds']:>11,.0f} "
                 f"{r['interactions'] / r['seconds']:>15,.0f}"
             )
     finally:

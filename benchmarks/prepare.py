@@ -98,7 +98,8 @@ def main() -> None:
             print(f"{step:<10}{sec:>10}{gb:>10}{n:>14}")
         print(
             f"prepare throughput: {manifest['input_rows'] / elapsed / 1e6:.2f} M interactions/s; "
-            f"kept {manifest['interactions']} interactions, {manifest['users']} users, {manifest['items']} items"
+            f"kept {manifest['interactions']} interactions, {manifest['users']} users, "
+            f"{manifest['items']} items"
         )
     finally:
         if args.workdir is None:

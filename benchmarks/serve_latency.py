@@ -18,6 +18,7 @@ for ``--load-seconds``, reloading the model once halfway. Prints tables.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def main() -> None:
     big = f"{args.large / 1e6:g}M"
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (network, encoder) in models().items():
+        for name, (_network, encoder) in models().items():
             if args.only_large and name != "SASRec":
                 continue
             own = encoder.item_vectors()
@@ -173,9 +174,10 @@ def main() -> None:
                 report = build_artifact(paths[label], encoder, vectors, int8=int8)
                 if int8:
                     notes.append(
-                        f"{name} int8: {report['bytes_float']} -> {report['bytes_int8']} bytes, max |diff| "
-                        f"vs PyTorch {report['max_abs_diff_vs_pytorch']:.2e}, parity-case recall@10 vs "
-                        f"float {report['recall@10_vs_float']:.3f} ({time.perf_counter() - start:.0f} s)"
+                        f"{name} int8: {report['bytes_float']} -> {report['bytes_int8']} bytes, "
+                        f"max |diff| vs PyTorch {report['max_abs_diff_vs_pytorch']:.2e}, "
+                        f"parity-case recall@10 vs float {report['recall@10_vs_float']:.3f} "
+                        f"({time.perf_counter() - start:.0f} s)"
                     )
             cases = [
                 ("3.4k", "float", paths["float"], "exact"),
@@ -207,10 +209,12 @@ def main() -> None:
                         {"history": h.tolist(), "k": 10, "exclude_seen": False} for h in hist
                     ]
                     repeats = args.repeats if batch == 1 else max(20, args.repeats // 10)
-                    ort_p50, ort_p99 = time_calls(lambda: rec.recommend_batch(requests), repeats)
+                    ort_p50, ort_p99 = time_calls(
+                        functools.partial(rec.recommend_batch, requests), repeats
+                    )
                     ids = torch.from_numpy(hist)
 
-                    def torch_call() -> None:
+                    def torch_call(encoder=encoder, ids=ids, table=table) -> None:
                         with torch.no_grad():
                             torch.topk(encoder(ids) @ table.T, 10)
 
@@ -244,16 +248,18 @@ def main() -> None:
                         )
                     )
         print(
-            "\nrecommend_batch() latency, top-10, 1 thread (ms); recall@10 against float exact search"
+            "\nrecommend_batch() latency, top-10, 1 thread (ms); "
+            "recall@10 against float exact search"
         )
         print(
-            f"{'model':>9} {'catalogue':>9} {'search':>8} {'weights':>7} {'batch':>5} | {'onnxruntime p50':>15} "
-            f"{'p99':>8} | {'PyTorch p50':>11} {'p99':>8} | {'recall@10':>9} | {'load s':>6}"
+            f"{'model':>9} {'catalogue':>9} {'search':>8} {'weights':>7} {'batch':>5} | "
+            f"{'onnxruntime p50':>15} {'p99':>8} | {'PyTorch p50':>11} {'p99':>8} | "
+            f"{'recall@10':>9} | {'load s':>6}"
         )
         for m, c, i, w, b, o50, o99, p50, p99, r, ls in rows:
             print(
-                f"{m:>9} {c:>9} {i:>8} {w:>7} {b:>5} | {o50:15.2f} {o99:8.2f} | {p50:11.2f} {p99:8.2f} | {r:>9} | "
-                f"{ls:6.1f}"
+                f"{m:>9} {c:>9} {i:>8} {w:>7} {b:>5} | {o50:15.2f} {o99:8.2f} | "
+                f"{p50:11.2f} {p99:8.2f} | {r:>9} | {ls:6.1f}"
             )
         for note in notes:
             print(note)
@@ -319,12 +325,12 @@ def load_test(artifact: Path, clients: int, seconds: float) -> None:
     server.wait(timeout=20)
     p50, p99 = percentiles(latencies)
     print(
-        f"\nHTTP load test: {clients} clients, {total:.0f} s, history 50, k=10, one reload (HTTP {reload_status}) "
-        f"halfway"
+        f"\nHTTP load test: {clients} clients, {total:.0f} s, history 50, k=10, "
+        f"one reload (HTTP {reload_status}) halfway"
     )
     print(
-        f"requests: {len(latencies)}  requests/s: {len(latencies) / total:.0f}  p50: {p50:.1f} ms  p99: {p99:.1f} ms  "
-        f"errors: {len(errors)}"
+        f"requests: {len(latencies)}  requests/s: {len(latencies) / total:.0f}  "
+        f"p50: {p50:.1f} ms  p99: {p99:.1f} ms  errors: {len(errors)}"
     )
 
 

@@ -228,7 +228,8 @@ def main() -> None:
     epoch_s = step_s * steps_per_epoch
     print(
         f"device: {device} ({torch.get_num_threads()} threads)  data: {args.data}  "
-        f"B={args.batch_size} L={args.max_len} D={args.dim} attention dropout={args.attention_dropout}  "
+        f"B={args.batch_size} L={args.max_len} D={args.dim} "
+        f"attention dropout={args.attention_dropout}  "
         f"train windows={args.train_windows}  steps/epoch={steps_per_epoch}  "
         f"malloc keeps freed memory: {'yes' if malloc_tuned else 'no'}"
     )

@@ -1,4 +1,5 @@
-"""`recforge data ...` subcommands: argument parsing over :mod:`recforge.data.prepare` and :mod:`recforge.data.synth`."""
+"""`recforge data ...` subcommands: argument parsing over :mod:`recforge.data.prepare` and
+:mod:`recforge.data.synth`."""
 
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--list-columns",
         default=None,
-        help="comma-separated feature columns whose strings hold several values (split on spaces or '|')",
+        help=(
+            "comma-separated feature columns whose strings hold several values "
+            "(split on spaces or '|')"
+        ),
     )
     p.add_argument(
         "--categorical-columns",

@@ -1,4 +1,5 @@
-"""The LightningDataModule over a prepared directory (docs/architecture.md §1, §3): SASRec or two-tower batches.
+"""The LightningDataModule over a prepared directory (docs/architecture.md §1, §3): SASRec or
+two-tower batches.
 
 Batch construction and sharding live in :mod:`recforge.data.loader`; this module picks the rank and
 world size from the trainer, builds the loaders, reports skipped users, and exposes the
@@ -80,8 +81,9 @@ class SequenceDataModule(L.LightningDataModule):
                 part into consecutive windows of ``max_len`` targets, so items beyond the last
                 ``max_len`` of long histories are trained on too.
             synthesize: If set and ``data_dir`` holds no prepared dataset, generate synthetic data
-                with these :class:`recforge.data.synth.SynthConfig` fields (e.g. ``{users: 500, items: 300}``)
-                and prepare it into ``data_dir`` first. The tiny configs use it to run anywhere.
+                with these :class:`recforge.data.synth.SynthConfig` fields (e.g.
+                ``{users: 500, items: 300}``) and prepare it into ``data_dir`` first. The tiny
+                configs use it to run anywhere.
         """
         super().__init__()
         if batch_format not in BATCH_FORMATS:
@@ -131,7 +133,8 @@ class SequenceDataModule(L.LightningDataModule):
 
     @property
     def num_items(self) -> int:
-        """Items in the catalogue; ids are 1..num_items, so tables need num_items + 1 rows (0 = padding)."""
+        """Items in the catalogue; ids are 1..num_items, so tables need num_items + 1 rows
+        (0 = padding)."""
         return int(self.manifest["items"])
 
     @property
@@ -149,12 +152,14 @@ class SequenceDataModule(L.LightningDataModule):
 
     @property
     def item_feature_cardinalities(self) -> dict[str, int]:
-        """Categorical and list item features (KJT key ``item_<name>``) -> codes incl. 0, in KJT order."""
+        """Categorical and list item features (KJT key ``item_<name>``) -> codes incl. 0, in KJT
+        order."""
         return self._features_of("item", _SPARSE_KINDS)
 
     @property
     def user_feature_cardinalities(self) -> dict[str, int]:
-        """Categorical and list user features (KJT key ``user_<name>``) -> codes incl. 0, in KJT order."""
+        """Categorical and list user features (KJT key ``user_<name>``) -> codes incl. 0, in KJT
+        order."""
         return self._features_of("user", _SPARSE_KINDS)
 
     @property
@@ -178,7 +183,8 @@ class SequenceDataModule(L.LightningDataModule):
 
     @property
     def item_counts(self) -> np.ndarray:
-        """(num_items + 1,) int64 interactions per item id (index 0 = padding = 0), for logQ correction."""
+        """(num_items + 1,) int64 interactions per item id (index 0 = padding = 0), for logQ
+        correction."""
         if self._item_counts is None:
             path = f"{self.data_dir}/{ITEMS}"
             table = pq.read_table(path, columns=["item_idx", "count"])
@@ -303,6 +309,7 @@ def _report(index: ExampleIndex) -> str:
     missing = sum(index.skipped.values())
     reasons = "; ".join(f"{n:,} {why}" for why, n in index.skipped.items() if n) or "none"
     return (
-        f"{spec.stage} ({spec.batch_format} batches): {index.num_examples:,} examples from {index.num_users:,} users; "
+        f"{spec.stage} ({spec.batch_format} batches): "
+        f"{index.num_examples:,} examples from {index.num_users:,} users; "
         f"{missing:,} users have none: {reasons}"
     )

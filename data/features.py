@@ -129,7 +129,8 @@ def encode_features(
                 finite = values[np.isfinite(values)]
                 if (finite != np.floor(finite)).any():
                     raise DataError(
-                        "has fractional values; a categorical column needs whole numbers or strings",
+                        "has fractional values; "
+                        "a categorical column needs whole numbers or strings",
                         path=path,
                         column=name,
                     )

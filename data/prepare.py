@@ -50,8 +50,8 @@ class PrepareConfig:
     columns: Columns = field(default_factory=Columns)
     """Names of the user, item, timestamp and optional rating columns (parquet, csv, recbole)."""
     item_features: str | None = None
-    """Item features: Parquet or RecBole ``.item``. For recbole input, a ``.item`` beside the ``.inter``
-    is used unless ``no_features`` is set."""
+    """Item features: Parquet or RecBole ``.item``. For recbole input, a ``.item`` beside the
+    ``.inter`` is used unless ``no_features`` is set."""
     user_features: str | None = None
     """User features: Parquet or RecBole ``.user`` (same rule as ``item_features``)."""
     item_feature_columns: list[str] | None = None
@@ -449,7 +449,8 @@ def _write_files(
             clash = set(feats.columns) & set(cols)
             if clash:
                 raise DataError(
-                    f"feature column(s) {sorted(clash)} clash with recforge's own columns; rename them"
+                    f"feature column(s) {sorted(clash)} clash with recforge's own columns; "
+                    "rename them"
                 )
             cols.update(feats.columns)
         pq.write_table(pa.table(cols), tmp / name)

@@ -208,7 +208,8 @@ def _read_recbole(path: Path, columns: Columns, row_offset: int) -> pa.Table:
 
 
 def read_recbole_table(path: Path) -> pa.Table:
-    """Any RecBole atomic file; ``token`` -> string, ``token_seq`` -> list<string>, ``float`` -> float64."""
+    """Any RecBole atomic file; ``token`` -> string, ``token_seq`` -> list<string>, ``float`` ->
+    float64."""
     with open(path, encoding="utf-8", errors="replace") as f:
         header = f.readline().rstrip("\r\n")
     if not header:
@@ -218,7 +219,8 @@ def read_recbole_table(path: Path) -> pa.Table:
         name, sep, kind = spec.partition(":")
         if not sep or kind not in ("token", "token_seq", "float", "float_seq"):
             raise DataError(
-                f"header field {i + 1} is {spec!r}; expected 'name:token|token_seq|float|float_seq'",
+                f"header field {i + 1} is {spec!r}; "
+                "expected 'name:token|token_seq|float|float_seq'",
                 path=str(path),
             )
         names.append(name)

@@ -298,7 +298,10 @@ def _make_sequences(
     hash_mask = (capacity - 1).astype(np.uint64)
     history = np.full(int(capacity.sum()), -1, dtype=np.int32)
 
-    def lookup(rows: slice | np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # `history` is passed in rather than closed over: it is deleted after the loop.
+    def lookup(
+        history: np.ndarray, rows: slice | np.ndarray, items: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per item: already in the user's history, and its slot or the free slot to take."""
         slot = (items.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
         slot &= hash_mask[rows]
@@ -338,13 +341,13 @@ def _make_sequences(
     for t in range(steps):
         n = int(active[t])
         cand = draw(slice(0, n), n, t > 0)
-        found, slot = lookup(slice(0, n), cand)
+        found, slot = lookup(history, slice(0, n), cand)
         clash = np.flatnonzero(found)
         for _ in range(REPEAT_RETRIES):
             if clash.size == 0:
                 break
             cand[clash] = draw(clash, clash.size, True)
-            found[clash], slot[clash] = lookup(clash, cand[clash])
+            found[clash], slot[clash] = lookup(history, clash, cand[clash])
             clash = clash[found[clash]]
         repeats += int(clash.size)
         new = ~found

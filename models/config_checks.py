@@ -11,7 +11,8 @@ from typing import Any
 
 
 class FieldChecks:
-    """Checks of one config instance; every failure raises ``ValueError("<Class>.<field>=<value>: ...")``."""
+    """Checks of one config instance; every failure raises
+    ``ValueError("<Class>.<field>=<value>: ...")``."""
 
     def __init__(self, config: Any) -> None:
         self.config = config

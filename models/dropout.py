@@ -28,7 +28,8 @@ def dropout_mask(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """A mask of ``shape``: 0 with probability ~p, else ``1 / (1 - p)`` (see the module docstring)."""
+    """A mask of ``shape``: 0 with probability ~p, else ``1 / (1 - p)`` (see the module
+    docstring)."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p={p!r}: must be in [0, 1)")
     dropped = _dropped_levels(p)

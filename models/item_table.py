@@ -1,11 +1,12 @@
-"""The item table of SASRec and the two-tower model, and the sampling statistics of its logQ correction.
+"""The item table of SASRec and the two-tower model, and the sampling statistics of its logQ
+correction.
 
 Both models keep their item embeddings in a TorchRec ``EmbeddingCollection`` holding one table
 (N + 1 rows, row 0 = padding) read by three KJT keys: ``history``, ``target`` and ``candidates``
 (negatives while training, the whole catalogue when scoring). A step looks the table up **once**,
 with one KJT holding all three, so a fused optimizer (``apply_optimizer_in_backward``) applies
-exactly one update per row per step (docs/architecture.md §5). Every key has batch size B; candidates shared
-by the batch sit in row 0 of ``candidates`` and its other rows are empty.
+exactly one update per row per step (docs/architecture.md §5). Every key has batch size B;
+candidates shared by the batch sit in row 0 of ``candidates`` and its other rows are empty.
 
 Sampled softmax needs, per candidate, the log of how many times a step is expected to draw it:
 ``log(T p(i) + M / N)`` with T in-batch draws ~ p (the training frequency, from

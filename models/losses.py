@@ -35,7 +35,8 @@ def weighted_mean(per_position: Tensor, weight: Tensor) -> Tensor:
     """``sum_t w_t l_t / sum_t w_t`` (0 when every weight is 0)."""
     if per_position.shape != weight.shape:
         raise ValueError(
-            f"weight: shape {tuple(weight.shape)} != per-position losses {tuple(per_position.shape)}"
+            f"weight: shape {tuple(weight.shape)} != "
+            f"per-position losses {tuple(per_position.shape)}"
         )
     weight = weight.to(per_position.dtype)
     return (per_position * weight).sum() / weight.sum().clamp_min(_MIN_WEIGHT_SUM)
@@ -70,7 +71,8 @@ def full_softmax_ce(
         )
     if weight.shape != target_index.shape:
         raise ValueError(
-            f"weight: shape {tuple(weight.shape)} != per-position losses {tuple(target_index.shape)}"
+            f"weight: shape {tuple(weight.shape)} != "
+            f"per-position losses {tuple(target_index.shape)}"
         )
     if target_index.numel() and not (
         0 <= int(target_index.min()) and int(target_index.max()) < len(catalog)
@@ -261,8 +263,9 @@ def sampled_softmax(
     al. 2019 for in-batch sampling): popular items are in-batch negatives more often, and
     without the correction the model learns to demote popularity. The caller picks Q; with
     T in-batch draws ~ p (item frequency) and M uniform draws over N items, the principled
-    pooled value for any item c is ``Q(c) = T p(c) + M / N`` (what :class:`recforge.models.sasrec.SASRec`
-    passes). Adding a constant to every log Q changes nothing.
+    pooled value for any item c is ``Q(c) = T p(c) + M / N`` (what
+    :class:`recforge.models.sasrec.SASRec` passes). Adding a constant to every log Q changes
+    nothing.
 
     Accidental hits: a candidate whose id equals ``y_t`` (other than column 0) is a copy of the
     positive, not a negative, and its logit is set to -inf: the in-batch diagonal (j = t),
@@ -329,7 +332,8 @@ def log_sampling_probability(counts: Tensor, num_items: int) -> Tensor:
     counts = torch.as_tensor(counts).detach().reshape(-1).to(torch.float64)
     if counts.shape != (num_items + 1,):
         raise ValueError(
-            f"counts: expected shape ({num_items + 1},) (index 0 = padding), got {tuple(counts.shape)}"
+            f"counts: expected shape ({num_items + 1},) (index 0 = padding), "
+            f"got {tuple(counts.shape)}"
         )
     if not torch.isfinite(counts).all() or (counts < 0).any():
         raise ValueError("counts: must be finite and >= 0")

@@ -121,7 +121,8 @@ class ItemTower(nn.Module):
         self.mlp = _mlp(self.in_dim, mlp, out_dim)
 
     def forward(self, id_emb: Tensor, feature_emb: Tensor, dense: Tensor) -> Tensor:
-        """(n, dim), (n, feature_dim * item features), (n, item numeric) -> (n, out_dim), unit rows."""
+        """(n, dim), (n, feature_dim * item features), (n, item numeric) -> (n, out_dim), unit
+        rows."""
         x = torch.cat([id_emb, feature_emb, dense.to(id_emb.dtype)], dim=1)
         return F.normalize(self.mlp(x), dim=-1)
 

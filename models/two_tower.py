@@ -5,8 +5,8 @@
 - **User tower**: position-aware pooling of the user's recent history (the last ``history_len``
   items, looked up in the *same* item table) + optional user id embedding (optionally hashed)
   + pooled user categorical features (+ numeric features) -> MLP -> L2 norm.
-- **Loss**: sampled softmax (``recforge.models.losses.sampled_softmax``) over in-batch negatives (the
-  other rows' targets) and optional uniform negatives shared by the batch (mixed negative
+- **Loss**: sampled softmax (``recforge.models.losses.sampled_softmax``) over in-batch negatives
+  (the other rows' targets) and optional uniform negatives shared by the batch (mixed negative
   sampling), at a temperature, with logQ (sampling-bias) correction from item frequencies and
   accidental-hit masking.
 
@@ -91,8 +91,8 @@ class TwoTowerConfig:
     decay: float = 0.8
     """Recency decay of ``exp_decay`` and the initial weights of ``learned`` (in (0, 1])."""
     pooling_heads: int = 1
-    """``learned``: independent position weightings, concatenated (head k starts at ``decay ** (1 / 2^k)``,
-    so later heads look further back)."""
+    """``learned``: independent position weightings, concatenated (head k starts at
+    ``decay ** (1 / 2^k)``, so later heads look further back)."""
     use_user_id: bool = False
     """Add a user id embedding to the user tower."""
     user_id_dim: int = 32
@@ -115,7 +115,8 @@ class TwoTowerConfig:
     """Item categorical/list features used (KJT key ``item_<name>``) -> table rows. Filled from
     the data by the training module (after its ``item_features`` selection)."""
     user_feature_cardinalities: dict[str, int] = field(default_factory=dict)
-    """User categorical features used (KJT key ``user_<name>``) -> table rows. Filled from the data."""
+    """User categorical features used (KJT key ``user_<name>``) -> table rows. Filled from the
+    data."""
     item_numeric_features: list[str] = field(default_factory=list)
     """Item numeric features used (columns of the item dense buffer). Filled from the data."""
     user_numeric_features: list[str] = field(default_factory=list)
@@ -298,7 +299,7 @@ class TwoTower(ItemTableModel):
             persistent=False,
         )
 
-    # ----------------------------------------------------------------------------- data-derived state
+    # --------------------------------------------------------------------------- data-derived state
 
     def set_item_features(
         self, sparse: Mapping[str, tuple[Any, Any]], dense: Any | None = None
@@ -308,7 +309,8 @@ class TwoTower(ItemTableModel):
         Args:
             sparse: per item feature of the config, ``(offsets (N + 2,), codes)``: the codes of item
                 ``i`` are ``codes[offsets[i]:offsets[i + 1]]`` (the layout of
-                ``recforge.data.loader.FeatureTable.sparse_columns``); codes lie in ``[0, cardinality)``.
+                ``recforge.data.loader.FeatureTable.sparse_columns``); codes lie in
+                ``[0, cardinality)``.
             dense: (N + 1, len(item_numeric_features)) raw numeric features; stored as
                 standardised ``signed_log1p`` values (statistics over rows 1..N).
         """
@@ -481,7 +483,8 @@ class TwoTower(ItemTableModel):
         )
         if history_emb.shape[0] != int(mask.sum()):
             raise ValueError(
-                f"history: rows longer than history_len={c.history_len} (lengths {lengths.tolist()})"
+                f"history: rows longer than history_len={c.history_len} "
+                f"(lengths {lengths.tolist()})"
             )
         return pad_ragged(history_emb, mask)
 
@@ -574,7 +577,8 @@ class TwoTower(ItemTableModel):
         return loss, stats
 
     def item_vectors(self, item_ids: Tensor) -> Tensor:
-        """Item vectors (n, out_dim) of any item ids (one item-table and one feature-table lookup)."""
+        """Item vectors (n, out_dim) of any item ids (one item-table and one feature-table
+        lookup)."""
         item_ids = item_ids.reshape(-1).to(torch.int64)
         empty = JaggedTensor(
             values=torch.zeros(0, dtype=torch.int64, device=item_ids.device),
@@ -587,7 +591,8 @@ class TwoTower(ItemTableModel):
         )
 
     def user_vectors(self, features: KeyedJaggedTensor, user_dense: Tensor | None = None) -> Tensor:
-        """User vectors (B, out_dim) from the batch KJT (one item-table and one feature-table lookup)."""
+        """User vectors (B, out_dim) from the batch KJT (one item-table and one feature-table
+        lookup)."""
         d, b = self._parse(features, need_target=False)
         emb = self._item_lookup(d["history"], None, torch.zeros(0, dtype=torch.int64), b)
         _, user_feat = self._feature_lookup(

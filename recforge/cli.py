@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ef-search",
         type=int,
         default=512,
-        help="HNSW search breadth: higher raises recall and latency (see benchmarks/serve_latency.py)",
+        help=(
+            "HNSW search breadth: higher raises recall and latency "
+            "(see benchmarks/serve_latency.py)"
+        ),
     )
     serve.add_argument("--model-name", default="recforge", help="name on the KServe v2 routes")
     serve.add_argument(

@@ -35,7 +35,8 @@ def run_demo(workdir: str) -> int:
         overwrite=True,
     )
     print(
-        f"      {summary['interactions']} interactions, {summary['users']} users, {summary['items']} items"
+        f"      {summary['interactions']} interactions, {summary['users']} users, "
+        f"{summary['items']} items"
     )
 
     print(f"[2/6] preparing -> {prepared_dir}")
@@ -52,7 +53,8 @@ def run_demo(workdir: str) -> int:
         )
     )
     print(
-        f"      {manifest['users']} users, {manifest['items']} items, {manifest['interactions']} interactions; "
+        f"      {manifest['users']} users, {manifest['items']} items, "
+        f"{manifest['interactions']} interactions; "
         f"removed {json.dumps(manifest['rows_removed'])}"
     )
 
@@ -71,7 +73,8 @@ def run_demo(workdir: str) -> int:
         for key, value in batch.items():
             if hasattr(value, "keys") and callable(value.keys) and not isinstance(value, dict):
                 print(
-                    f"        {key}: KeyedJaggedTensor keys={value.keys()} lengths={value.lengths().tolist()}"
+                    f"        {key}: KeyedJaggedTensor keys={value.keys()} "
+                    f"lengths={value.lengths().tolist()}"
                 )
             elif hasattr(value, "shape"):
                 print(f"        {key}: {tuple(value.shape)} {value.dtype}")
@@ -121,7 +124,8 @@ def run_demo(workdir: str) -> int:
         metrics = _test_metrics(root / "runs")
         print(
             f"      {name}: {time.perf_counter() - start:.0f} s, test ndcg@10 (filtered) "
-            f"{metrics.get('ndcg@10_filtered', float('nan')):.3f}, hr@10 {metrics.get('hr@10_filtered', float('nan')):.3f}"
+            f"{metrics.get('ndcg@10_filtered', float('nan')):.3f}, "
+            f"hr@10 {metrics.get('hr@10_filtered', float('nan')):.3f}"
         )
 
     print(

@@ -3,7 +3,8 @@
 faiss (Meta, actively released, CPU wheels on PyPI) over hnswlib (last release 2023): same HNSW
 algorithm, plus exact and IVF indexes behind one API if a catalogue outgrows HNSW's memory.
 OpenMP is pinned to one thread before faiss loads: on 2 cores its default pool is erratic inside
-a server thread (0.3–20 ms per query, docs/architecture.md §11), and the server parallelises across requests.
+a server thread (0.3–20 ms per query, docs/architecture.md §11), and the server parallelises
+across requests.
 
 efSearch is 512 by default (``recforge serve --ef-search``). On 1M random unit vectors in 64-D,
 the hard case for any graph index, recall@10 against exact search was 0.51 at efSearch 128

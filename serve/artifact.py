@@ -15,8 +15,9 @@ __all__ = ["ArtifactError", "read_verified_manifest", "resolve_source"]
 
 
 def resolve_source(source: str, tracking_uri: str | None = None) -> Path:
-    """A local artifact dir for ``source``: a path, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``
-    (downloaded from the run artifact that recforge registered), or ``runs:/RUN/export``."""
+    """A local artifact dir for ``source``: a path, or ``models:/NAME@ALIAS`` /
+    ``models:/NAME/VERSION`` (downloaded from the run artifact that recforge registered), or
+    ``runs:/RUN/export``."""
     if source.startswith(("models:/", "runs:/")):
         import mlflow
 

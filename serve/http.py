@@ -1,4 +1,5 @@
-"""`recforge serve`: the HTTP service over :class:`recforge.serve.recommender.Recommender` (docs/architecture.md §10).
+"""`recforge serve`: the HTTP service over :class:`recforge.serve.recommender.Recommender`
+(docs/architecture.md §10).
 
 Routes: ``POST /v1/recommend``, ``POST /v1/recommend:batch``, ``GET /healthz``, ``GET /v1/model``
 (the manifest), ``POST /v1/admin/reload`` (also on SIGHUP), OpenAPI docs at ``/docs``, and the
@@ -16,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -28,10 +29,8 @@ from recforge.serve.recommender import MAX_K, Recommender, RequestError, Unknown
 
 log = logging.getLogger(__name__)
 
-ItemId = Union[StrictInt, StrictStr]
-FeatureValue = Union[
-    StrictStr, StrictInt, StrictFloat, StrictBool, list[StrictStr | StrictInt]
-]
+ItemId = StrictInt | StrictStr
+FeatureValue = StrictStr | StrictInt | StrictFloat | StrictBool | list[StrictStr | StrictInt]
 MAX_BATCH = 256
 MAX_HISTORY = 10_000
 
@@ -55,8 +54,8 @@ class RecommendRequest(BaseModel):
         None,
         max_length=256,
         description="two-tower models with user features: raw values by feature name "
-        "(one value per categorical feature, a list per list feature, a number per numeric one), e.g. for a "
-        "new user; unknown values are treated as missing and reported",
+        "(one value per categorical feature, a list per list feature, a number per numeric one), "
+        "e.g. for a new user; unknown values are treated as missing and reported",
     )
 
 

@@ -1,10 +1,12 @@
-"""`Recommender`: recommendations from an exported artifact, on CPU, without torch (docs/architecture.md §10).
+"""`Recommender`: recommendations from an exported artifact, on CPU, without torch
+(docs/architecture.md §10).
 
 Both model kinds serve the same way: the ONNX user encoder (SASRec, or the two-tower user tower,
-which also reads the known user's index and features from ``users.parquet``) runs in onnxruntime; items are scored by a matrix product with
-``item_embeddings.npy`` (exact top-k), or through a faiss HNSW index (inner product) for large
-catalogues. History items are original item ids; unknown ones are skipped and reported. A
-request whose history has no usable item gets the most-popular items, marked ``fallback``.
+which also reads the known user's index and features from ``users.parquet``) runs in
+onnxruntime; items are scored by a matrix product with ``item_embeddings.npy`` (exact top-k), or
+through a faiss HNSW index (inner product) for large catalogues. History items are original item
+ids; unknown ones are skipped and reported. A request whose history has no usable item gets the
+most-popular items, marked ``fallback``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ EXACT_LIMIT = 200_000
 
 
 class RequestError(ValueError):
-    """A request that cannot be answered as asked (bad k, nothing to go on, ...): a 4xx, never a 500."""
+    """A request that cannot be answered as asked (bad k, nothing to go on, ...): a 4xx, never a
+    500."""
 
 
 class UnknownUserError(RequestError):
@@ -143,7 +146,8 @@ class Recommender:
         ef_search: int = 512,
         tracking_uri: str | None = None,
     ) -> Recommender:
-        """Load a directory, ``models:/NAME@ALIAS`` or ``runs:/RUN/export``; verifies every sha256."""
+        """Load a directory, ``models:/NAME@ALIAS`` or ``runs:/RUN/export``; verifies every
+        sha256."""
         if index not in ("auto", "exact", "hnsw"):
             raise ValueError(f"index={index!r}: expected 'auto', 'exact' or 'hnsw'")
         if ef_search < 1:
@@ -270,7 +274,7 @@ class Recommender:
             exact = top_k_rows(scores, max(parsed[j][0] for j in with_history))
         out: list[Recommendation] = []
         row = {j: r for r, j in enumerate(with_history)}
-        for j, (k, indexes, unknown, excluded, _, unknown_features, encoded) in enumerate(parsed):
+        for j, (k, _indexes, unknown, excluded, _, unknown_features, encoded) in enumerate(parsed):
             if not encoded:
                 positions = list(
                     itertools.islice((p for p in self.popular if p + 1 not in excluded), k)

@@ -37,7 +37,8 @@ def shared_data() -> Path:
 @pytest.fixture(autouse=True)
 def hermetic_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs go to a sqlite store in each test's working directory, never to a server from the
-    environment; and ``mlflow.set_tracking_uri`` (which writes os.environ) cannot leak between tests."""
+    environment; and ``mlflow.set_tracking_uri`` (which writes os.environ) cannot leak between
+    tests."""
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         # setenv first, so that teardown deletes a value a test's mlflow.set_tracking_uri() wrote.
         monkeypatch.setenv(name, "unset")

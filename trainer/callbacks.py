@@ -1,5 +1,6 @@
 """Training callbacks: throughput (samples/s, tokens/s) per epoch and on the progress bar; a
-``last.ckpt`` written after every validation; early stopping whose patience can be raised on resume."""
+``last.ckpt`` written after every validation; early stopping whose patience can be raised on
+resume."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class ThroughputMonitor(L.Callback):
-    """Logs ``train/samples_per_sec`` and ``train/tokens_per_sec`` per epoch (summed over ranks), and
-    shows samples/s on the progress bar.
+    """Logs ``train/samples_per_sec`` and ``train/tokens_per_sec`` per epoch (summed over ranks),
+    and shows samples/s on the progress bar.
 
     A sample is a real training example (filler rows with weight 0 do not count); a token is a
     position with a next-item target (SASRec) or a history item (two-tower).

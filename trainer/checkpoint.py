@@ -118,17 +118,19 @@ def check_plan(
     diffs = []
     if saved_world != current_world:
         diffs.append(f"world size {saved_world} -> {current_world}")
+
+    def desc(p: dict[str, Any] | None) -> str:
+        return "absent" if p is None else f"{p['sharding_type']} on ranks {p['ranks']}"
+
     for table in sorted(set(saved) | set(current)):
         a, b = saved.get(table), current.get(table)
         if a != b:
-            desc = lambda p: (
-                "absent" if p is None else f"{p['sharding_type']} on ranks {p['ranks']}"
-            )  # noqa: E731
             diffs.append(f"table {table}: {desc(a)} -> {desc(b)}")
     raise CheckpointError(
-        f"checkpoint {path} was written under another sharding plan ({'; '.join(diffs)}). The fused optimizer "
-        "state is laid out per sharding type, so training cannot resume under a new plan: resume with the same "
-        "devices and sharding config, or start a new run from these weights (validate/test reshard freely)"
+        f"checkpoint {path} was written under another sharding plan ({'; '.join(diffs)}). "
+        "The fused optimizer state is laid out per sharding type, so training cannot resume "
+        "under a new plan: resume with the same devices and sharding config, or start a new run "
+        "from these weights (validate/test reshard freely)"
     )
 
 

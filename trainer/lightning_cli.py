@@ -1,8 +1,9 @@
 """`recforge fit | validate | test`: LightningCLI over the recforge modules and DataModule.
 
-Beyond Lightning's own sections, a config has ``mlflow:`` (:class:`recforge.trainer.tracking.logger.TrackingConfig`:
-every run is tracked unless ``enabled: false``) and ``test_after_fit`` (``fit`` then tests the
-best checkpoint, so the run holds its test metrics and evaluation report).
+Beyond Lightning's own sections, a config has ``mlflow:``
+(:class:`recforge.trainer.tracking.logger.TrackingConfig`: every run is tracked unless
+``enabled: false``) and ``test_after_fit`` (``fit`` then tests the best checkpoint, so the run
+holds its test metrics and evaluation report).
 
 Each value is set once. What every run wants is a default here rather than a block repeated in
 every YAML: the CSV logger, and the callbacks as their own sections (``checkpoint:``,
@@ -58,7 +59,8 @@ DATA_LINKS = ("batch_format", "max_len", "history_len")
 
 
 class RecforgeCLI(LightningCLI):
-    """LightningCLI with recforge's defaults: the TorchRec strategy, the SequenceDataModule, MLflow."""
+    """LightningCLI with recforge's defaults: the TorchRec strategy, the SequenceDataModule,
+    MLflow."""
 
     post_fit_callbacks: tuple[type[Callback], ...] = ()
     """Callbacks added to every trainer that also act once ``fit`` and its test are done, through
@@ -66,7 +68,9 @@ class RecforgeCLI(LightningCLI):
     registration live above training, which must not import them)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(TrackingConfig, "mlflow", help="MLflow tracking (docs/architecture.md §8)")
+        parser.add_class_arguments(
+            TrackingConfig, "mlflow", help="MLflow tracking (docs/architecture.md §8)"
+        )
         parser.add_argument(
             "--test_after_fit",
             type=bool,

@@ -1,8 +1,8 @@
 """What every recforge LightningModule shares: a network built on the meta device and sharded by
 TorchRec in ``configure_model``, the fused embedding optimizer, the state-dict API the
 :class:`~trainer.strategy.TorchRecStrategy` checkpoints through, per-step reseeding, and
-full-ranking evaluation (docs/architecture.md §5, §7). Subclasses say how to build the network, compute the
-training loss and score a batch against the catalog.
+full-ranking evaluation (docs/architecture.md §5, §7). Subclasses say how to build the network,
+compute the training loss and score a batch against the catalog.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         self.last_evaluation: dict[str, Any] | None = None
         """Metrics and segment table of the last test epoch (for reports)."""
 
-    # --- what the data is linked from (LightningCLI ``link_arguments``, applied on instantiation) ---
+    # --- what the data is linked from (LightningCLI ``link_arguments``, applied on instantiation)
 
     @property
     def family(self) -> ModelFamily:
@@ -126,7 +126,8 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
     def prepare_evaluation(self) -> None:
         """Called on every rank at the start of each validation/test epoch, in eval mode and without
         gradients, before any :meth:`score_batch` (e.g. to embed the catalogue once per epoch).
-        Lookups in sharded tables are collectives: every rank must make the same calls. No-op here."""
+        Lookups in sharded tables are collectives: every rank must make the same calls. No-op
+        here."""
 
     def finish_evaluation(self) -> None:
         """Called on every rank at the end of each validation/test epoch (release what
@@ -263,7 +264,8 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         return metrics
 
     def _out_dir(self) -> Path:
-        """The run's log directory. ``trainer.log_dir`` broadcasts from rank 0: call it on every rank."""
+        """The run's log directory. ``trainer.log_dir`` broadcasts from rank 0: call it on every
+        rank."""
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         return out

@@ -17,7 +17,8 @@ from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig
 
 
 class SASRecModule(ShardedRecommenderModule):
-    """Trains :class:`recforge.models.sasrec.SASRec`; the network is built and sharded in ``configure_model``."""
+    """Trains :class:`recforge.models.sasrec.SASRec`; the network is built and sharded in
+    ``configure_model``."""
 
     def __init__(
         self,

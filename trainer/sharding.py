@@ -1,4 +1,5 @@
-"""Planning and applying TorchRec sharding, and the fused embedding optimizer (docs/architecture.md §5)."""
+"""Planning and applying TorchRec sharding, and the fused embedding optimizer
+(docs/architecture.md §5)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class ShardingConfig:
         for table, kind in self.sharding_types.items():
             if kind not in SHARDING_TYPES:
                 raise ValueError(
-                    f"sharding.sharding_types.{table}: {kind!r}; expected one of {', '.join(SHARDING_TYPES)}"
+                    f"sharding.sharding_types.{table}: {kind!r}; "
+                    f"expected one of {', '.join(SHARDING_TYPES)}"
                 )
 
 
@@ -54,7 +56,8 @@ class EmbeddingOptimizerConfig:
     def __post_init__(self) -> None:
         if self.name not in EMBEDDING_OPTIMIZERS:
             raise ValueError(
-                f"embedding_optimizer.name: {self.name!r}; expected one of {', '.join(EMBEDDING_OPTIMIZERS)}"
+                f"embedding_optimizer.name: {self.name!r}; "
+                f"expected one of {', '.join(EMBEDDING_OPTIMIZERS)}"
             )
         if self.lr <= 0:
             raise ValueError(f"embedding_optimizer.lr: must be > 0, got {self.lr}")
@@ -90,7 +93,8 @@ class EmbeddingOptimizerConfig:
 def shard(
     model: nn.Module, config: ShardingConfig, device: torch.device, local_world_size: int
 ) -> tuple[nn.Module, Any]:
-    """Plan over the real topology (collectively) and wrap ``model`` in ``DistributedModelParallel``."""
+    """Plan over the real topology (collectively) and wrap ``model`` in
+    ``DistributedModelParallel``."""
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -127,7 +131,8 @@ def _check_constraints_met(plan: Any, config: ShardingConfig) -> None:
 
 
 def plan_summary(plan: Any) -> dict[str, dict[str, Any]]:
-    """Per table: module path, sharding type, compute kernel, ranks and shards (offsets, sizes, rank)."""
+    """Per table: module path, sharding type, compute kernel, ranks and shards (offsets, sizes,
+    rank)."""
     out: dict[str, dict[str, Any]] = {}
     for module_path, module_plan in plan.plan.items():
         for table, ps in module_plan.items():

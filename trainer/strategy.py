@@ -6,7 +6,8 @@ that it never wraps the model in DDP: the LightningModule wraps its network in T
 itself. Checkpoints are sharded directories (:mod:`recforge.trainer.checkpoint`).
 
 The LightningModule must provide ``sharded_state_dict()``, ``load_sharded_state_dict(state)``,
-``fused_optimizer`` and ``sharding_plan()`` (see :class:`recforge.trainer.sasrec_module.SASRecModule`).
+``fused_optimizer`` and ``sharding_plan()`` (see
+:class:`recforge.trainer.sasrec_module.SASRecModule`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class TorchRecStrategy(DDPStrategy):
         Args:
             process_group_backend: ``gloo`` or ``nccl``; default: nccl on CUDA, gloo on CPU.
             timeout_minutes: collective timeout.
-            start_method: Lightning's launcher start method (``popen`` re-runs the command per rank).
+            start_method: Lightning's launcher start method (``popen`` re-runs the command per
+                rank).
         """
         super().__init__(
             process_group_backend=process_group_backend,

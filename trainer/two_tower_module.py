@@ -96,7 +96,8 @@ class TwoTowerModule(ShardedRecommenderModule):
                 config = replace(config, **{name: value})
             elif given != value:
                 raise ValueError(
-                    f"model.{name}={given} but the data has {value} (set 0 to take it from the data)"
+                    f"model.{name}={given} but the data has {value} "
+                    "(set 0 to take it from the data)"
                 )
         item_sparse, item_numeric = self._select(
             "item", self.item_features, dm.item_feature_cardinalities, dm.item_numeric_features
@@ -114,7 +115,8 @@ class TwoTowerModule(ShardedRecommenderModule):
             if given and given != value:
                 raise ValueError(
                     f"model.{name}={given!r} disagrees with the data ({value!r}); leave it empty "
-                    f"(it is filled from the data) and select features with item_features/user_features"
+                    "(it is filled from the data) "
+                    "and select features with item_features/user_features"
                 )
             config = replace(config, **{name: value})
         self._user_dense_columns = [dm.user_numeric_features.index(name) for name in user_numeric]

@@ -24,7 +24,8 @@ def run(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProces
 
 @contextmanager
 def serving(source: Path, cwd: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``recforge serve SOURCE`` on a free loopback port: yields (base URL, process); SIGTERM after."""
+    """``recforge serve SOURCE`` on a free loopback port: yields (base URL, process); SIGTERM
+    after."""
     port = free_port()
     proc = subprocess.Popen(
         [RECFORGE, "serve", str(source), "--port", str(port)],

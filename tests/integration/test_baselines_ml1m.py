@@ -1,4 +1,5 @@
-"""Baselines on the SASRec ML-1M file reproduce reference full-ranking numbers (docs/architecture.md §7).
+"""Baselines on the SASRec ML-1M file reproduce reference full-ranking numbers
+(docs/architecture.md §7).
 
 Reference (measured elsewhere with the same protocol, test stage, NDCG@10): most popular
 0.0179 filtered / 0.0079 unfiltered; first-order Markov on the last item 0.126 / 0.107.

@@ -262,11 +262,17 @@ def find_chromium() -> str | None:
 def test_ui_run_page_shows_the_run(server: str, tracked_run: dict, tmp_path: Path) -> None:
     chromium = find_chromium()
     if chromium is None:
-        reason = "Chromium is not installed (.ci/run installs Debian's chromium; apt was unavailable here)"
+        reason = (
+            "Chromium is not installed "
+            "(.ci/run installs Debian's chromium; apt was unavailable here)"
+        )
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     run = tracked_run["runs"][0]
-    url = f"{server}/#/experiments/{tracked_run['experiment']['experiment_id']}/runs/{run['info']['run_id']}"
+    url = (
+        f"{server}/#/experiments/{tracked_run['experiment']['experiment_id']}"
+        f"/runs/{run['info']['run_id']}"
+    )
     flags = [
         "--headless",
         "--no-sandbox",

@@ -1,5 +1,6 @@
-"""recforge.trainer.callbacks: last.ckpt after every validation, and early stopping whose patience a resumed
-run can raise. Real Lightning trainers on a tiny module whose validation metric follows a script."""
+"""recforge.trainer.callbacks: last.ckpt after every validation, and early stopping whose patience
+a resumed run can raise. Real Lightning trainers on a tiny module whose validation metric follows
+a script."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def test_last_is_written_after_every_validation_and_patience_can_be_raised_on_re
     assert _epoch(tmp_path / "last.ckpt") == 3
 
     # Resumed with patience 4: the counters go on from the checkpoint (2 without improvement), so
-    # it stops after 2 more validations (epochs 4, 5), as an uninterrupted run with patience 4 would.
+    # it stops after 2 more validations (epochs 4, 5), as an uninterrupted run with patience 4
+    # would.
     # Lightning's EarlyStopping would restore patience 2 and stop again after epoch 4.
     resumed, checkpoint = _fit(tmp_path, patience=4, ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.early_stopping_callback.patience == 4

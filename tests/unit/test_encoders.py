@@ -1,6 +1,6 @@
-"""recforge.trainer.export.encoders: the padded-tensor user encoders compute what the TorchRec models compute
-(two-tower with hashed user ids, list and numeric user features; SASRec), and export to ONNX
-with dynamic batch, length and feature widths that onnxruntime reproduces."""
+"""recforge.trainer.export.encoders: the padded-tensor user encoders compute what the TorchRec
+models compute (two-tower with hashed user ids, list and numeric user features; SASRec), and
+export to ONNX with dynamic batch, length and feature widths that onnxruntime reproduces."""
 
 from __future__ import annotations
 

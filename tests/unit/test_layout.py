@@ -36,24 +36,17 @@ def _sources() -> list[Path]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds.
+    source = out / "source"
+    for folder in LAYERS:
+        shutil.copytree(
+            REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     # No build isolation: setuptools is already in the environment and the build stays offline.
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "--disable-pip-version-check",
-            str(REPO),
-            "-w",
-            str(out),
-        ],
-        check=True,
-        cwd=out,
-    )
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*pip, "--disable-pip-version-check", str(source), "-w", str(out)], check=True)
     (path,) = out.glob("recforge-*.whl")
     return zipfile.ZipFile(path)
 

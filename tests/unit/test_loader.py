@@ -451,7 +451,8 @@ def test_time_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         dm = SequenceDataModule(str(directory), batch_size=4, eval_batch_size=4, max_len=3)
         dm.setup("fit")
     assert (
-        "train (sequence batches): 1 examples from 3 users; 2 users have none: 1 no interaction in the training part; "
+        "train (sequence batches): 1 examples from 3 users; "
+        "2 users have none: 1 no interaction in the training part; "
         "1 training part shorter than 2 items (sequence batches)" in caplog.text
     )
     train = next(iter(dm.train_dataloader()))
@@ -568,7 +569,8 @@ class _DDPRecorder(pl.LightningModule):
 
 @pytest.mark.slow  # ~35 s on 2 cores: each spawned rank imports torch, TorchRec and Lightning
 def test_ddp_two_ranks_two_workers_through_lightning(random_dir, tmp_path: Path) -> None:
-    """Real DDP (gloo, 2 processes): Lightning keeps the sampler, calls set_epoch, ranks stay in step."""
+    """Real DDP (gloo, 2 processes): Lightning keeps the sampler, calls set_epoch, ranks stay in
+    step."""
     directory, sequences = random_dir
     dm = SequenceDataModule(
         str(directory),

@@ -36,7 +36,7 @@ def test_full_softmax_ce_hand_computed() -> None:
     for q, y in zip(Q, target):
         logits = [_dot(q, e) / tau for e in CATALOG]
         expected_rows.append(_lse(logits) - logits[y])
-    expected = sum(w * l for w, l in zip(weight, expected_rows)) / sum(weight)
+    expected = sum(w * loss for w, loss in zip(weight, expected_rows)) / sum(weight)
     got = full_softmax_ce(
         torch.tensor(Q),
         torch.tensor(CATALOG),

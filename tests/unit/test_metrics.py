@@ -32,7 +32,8 @@ def _batch(rows: list[tuple[list[float], int, list[int], float]]) -> dict[str, t
 
 # Row 0: item 4 ties item 2 (0.5); item 2 has the smaller index, so unfiltered rank 1. The user saw
 # 2 and 4 (4 twice) before; filtering removes 2 but keeps the target 4 -> rank 0.
-# Row 1: target 5 is 5th (rank 4); seen 1 and 3 removed -> rank 2. The padding column scores highest.
+# Row 1: target 5 is 5th (rank 4); seen 1 and 3 removed -> rank 2. The padding column scores
+# highest.
 # Row 2: a filler (weight 0) that would be a perfect hit.
 HAND = [
     ([100.0, 0.1, 0.5, 0.3, 0.5, 0.2], 4, [2, 4, 4], 1.0),
@@ -58,7 +59,8 @@ def test_hand_computed() -> None:
         "ndcg@1_filtered": 0.5,
         "ndcg@3_filtered": (1 + 0.5) / 2,
         "mrr_filtered": (1 + 1 / 3) / 2,
-        # Filtered lists: row 0 -> 4, 3, 5 ; row 1 -> 2, 4, 5 (the filler's item 3 at top-1 is not counted).
+        # Filtered lists: row 0 -> 4, 3, 5 ; row 1 -> 2, 4, 5 (the filler's item 3 at top-1 is not
+        # counted).
         "coverage@1": 2 / 5,
         "coverage@3": 4 / 5,
         "popularity@1": (40 + 20) / 2,
@@ -301,7 +303,8 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             filler = {**ex, "weight": np.zeros_like(ex["weight"])}
             _update(ev, filler, slice(0, 1))
         metrics = ev.compute()
-        # Rank 0 alone asks for the table, as a logger would: must reuse compute(), not reduce again.
+        # Rank 0 alone asks for the table, as a logger would: must reuse compute(), not reduce
+        # again.
         table = ev.segment_table() if rank == 0 else []
         Path(out_dir, f"rank{rank}.json").write_text(
             json.dumps({"metrics": metrics, "table": table})

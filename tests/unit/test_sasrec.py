@@ -1,4 +1,5 @@
-"""recforge.models.sasrec: padding, causality, one lookup per step, scoring, and a tiny model that learns."""
+"""recforge.models.sasrec: padding, causality, one lookup per step, scoring, and a tiny model that
+learns."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def test_table_layout_and_meta_device() -> None:
     assert cfg.feature_names == ["history", "target", "candidates"] and cfg.num_embeddings == N + 1
 
 
-# --------------------------------------------------------------------------------- padding, causality
+# ------------------------------------------------------------------------------- padding, causality
 
 
 def test_padding_never_leaks_into_real_positions() -> None:
@@ -219,7 +220,7 @@ def test_causality_later_items_do_not_change_earlier_states() -> None:
         assert (hidden[:, k:] - base[:, k:]).abs().amax(-1).min() > 1e-4
 
 
-# --------------------------------------------------------------------------------- one lookup, gradients
+# ---------------------------------------------------------------------------- one lookup, gradients
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -1,4 +1,5 @@
-"""recforge.serve.topk: the blocked top-k equals a stable full sort, with ties, -inf and short last blocks."""
+"""recforge.serve.topk: the blocked top-k equals a stable full sort, with ties, -inf and short last
+blocks."""
 
 from __future__ import annotations
 

@@ -277,7 +277,8 @@ def _manual_loss(
     model: TwoTower, batch: KeyedJaggedTensor, targets: list[int], negatives: list[int], logq: bool
 ) -> torch.Tensor:
     """The sampled softmax written out: each row's candidates are its positive, the *other* items
-    among the batch's targets and the negatives (accidental hits left out), logits cos / tau - log Q."""
+    among the batch's targets and the negatives (accidental hits left out), logits
+    cos / tau - log Q."""
     c = model.config
     users = model.user_vectors(batch)
     b, m = len(targets), len(negatives)

@@ -198,7 +198,8 @@ def evaluate_baseline(
     batch_size: int = 1024,
     ks: Sequence[int] = (10, 20, 100),
 ) -> dict[str, float]:
-    """Metrics of one baseline on one stage (names as in :mod:`recforge.trainer.evaluation.metrics`)."""
+    """Metrics of one baseline on one stage (names as in
+    :mod:`recforge.trainer.evaluation.metrics`)."""
     return run_baseline(data_dir, name, stage, batch_size, ks).compute()
 
 
@@ -245,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluator = run_baseline(args.data_dir, name, args.stage, args.batch_size, args.ks)
         metrics = results[name] = evaluator.compute()
         print(
-            f"{name}, {args.stage} stage: {metrics['count']:.0f} examples in {time.perf_counter() - started:.1f} s; "
-            f"by history length (filtered):"
+            f"{name}, {args.stage} stage: {metrics['count']:.0f} examples "
+            f"in {time.perf_counter() - started:.1f} s; by history length (filtered):"
         )
         for row in evaluator.segment_table(metrics):
             cells = "  ".join(

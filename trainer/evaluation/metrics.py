@@ -1,4 +1,5 @@
-"""Full-ranking evaluation (docs/architecture.md §7): a batch-by-batch accumulator, correct across ranks.
+"""Full-ranking evaluation (docs/architecture.md §7): a batch-by-batch accumulator, correct across
+ranks.
 
 Protocol. Each example is one user with one held-out ``target`` item and the user's whole
 history before it (``seen``). The model scores every item: a ``(B, N + 1)`` matrix whose column
@@ -98,8 +99,9 @@ class RankingEvaluator:
     """Accumulates full-ranking metrics over batches; see the module docstring for definitions.
 
     ``item_popularity``: ``(N + 1,)`` training interaction count per item (entry 0 ignored), used
-    for the ``popularity@K`` metrics (``None``: all zero). ``segments``: ascending upper bounds of the history-length
-    segments. ``device``: where the state lives (``cuda`` for NCCL, ``cpu`` for gloo).
+    for the ``popularity@K`` metrics (``None``: all zero). ``segments``: ascending upper bounds of
+    the history-length segments. ``device``: where the state lives (``cuda`` for NCCL, ``cpu`` for
+    gloo).
     """
 
     def __init__(

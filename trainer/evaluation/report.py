@@ -1,4 +1,5 @@
-"""The evaluation report of a test run: a Markdown table and two PNG plots (docs/architecture.md §7, §8).
+"""The evaluation report of a test run: a Markdown table and two PNG plots (docs/architecture.md
+§7, §8).
 
 Files, written into one directory: ``report.md`` (every metric, and the per-segment table),
 ``metrics.json``, ``segments.csv``, ``segments.png`` (filtered HR/NDCG by history length, with
@@ -63,7 +64,8 @@ def _markdown(
     for name in [f"{m}@{k}" for m in ("hr", "ndcg") for k in ks] + ["mrr"]:
         if name in metrics:
             lines.append(
-                f"| {name} | {metrics[name]:.4f} | {metrics.get(name + '_filtered', float('nan')):.4f} |"
+                f"| {name} | {metrics[name]:.4f} | "
+                f"{metrics.get(name + '_filtered', float('nan')):.4f} |"
             )
     lines += [
         "",

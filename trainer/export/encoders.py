@@ -1,4 +1,5 @@
-"""The ONNX-exportable faces of the models: user encoders on padded tensors (docs/architecture.md §9, §11).
+"""The ONNX-exportable faces of the models: user encoders on padded tensors (docs/architecture.md
+§9, §11).
 
 TorchRec's KeyedJaggedTensor does not export, so each encoder copies the unsharded tables into
 plain ``nn.Embedding`` modules and takes right-padded dense tensors. Each encoder also says how
@@ -167,8 +168,8 @@ class TwoTowerUserEncoder(nn.Module):
                 "shape": ["batch", "length"],
                 "range": [0, c.num_items],
                 "max_width": c.history_len,
-                "doc": f"recent history item indexes 1..{c.num_items}, oldest first, right-padded with 0, "
-                f"length <= {c.history_len}",
+                "doc": f"recent history item indexes 1..{c.num_items}, oldest first, "
+                f"right-padded with 0, length <= {c.history_len}",
             }
         ]
         if c.use_user_id:
@@ -190,7 +191,8 @@ class TwoTowerUserEncoder(nn.Module):
                     "shape": ["batch", f"{key}_width"],
                     "range": [-1, card - 1],
                     "max_width": 1024,
-                    "doc": f"codes 0..{card - 1} of user feature {key[len('user_') :]!r}, right-padded with -1",
+                    "doc": f"codes 0..{card - 1} of user feature {key[len('user_') :]!r}, "
+                    "right-padded with -1",
                 }
             )
         if c.user_numeric_features:

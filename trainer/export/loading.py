@@ -1,4 +1,5 @@
-"""Reading a recforge checkpoint into a plain, unsharded CPU network for export (docs/architecture.md §9).
+"""Reading a recforge checkpoint into a plain, unsharded CPU network for export
+(docs/architecture.md §9).
 
 The sharded checkpoint is read with ``torch.distributed.checkpoint`` (DCP reshards any layout
 into full tensors) into the network that the checkpoint's LightningModule builds from its

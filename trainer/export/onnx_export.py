@@ -1,9 +1,9 @@
 """`recforge export`: a checkpoint (or an MLflow run's best checkpoint) -> an ONNX artifact dir.
 
-docs/architecture.md §9. The checkpoint is read into a plain CPU network (:mod:`.loading`), wrapped in its
-family's user encoder (:mod:`.encoders`) and exported to ONNX (:mod:`.writing`); the graph must
-pass the parity gate (:mod:`.parity`) and, with ``--quantize int8``, the int8 graph must keep
-``--min-recall`` (:mod:`.quantize`). The artifact directory (the contract is
+docs/architecture.md §9. The checkpoint is read into a plain CPU network (:mod:`.loading`),
+wrapped in its family's user encoder (:mod:`.encoders`) and exported to ONNX (:mod:`.writing`);
+the graph must pass the parity gate (:mod:`.parity`) and, with ``--quantize int8``, the int8 graph
+must keep ``--min-recall`` (:mod:`.quantize`). The artifact directory (the contract is
 :mod:`recforge.artifact`; written to a temp dir, then renamed):
 
 - ``model.onnx``: the user encoder. SASRec: ``item_ids`` (B, L) int64, right-padded with 0 ->

@@ -1,10 +1,11 @@
-"""MLflow tracking (docs/architecture.md §8): where runs go, and a Lightning logger that never stops training.
+"""MLflow tracking (docs/architecture.md §8): where runs go, and a Lightning logger that never
+stops training.
 
 :class:`TrackingConfig` is the ``mlflow:`` section of every ``recforge fit|validate|test``
 config. With no tracking URI anywhere, runs go to an embedded store that needs no server:
 ``sqlite:///mlflow.db`` with artifacts in ``./mlartifacts`` (MLflow 3's file store is in
-maintenance mode and refuses to start, docs/architecture.md §11). An ``http(s)`` server is probed before
-training starts, so a wrong URI is a one-line error rather than minutes of retries.
+maintenance mode and refuses to start, docs/architecture.md §11). An ``http(s)`` server is probed
+before training starts, so a wrong URI is a one-line error rather than minutes of retries.
 
 :class:`MLflowLogger` is Lightning's ``MLFlowLogger`` with two changes: a failing logging
 call is counted and warned about instead of raised (a flaky server must not kill a training
@@ -106,8 +107,9 @@ def resolve_tracking(config: TrackingConfig) -> tuple[str, str | None]:
             return uri, None
         if not config.fallback_to_local:
             raise TrackingError(
-                f"MLflow tracking server {uri} (from {source}) is unreachable: {problem}. Start the server, fix the "
-                "URI, set mlflow.fallback_to_local=true to log locally instead, or mlflow.enabled=false"
+                f"MLflow tracking server {uri} (from {source}) is unreachable: {problem}. "
+                "Start the server, fix the URI, set mlflow.fallback_to_local=true to log locally "
+                "instead, or mlflow.enabled=false"
             )
         log.warning(
             "MLflow tracking server %s is unreachable (%s); logging to the local store %s instead "
@@ -269,7 +271,8 @@ class MLflowLogger(MLFlowLogger):
 
 
 def mlflow_metric_name(key: str) -> str:
-    """MLflow refuses ``@`` in metric names: ``val/ndcg@10_filtered`` -> ``val/ndcg_at_10_filtered``."""
+    """MLflow refuses ``@`` in metric names: ``val/ndcg@10_filtered`` ->
+    ``val/ndcg_at_10_filtered``."""
     return key.replace("@", "_at_")
 
 

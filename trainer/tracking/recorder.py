@@ -1,6 +1,7 @@
 """What a recforge run records in MLflow beyond Lightning's metric stream (docs/architecture.md §8).
 
-:class:`MLflowRecorder` is added by the CLI next to :class:`recforge.trainer.tracking.logger.MLflowLogger`:
+:class:`MLflowRecorder` is added by the CLI next to
+:class:`recforge.trainer.tracking.logger.MLflowLogger`:
 
 - at setup: tags (git commit and dirty flag, recforge/torch/torchrec/lightning versions, device
   kind and count, world size, dataset name and manifest fingerprint, command), the resolved
@@ -70,7 +71,8 @@ def _version(package: str) -> str:
 
 
 class MLflowRecorder(L.Callback):
-    """Tags, config, manifest, plan, evaluation report and checkpoint references (module docstring)."""
+    """Tags, config, manifest, plan, evaluation report and checkpoint references (module
+    docstring)."""
 
     def __init__(
         self,
@@ -240,7 +242,8 @@ def _device_kind(trainer: L.Trainer) -> str:
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c": [{"d": 2}]}`` -> ``{"a.b": 1, "c.0.d": 2}``; ``None`` stays ``None``."""
+    """``{"a": {"b": 1}, "c": [{"d": 2}]}`` -> ``{"a.b": 1, "c.0.d": 2}``; ``None`` stays
+    ``None``."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"

@@ -1,11 +1,11 @@
 """Logging an exported artifact to its MLflow run and registering it (docs/architecture.md §8, §9).
 
 The ONNX graph is logged with ``mlflow.onnx`` (a hand-written ``TensorSpec`` signature with -1
-for the dynamic dims, since an inferred one would fix the example's length — docs/architecture.md §11), the
-other artifact files ride along as its ``extra_files``, and the whole artifact directory is also
-logged as the run's ``export/`` artifacts. The new model version gets the configured alias and a
-``recforge.artifact`` tag naming that directory, which is what ``recforge serve
-models:/NAME@ALIAS`` downloads. Names and tags are the artifact contract's
+for the dynamic dims, since an inferred one would fix the example's length —
+docs/architecture.md §11), the other artifact files ride along as its ``extra_files``, and the
+whole artifact directory is also logged as the run's ``export/`` artifacts. The new model version
+gets the configured alias and a ``recforge.artifact`` tag naming that directory, which is what
+``recforge serve models:/NAME@ALIAS`` downloads. Names and tags are the artifact contract's
 (:mod:`recforge.artifact`).
 """
 
@@ -30,7 +30,8 @@ def log_and_register(
     registered_model_name: str | None,
     alias: str | None = "champion",
 ) -> dict[str, Any]:
-    """Log ``artifact_dir`` to run ``run_id``; register it when a name is given. Returns what was done."""
+    """Log ``artifact_dir`` to run ``run_id``; register it when a name is given. Returns what was
+    done."""
     import mlflow
     import onnx
     from mlflow import MlflowClient
