@@ -100,7 +100,7 @@ def test_every_config_parses(tmp_path: Path) -> None:
     assert configs
     for config in configs:
         proc = run_ok("fit", "--config", str(config), "--print_config", cwd=tmp_path, timeout=120)
-        assert "class_path: trainer." in proc.stdout, config
+        assert "class_path: recforge.trainer." in proc.stdout, config
 
 
 def test_two_processes_shard_the_item_table_row_wise_and_learn(
