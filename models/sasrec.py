@@ -44,7 +44,7 @@ class SASRecConfig:
     yet" (a config file leaving it to the data); resolve it before building :class:`SASRec`."""
     max_len: int = 50
     """Longest input sequence L (number of learned positions)."""
-    position_origin: PositionOrigin = "oldest"
+    position_origin: PositionOrigin = "newest"
     """Where the learned positions count from. ``newest``: position 0 is each sequence's most
     recent item, 1 the one before, ... (what SASRec's left-padded layout gives), so the item that
     predicts the next one has the same position whatever the history length. ``oldest``: position

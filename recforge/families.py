@@ -34,6 +34,10 @@ class ModelFamily:
     """Dotted path of the export wrapper that takes padded tensors."""
     legacy_modules: tuple[str, ...] = ()
     """Class paths under which checkpoints written by earlier versions name the module."""
+    legacy_config: tuple[tuple[str, object], ...] = ()
+    """Model-config fields added since the first release, each with the value that reproduces a
+    checkpoint saved before the field existed (its saved config lacks the key; the field's
+    default may since have changed)."""
 
     def load(self, attribute: str) -> type:
         """The class behind ``model``, ``module`` or ``user_encoder``, imported now."""
@@ -51,6 +55,7 @@ FAMILIES: dict[str, ModelFamily] = {
             batch_format="sequence",
             user_encoder="recforge.trainer.export.encoders.SASRecUserEncoder",
             legacy_modules=("trainer.sasrec_module.SASRecModule",),
+            legacy_config=(("position_origin", "oldest"),),
         ),
         ModelFamily(
             name="two_tower",

@@ -53,7 +53,29 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         proc = run("export", "--checkpoint", str(ckpt), "--out", str(tmp / name), cwd=tmp)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = tmp / name
+        out[f"{name}-ckpt"] = ckpt
     return out
+
+
+def test_checkpoint_saved_before_position_origin_keeps_its_positions(
+    artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    """SASRec's positions count from the newest item by default now; a checkpoint whose saved
+    config has no ``position_origin`` was trained counting from the oldest, and loads so."""
+    import shutil
+
+    import torch
+
+    from recforge.trainer.checkpoint import TRAINER_STATE
+    from recforge.trainer.export.loading import load_checkpoint
+
+    assert load_checkpoint(artifacts["first-ckpt"]).network.config.position_origin == "newest"
+    old = tmp_path / "old.ckpt"
+    shutil.copytree(artifacts["first-ckpt"], old)
+    state = torch.load(old / TRAINER_STATE, map_location="cpu", weights_only=False)
+    del state["hyper_parameters"]["model"]["position_origin"]
+    torch.save(state, old / TRAINER_STATE)
+    assert load_checkpoint(old).network.config.position_origin == "oldest"
 
 
 def test_export_writes_a_verified_artifact_and_passes_parity(artifacts: dict[str, Path]) -> None:

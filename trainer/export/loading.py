@@ -50,6 +50,9 @@ def load_checkpoint(path: str | Path, data_dir: str | None = None) -> LoadedChec
             f"checkpoint {path}: model class {class_path!r} cannot be exported "
             f"(expected one of {[f.module for f in FAMILIES.values()]})"
         ) from None
+    if isinstance(hparams.get("model"), dict):
+        # A saved config without a field that was added later: the value it was trained with.
+        hparams["model"] = {**dict(fam.legacy_config), **hparams["model"]}
     dm_hparams = _datamodule_hparams(path, state.get("datamodule_hyper_parameters") or {})
     if data_dir is not None:
         dm_hparams["data_dir"] = data_dir
