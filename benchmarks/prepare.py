@@ -43,16 +43,13 @@ def main() -> None:
         if src is None:
             from recforge.data.synth import SynthConfig, generate
 
-            mean_length = 100.0
-            # Lognormal lengths clipped at the bounds average slightly under the mean.
-            users = max(1, int(args.interactions / mean_length * 1.02))
             t0 = time.perf_counter()
             summary = generate(
                 SynthConfig(
                     out=str(work / "synth"),
-                    users=users,
-                    items=max(1000, users // 4),
-                    mean_length=mean_length,
+                    interactions=args.interactions,
+                    mean_length=100.0,
+                    items=max(1000, args.interactions // 400),
                     seed=0,
                 ),
                 overwrite=True,

@@ -86,13 +86,47 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "synth", help="deterministic synthetic interactions with learnable structure"
     )
     s.add_argument("--out", required=True)
-    s.add_argument("--users", type=int, default=1000)
+    s.add_argument(
+        "--users", type=int, default=None, help="number of users (default 1000, or from N)"
+    )
     s.add_argument("--items", type=int, default=500)
-    s.add_argument("--mean-length", type=float, default=30.0, help="mean interactions per user")
+    s.add_argument(
+        "--mean-length",
+        type=float,
+        default=None,
+        help="mean interactions per user (default 30, or N / users)",
+    )
+    s.add_argument(
+        "--interactions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="total interactions, exactly N. With --users the mean length is N / users; "
+        "otherwise users = round(N / mean length), mean length as given or 30. --interactions, "
+        "--users and --mean-length together must agree. Without it the total is about "
+        "users x mean length",
+    )
+    s.add_argument(
+        "--block-rows",
+        type=int,
+        default=None,
+        help="interactions generated and written at a time, one row group each (default "
+        "2,000,000); memory grows with it, not with N. Changes the rows of sets over one block",
+    )
     s.add_argument("--categories", type=int, default=20)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_synth)
+
+    v = sub.add_parser(
+        "validate",
+        help="check a prepared directory (from any writer) against data/layout.py",
+        description="Stream every file of a prepared directory and check schemas, vocabularies, "
+        "sequences, the split and the manifest's counts; one line per problem, exit 2 if any.",
+    )
+    v.add_argument("directory", help="prepared dataset directory")
+    v.add_argument("--max-problems", type=int, default=20, help="problems to print (default 20)")
+    v.set_defaults(func=_validate)
 
 
 def _csv_list(value: str | None) -> list[str] | None:
@@ -148,22 +182,45 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
+    import re
+
     from recforge.data.synth import SynthConfig, generate
 
-    summary = generate(
-        SynthConfig(
+    # Unset sizes stay None for SynthConfig to derive, so --interactions can fill them in.
+    block_rows = {} if args.block_rows is None else {"block_rows": args.block_rows}
+    try:
+        config = SynthConfig(
             out=args.out,
             users=args.users,
             items=args.items,
             mean_length=args.mean_length,
+            interactions=args.interactions,
             categories=args.categories,
             seed=args.seed,
-        ),
-        overwrite=args.overwrite,
-    )
+            **block_rows,
+        )
+    except ValueError as exc:
+        # Name the option the user typed rather than the config field behind it.
+        option = re.sub(r"^SynthConfig\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(exc))
+        raise ValueError(option) from exc
+    summary = generate(config, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from recforge.data.validate import validate
+
+    report = validate(args.directory)
+    if report.ok:
+        print(report.summary())
+        return 0
+    for line in report.lines(args.max_problems):
+        print(line, file=sys.stderr)
+    count = f"{len(report.problems)} problem(s)"
+    print(f"recforge data validate: error: {args.directory}: {count}", file=sys.stderr)
+    return 2
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 The data of ``recforge demo`` and of the tests, and the input of the ``data prepare``
 benchmark (tens of millions of rows), so everything is vectorised with numpy: the only
-Python loop runs over sequence positions, with array operations across all users.
+Python loops run over blocks of users and sequence positions, with array operations across
+the users of a block.
 
 The generative story:
 
@@ -18,6 +19,10 @@ The generative story:
 Output directory (written to a temporary sibling, then renamed into place):
 ``interactions.parquet`` (rows shuffled like an event log), ``item_features.parquet``,
 ``user_features.parquet`` and ``synth.json``. The same config gives byte-identical files.
+
+Sets larger than ``block_rows`` interactions are generated and written a block of users at a
+time (:mod:`recforge.data.synth_stream`), so memory stays flat however many rows are asked for;
+their rows are shuffled within each block, one row group per block, not across the whole file.
 """
 
 from __future__ import annotations
@@ -34,6 +39,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recforge.atomic import atomic_directory
+from recforge.data.synth_stream import (
+    ITEM_STREAM,
+    Block,
+    Totals,
+    block_count,
+    blocks,
+    fit_lengths,
+    make_sequences,
+    stream,
+)
 
 INTERACTIONS = "interactions.parquet"
 ITEM_FEATURES = "item_features.parquet"
@@ -41,7 +56,10 @@ USER_FEATURES = "user_features.parquet"
 SUMMARY = "synth.json"
 
 ROW_GROUP_SIZE = 1 << 20
-REPEAT_RETRIES = 8
+DEFAULT_USERS = 1000
+DEFAULT_MEAN_LENGTH = 30.0
+# A block needs ~100 bytes of memory per row: peak RSS ~250 MB at 1M rows, ~440 MB at 4M.
+DEFAULT_BLOCK_ROWS = 2_000_000
 SAME_CATEGORY_SUCCESSOR = 0.8
 LENGTH_SIGMA = 0.8
 TAGS_PER_CATEGORY = 4
@@ -56,18 +74,31 @@ INTERACTIONS_SCHEMA = pa.schema(
         ("rating", pa.float32()),
     ]
 )
+USER_FEATURES_SCHEMA = pa.schema(
+    [("user_id", pa.int64()), ("age_bucket", pa.string()), ("country", pa.string())]
+)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
 class SynthConfig:
     out: str
     """Output directory; must not exist unless ``generate(..., overwrite=True)``."""
-    users: int = 1000
-    """Number of users, ids 1..users; every user gets at least ``min_length`` interactions."""
+    users: int | None = None
+    """Number of users, ids 1..users; every user gets at least ``min_length`` interactions.
+    Default 1000, or derived from ``interactions``."""
     items: int = 500
     """Number of items, ids 1..items."""
-    mean_length: float = 30.0
-    """Mean interactions per user before clipping (lengths are lognormal)."""
+    mean_length: float | None = None
+    """Mean interactions per user before clipping (lengths are lognormal). Default 30, or
+    ``interactions / users`` when ``interactions`` is set."""
     min_length: int = 5
     """Shortest sequence."""
     max_length: int = 500
@@ -88,15 +119,50 @@ class SynthConfig:
     """Length of the common time range."""
     seed: int = 0
     """Random seed; the same config and seed give byte-identical files."""
+    interactions: int | None = None
+    """Total interactions, exactly. With ``users``, mean_length becomes interactions / users;
+    otherwise users = round(interactions / mean_length) (mean_length default 30), and then
+    mean_length = interactions / users. All three given must agree. Lengths keep their lognormal
+    shape, scaled and nudged to add up. None: the total is whatever the lengths add up to."""
+    block_rows: int = DEFAULT_BLOCK_ROWS
+    """About this many interactions are generated and written at a time (one row group each);
+    memory grows with it, not with the data set. A set within one block is shuffled as a whole."""
 
     def __post_init__(self) -> None:
+        self._resolve_size()
         self.validate()
 
-    def validate(self) -> None:
-        def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"SynthConfig.{name}={getattr(self, name)!r}: {what}")
+    def _need(self, ok: bool, name: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"SynthConfig.{name}={getattr(self, name)!r}: {what}")
 
+    def _resolve_size(self) -> None:
+        """Fill in users and mean_length left as None (the rule is under ``interactions``)."""
+        n = self.interactions
+        if n is None:
+            self.users = DEFAULT_USERS if self.users is None else self.users
+            self.mean_length = DEFAULT_MEAN_LENGTH if self.mean_length is None else self.mean_length
+            return
+        self._need(_is_int(n) and n >= 1, "interactions", "must be an integer >= 1")
+        if self.users is None:
+            mean = DEFAULT_MEAN_LENGTH if self.mean_length is None else self.mean_length
+            self._need(_is_number(mean) and mean > 0, "mean_length", "must be a number > 0")
+            self.users = max(1, round(n / mean))
+        else:
+            self._need(_is_int(self.users) and self.users >= 1, "users", "must be an integer >= 1")
+            self._need(
+                self.mean_length is None
+                or (
+                    _is_number(self.mean_length) and math.isclose(self.mean_length, n / self.users)
+                ),
+                "mean_length",
+                f"conflicts with interactions={n} over users={self.users} (a mean of "
+                f"{n / self.users:g}); give at most two of interactions, users and mean_length",
+            )
+        self.mean_length = n / self.users
+
+    def validate(self) -> None:
+        need = self._need
         need(
             isinstance(self.out, (str, os.PathLike)) and str(self.out) != "",
             "out",
@@ -111,6 +177,7 @@ class SynthConfig:
             "successors",
             "seed",
             "start_timestamp",
+            "block_rows",
         ):
             value = getattr(self, name)
             need(
@@ -133,6 +200,12 @@ class SynthConfig:
                 name,
                 "must be a finite number",
             )
+        need(
+            self.interactions is None or (_is_int(self.interactions) and self.interactions >= 1),
+            "interactions",
+            "must be an integer >= 1 (or None)",
+        )
+        need(self.block_rows >= 1, "block_rows", "must be >= 1")
         need(self.users >= 1, "users", "must be >= 1")
         need(self.items >= 2, "items", "must be >= 2")
         need(
@@ -144,6 +217,15 @@ class SynthConfig:
             "max_length",
             f"must be >= min_length={self.min_length}",
         )
+        if self.interactions is not None:
+            mean = self.interactions / self.users
+            need(
+                self.min_length <= mean <= self.max_length,
+                "interactions",
+                f"over users={self.users} is a mean of {mean:g} per user, outside [min_length="
+                f"{self.min_length}, max_length={self.max_length}]",
+            )
+            need(math.isclose(self.mean_length, mean), "mean_length", f"must be {mean:g}")
         need(
             self.min_length <= self.mean_length <= self.max_length,
             "mean_length",
@@ -177,27 +259,35 @@ def generate(config: SynthConfig, *, overwrite: bool = False) -> dict[str, Any]:
 
 def _write_all(config: SynthConfig, directory: Path) -> dict[str, Any]:
     # Independent streams, so e.g. changing the number of users leaves the catalog as it is.
-    item_rng, user_rng, seq_rng, shuffle_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4)
-    )
+    item_rng = stream(config.seed, ITEM_STREAM)
     catalog = _make_catalog(config, item_rng)
-    taste, lengths = _make_users(config, user_rng)
-    seq = _make_sequences(config, catalog, taste, lengths, seq_rng)
-    _write_interactions(directory / INTERACTIONS, seq, shuffle_rng)
     _write_item_features(directory / ITEM_FEATURES, config, catalog, item_rng)
-    _write_user_features(directory / USER_FEATURES, config, taste, user_rng)
+    count = block_count(config.users, config.mean_length, config.block_rows)
+    totals = Totals(config.items)
+    with (
+        pq.ParquetWriter(directory / INTERACTIONS, INTERACTIONS_SCHEMA) as interactions,
+        pq.ParquetWriter(directory / USER_FEATURES, USER_FEATURES_SCHEMA) as user_features,
+    ):
+        for block in blocks(
+            config.users, config.mean_length, config.block_rows, config.interactions
+        ):
+            user_rng, seq_rng, shuffle_rng = block.streams(config.seed, count)
+            taste, lengths = _make_users(config, block, user_rng)
+            seq = make_sequences(config, catalog, taste, lengths, seq_rng)
+            seq["user_id"] += block.first_user
+            # One block keeps the row groups of a whole-file shuffle; a streamed block is one.
+            group = ROW_GROUP_SIZE if count == 1 else max(1, seq["item"].size)
+            _write_interactions(interactions, seq, shuffle_rng, group)
+            _write_user_features(user_features, block, taste, user_rng)
+            totals.add(lengths, seq)
+            del seq, taste, lengths
     summary = {
         "config": {**asdict(config), "out": str(config.out)},
-        "interactions": int(seq["item"].size),
         "users": config.users,
         "items": config.items,
-        "items_used": int(np.count_nonzero(np.bincount(seq["item"], minlength=config.items))),
         "categories": config.categories,
-        "mean_length": float(lengths.mean()),
-        "max_length_drawn": int(lengths.max()),
-        "repeats": seq["repeats"],
-        "min_timestamp": int(seq["timestamp"].min()),
-        "max_timestamp": int(seq["timestamp"].max()),
+        "blocks": count,
+        **totals.summary(),
         "files": {
             "interactions": INTERACTIONS,
             "item_features": ITEM_FEATURES,
@@ -254,166 +344,42 @@ def _make_catalog(config: SynthConfig, rng: np.random.Generator) -> dict[str, np
     }
 
 
-def _make_users(config: SynthConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    gamma = rng.standard_gamma(config.taste_concentration, (config.users, config.categories))
+def _make_users(
+    config: SynthConfig, block: Block, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    gamma = rng.standard_gamma(config.taste_concentration, (block.users, config.categories))
     # Small concentrations can underflow a whole row to zero; keep every taste a distribution.
     gamma = np.maximum(gamma, 1e-12)
     taste = gamma / gamma.sum(axis=1, keepdims=True)
     mu = math.log(config.mean_length) - LENGTH_SIGMA**2 / 2
-    lengths = np.rint(rng.lognormal(mu, LENGTH_SIGMA, config.users))
+    lengths = np.rint(rng.lognormal(mu, LENGTH_SIGMA, block.users))
     lengths = np.clip(lengths, config.min_length, config.max_length).astype(np.int64)
+    if block.interactions is not None:
+        lengths = fit_lengths(
+            lengths, block.interactions, config.min_length, config.max_length, rng
+        )
     return taste, lengths
 
 
-def _make_sequences(
-    config: SynthConfig,
-    cat: dict[str, np.ndarray],
-    taste: np.ndarray,
-    lengths: np.ndarray,
-    rng: np.random.Generator,
-) -> dict[str, Any]:
-    n_users = config.users
-    # Users sorted by length, longest first: the users still active at step t are a prefix,
-    # so per-user state is sliced (a view), never gathered.
-    order = np.argsort(-lengths, kind="stable")
-    lengths_sorted = lengths[order]
-    steps = int(lengths_sorted[0])
-    active = np.searchsorted(-lengths_sorted, -np.arange(steps), side="left")
-    offsets = np.concatenate([[0], np.cumsum(active)])
-    total = int(offsets[-1])
-
-    taste_sorted = taste[order]
-    # P(category | user) is taste x the category's popularity mass: with P(item | category)
-    # proportional to popularity this makes P(item | user) ~ taste[category(item)] x popularity.
-    weights = taste_sorted * cat["cat_mass"]
-    cat_cum = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1).astype(np.float32)
-    n_cat = config.categories
-    successor, n_succ = cat["successor"], config.successors
-
-    # Each user's history is an open-addressing hash set of items in its own region of one
-    # array (capacity a power of two >= 2 x length): each step inserts at most one item per
-    # user, so the inserts of a step never collide and the check covers the whole history.
-    capacity = 1 << np.ceil(np.log2(2 * lengths_sorted)).astype(np.int64)
-    region = np.concatenate([[0], np.cumsum(capacity)[:-1]])
-    hash_mask = (capacity - 1).astype(np.uint64)
-    history = np.full(int(capacity.sum()), -1, dtype=np.int32)
-
-    # `history` is passed in rather than closed over: it is deleted after the loop.
-    def lookup(
-        history: np.ndarray, rows: slice | np.ndarray, items: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per item: already in the user's history, and its slot or the free slot to take."""
-        slot = (items.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(32)
-        slot &= hash_mask[rows]
-        slot = slot.astype(np.int64)
-        base, mask = region[rows], capacity[rows] - 1
-        found = np.zeros(items.size, dtype=bool)
-        probing = np.arange(items.size)
-        while probing.size:
-            value = history[base[probing] + slot[probing]]
-            found[probing] = value == items[probing]
-            probing = probing[(value != -1) & ~found[probing]]
-            slot[probing] = (slot[probing] + 1) & mask[probing]
-        return found, base + slot
-
-    prev = np.zeros(n_users, dtype=np.int64)
-    clock = np.zeros(n_users)
-    item_flat = np.empty(total, dtype=np.int32)
-    clock_flat = np.empty(total)
-
-    def draw(rows: slice | np.ndarray, n: int, follow_prev: bool) -> np.ndarray:
-        c = (cat_cum[rows] < rng.random(n, dtype=np.float32)[:, None]).sum(axis=1)
-        np.minimum(c, n_cat - 1, out=c)
-        target = cat["cat_lo"][c] + rng.random(n) * cat["cat_mass"][c]
-        pos = np.clip(
-            np.searchsorted(cat["cum"], target, side="right"),
-            cat["cat_first"][c],
-            cat["cat_last"][c],
-        )
-        item = cat["by_cat"][pos]
-        if follow_prev:
-            follow = rng.random(n) < config.transition_prob
-            nxt = successor[prev[rows], rng.integers(0, n_succ, n)]
-            item = np.where(follow, nxt, item)
-        return item
-
-    repeats = 0
-    for t in range(steps):
-        n = int(active[t])
-        cand = draw(slice(0, n), n, t > 0)
-        found, slot = lookup(history, slice(0, n), cand)
-        clash = np.flatnonzero(found)
-        for _ in range(REPEAT_RETRIES):
-            if clash.size == 0:
-                break
-            cand[clash] = draw(clash, clash.size, True)
-            found[clash], slot[clash] = lookup(history, clash, cand[clash])
-            clash = clash[found[clash]]
-        repeats += int(clash.size)
-        new = ~found
-        history[slot[new]] = cand[new]
-        prev[:n] = cand
-        clock[:n] += rng.standard_exponential(n)
-        item_flat[offsets[t] : offsets[t + 1]] = cand
-        clock_flat[offsets[t] : offsets[t + 1]] = clock[:n]
-    del history
-
-    # Flat arrays are position-major: step t holds users 0..active[t]-1 (sorted order).
-    user_flat = np.arange(total, dtype=np.int32) - np.repeat(offsets[:-1], active).astype(np.int32)
-    step_flat = np.repeat(np.arange(steps, dtype=np.int64), active)
-
-    # Each user's events are sorted uniform points in their own window (normalised
-    # exponential gaps), the window lying somewhere in the common range.
-    span = int(config.time_span_days * 86400) - config.max_length
-    width = span * rng.uniform(0.1, 1.0, n_users)
-    start = config.start_timestamp + np.floor(rng.random(n_users) * (span - width))
-    end_clock = clock + rng.standard_exponential(n_users)
-    frac = clock_flat
-    frac /= end_clock[user_flat]
-    frac *= width[user_flat]
-    # floor is monotone and + step makes equal seconds strictly increasing.
-    timestamp = np.floor(frac).astype(np.int64)
-    del frac, clock_flat
-    timestamp += start.astype(np.int64)[user_flat]
-    timestamp += step_flat
-    del step_flat
-
-    affinity = taste_sorted[user_flat, cat["category"][item_flat]] * n_cat
-    score = (
-        3.0
-        + 0.7 * np.log(np.maximum(affinity, 1e-3))
-        + rng.standard_normal(total, dtype=np.float32) * 0.8
-    )
-    rating = np.clip(np.rint(score), 1, 5).astype(np.float32)
-    del affinity, score
-    return {
-        "user": user_flat,
-        "user_id": (order + 1).astype(np.int64),
-        "item": item_flat,
-        "timestamp": timestamp,
-        "rating": rating,
-        "repeats": repeats,
-    }
-
-
-def _write_interactions(path: Path, seq: dict[str, Any], rng: np.random.Generator) -> None:
+def _write_interactions(
+    writer: pq.ParquetWriter, seq: dict[str, Any], rng: np.random.Generator, row_group_size: int
+) -> None:
     # A real event log is not grouped by user; loaders and `data prepare` must sort.
     perm = rng.permutation(seq["item"].size)
-    with pq.ParquetWriter(path, INTERACTIONS_SCHEMA) as writer:
-        for lo in range(0, perm.size, ROW_GROUP_SIZE):
-            rows = perm[lo : lo + ROW_GROUP_SIZE]
-            writer.write_table(
-                pa.table(
-                    {
-                        "user_id": seq["user_id"][seq["user"][rows]],
-                        "item_id": seq["item"][rows].astype(np.int64) + 1,
-                        "timestamp": seq["timestamp"][rows],
-                        "rating": seq["rating"][rows],
-                    },
-                    schema=INTERACTIONS_SCHEMA,
-                ),
-                row_group_size=ROW_GROUP_SIZE,
-            )
+    for lo in range(0, perm.size, row_group_size):
+        rows = perm[lo : lo + row_group_size]
+        writer.write_table(
+            pa.table(
+                {
+                    "user_id": seq["user_id"][seq["user"][rows]],
+                    "item_id": seq["item"][rows].astype(np.int64) + 1,
+                    "timestamp": seq["timestamp"][rows],
+                    "rating": seq["rating"][rows],
+                },
+                schema=INTERACTIONS_SCHEMA,
+            ),
+            row_group_size=row_group_size,
+        )
 
 
 def _names(prefix: str, count: int) -> pa.Array:
@@ -457,9 +423,9 @@ def _write_item_features(
 
 
 def _write_user_features(
-    path: Path, config: SynthConfig, taste: np.ndarray, rng: np.random.Generator
+    writer: pq.ParquetWriter, block: Block, taste: np.ndarray, rng: np.random.Generator
 ) -> None:
-    n = config.users
+    n = block.users
     # Age follows the favourite category half of the time: a user feature with some signal.
     favourite = np.argmax(taste, axis=1) % len(AGE_BUCKETS)
     age = np.where(rng.random(n) < 0.5, favourite, rng.integers(0, len(AGE_BUCKETS), n))
@@ -467,9 +433,10 @@ def _write_user_features(
     country = rng.choice(len(COUNTRIES), n, p=country_p / country_p.sum())
     table = pa.table(
         {
-            "user_id": np.arange(1, n + 1, dtype=np.int64),
+            "user_id": np.arange(block.first_user + 1, block.first_user + n + 1, dtype=np.int64),
             "age_bucket": _decode(age, pa.array(AGE_BUCKETS)),
             "country": _decode(country, pa.array(COUNTRIES)),
-        }
+        },
+        schema=USER_FEATURES_SCHEMA,
     )
-    pq.write_table(table, path)
+    writer.write_table(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -232,3 +233,105 @@ def test_signal_comes_from_transitions(tmp_path: Path) -> None:
     print(f"HR@10 without transitions: most-popular={popular:.3f} markov={markov:.3f}")
     # Measured: both ~0.16-0.18; without successor tables the chain has nothing to add.
     assert markov < 1.2 * popular
+
+
+STREAMED = dict(interactions=12_345, users=400, items=300, categories=10, block_rows=2_000)
+
+
+def test_streamed_blocks_are_row_groups_exact_deterministic_and_prepared(tmp_path: Path) -> None:
+    from recforge.data.prepare import PrepareConfig, prepare
+
+    config = SynthConfig(out=str(tmp_path / "a"), **STREAMED)
+    summary = generate(config)
+    path = tmp_path / "a" / synth.INTERACTIONS
+    meta = pq.ParquetFile(path).metadata
+    assert summary["blocks"] == meta.num_row_groups > 3
+    assert pq.read_metadata(tmp_path / "a" / synth.USER_FEATURES).num_rows == config.users
+    table = pq.read_table(path)
+    assert table.num_rows == summary["interactions"] == config.interactions
+    # Each row group holds one contiguous block of users, and the blocks cover them all.
+    firsts = []
+    for g in range(meta.num_row_groups):
+        users = np.unique(pq.ParquetFile(path).read_row_group(g)["user_id"].to_numpy())
+        assert users[-1] - users[0] + 1 == users.size
+        firsts.append(users[0])
+    assert firsts == sorted(firsts) and firsts[0] == 1
+    user, _, ts = _sorted_sequences(table)
+    lengths = np.bincount(user)[1:]
+    assert lengths.size == config.users
+    assert lengths.min() >= config.min_length and lengths.max() <= config.max_length
+    assert np.all(np.diff(ts)[user[1:] == user[:-1]] > 0)
+
+    generate(SynthConfig(out=str(tmp_path / "b"), **STREAMED))
+    generate(SynthConfig(out=str(tmp_path / "c"), **{**STREAMED, "seed": 1}))
+    for name in (synth.INTERACTIONS, synth.ITEM_FEATURES, synth.USER_FEATURES):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert not _read(tmp_path / "c").equals(table)
+
+    manifest = prepare(
+        PrepareConfig(
+            input=[str(path)],
+            out=str(tmp_path / "prepared"),
+            item_features=str(tmp_path / "a" / synth.ITEM_FEATURES),
+            user_features=str(tmp_path / "a" / synth.USER_FEATURES),
+        )
+    )
+    assert manifest["input_rows"] == config.interactions
+    assert manifest["users"] == config.users
+
+
+def test_streamed_without_a_fixed_total(tmp_path: Path) -> None:
+    summary = generate(SynthConfig(out=str(tmp_path / "d"), block_rows=1000, **SMALL))
+    table = _read(tmp_path / "d")
+    assert pq.ParquetFile(tmp_path / "d" / synth.INTERACTIONS).metadata.num_row_groups > 3
+    assert table.num_rows == summary["interactions"]
+    assert np.array_equal(np.unique(table["user_id"].to_numpy()), np.arange(1, 301))
+
+
+@pytest.mark.parametrize(
+    "given, users, mean_length",
+    [
+        (dict(interactions=3000), 100, 30.0),
+        (dict(interactions=3000, users=200), 200, 15.0),
+        (dict(interactions=3000, mean_length=20.0), 150, 20.0),
+        (dict(interactions=1000, mean_length=30.0), 33, 1000 / 33),
+        (dict(interactions=3000, users=200, mean_length=15.0), 200, 15.0),
+    ],
+)
+def test_interactions_sets_the_size(tmp_path: Path, given: dict, users: int, mean_length) -> None:
+    config = SynthConfig(out=str(tmp_path / "d"), items=300, **given)
+    assert (config.users, config.mean_length) == (users, mean_length)
+    assert dataclasses.replace(config) == config  # all three given back, and they agree
+    summary = generate(config)
+    assert summary["interactions"] == _read(tmp_path / "d").num_rows == given["interactions"]
+    assert summary["blocks"] == 1
+
+
+@pytest.mark.parametrize(
+    "given, field",
+    [
+        (dict(interactions=3000, users=200, mean_length=20.0), "mean_length"),
+        (dict(interactions=3000, users=1000), "interactions"),  # 3 per user < min_length
+        (dict(interactions=3000, users=2), "interactions"),  # 1500 per user > max_length
+        (dict(interactions=0), "interactions"),
+        (dict(interactions=2.5), "interactions"),
+        (dict(interactions=3000, users=0), "users"),
+        (dict(interactions=3000, mean_length=-1.0), "mean_length"),
+        (dict(block_rows=0), "block_rows"),
+    ],
+)
+def test_size_conflicts_name_the_field(given: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"SynthConfig\.{field}\b"):
+        SynthConfig(out="/tmp/unused", **given)
+
+
+def test_cli_interactions(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from recforge.cli import main
+
+    out = tmp_path / "d"
+    args = ["data", "synth", "--out", str(out), "--items", "300", "--interactions", "5000"]
+    assert main([*args, "--block-rows", "1000"]) == 0
+    assert _read(out).num_rows == 5000
+    assert pq.ParquetFile(out / synth.INTERACTIONS).metadata.num_row_groups > 1
+    assert main([*args, "--users", "100", "--mean-length", "20", "--overwrite"]) == 2
+    assert "--mean-length=20.0: conflicts" in capsys.readouterr().err
