@@ -1,22 +1,77 @@
-"""Time and peak memory of `recforge data prepare` on synthetic interactions.
+"""Time and peak memory of `recforge data prepare`, per engine, on synthetic interactions.
 
-    python benchmarks/prepare.py --interactions 20000000            # generates, then prepares
-    python benchmarks/prepare.py --input /path/interactions.parquet # prepares an existing file
+    python benchmarks/prepare.py --sizes 1000000 5000000 20000000 --engines memory duckdb
+    python benchmarks/prepare.py --sizes 100000000 --engines duckdb --timeout 360
+    python benchmarks/prepare.py --input /path/interactions.parquet  # an existing file
 
-The prepare step runs in a child process so its peak RSS is measured alone.
+Inputs come from `recforge data synth --interactions N` (mean length 100, N / 400 items) and
+are kept in ``--workdir`` when one is given, so a rerun skips generating them. Each prepare
+runs as its own child process, and its peak RSS is that child's alone (``os.wait4``); the
+DuckDB engine's spill files are on disk and not in that figure. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+RECFORGE = [sys.executable, "-m", "recforge.cli"]
+
+
+def synth(work: Path, n: int) -> tuple[str, float]:
+    out = work / f"synth-{n}"
+    src = out / "interactions.parquet"
+    if src.is_file():
+        return str(src), 0.0
+    t0 = time.perf_counter()
+    subprocess.run(
+        [
+            *RECFORGE,
+            "data",
+            "synth",
+            "--interactions",
+            str(n),
+            "--mean-length",
+            "100",
+            "--items",
+            str(max(1000, n // 400)),
+            "--out",
+            str(out),
+            "--overwrite",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(src), time.perf_counter() - t0
+
+
+def run_prepare(cmd: list[str], timeout: float) -> tuple[int, float, float, str]:
+    """(exit status, seconds, peak RSS in GB, stderr tail) of one child; killed at timeout."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - t0 > timeout:
+                proc.send_signal(signal.SIGKILL)
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.1)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        elapsed = time.perf_counter() - t0
+        err.seek(0)
+        tail = err.read()[-2000:]
+    return proc.returncode, elapsed, usage.ru_maxrss / 1024**2, tail
 
 
 def main() -> None:
@@ -24,80 +79,74 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--interactions", type=int, default=20_000_000, help="target size of the synthetic set"
+        "--sizes", type=int, nargs="+", default=[20_000_000], help="synthetic set sizes"
     )
     parser.add_argument(
-        "--input", default=None, help="existing interactions Parquet (skips generation)"
+        "--interactions", type=int, default=None, help="one size (same as --sizes N)"
     )
+    parser.add_argument("--input", default=None, help="existing interactions Parquet (no synth)")
+    parser.add_argument(
+        "--engines", nargs="+", default=["memory", "duckdb"], choices=["memory", "duckdb"]
+    )
+    parser.add_argument("--memory-limit", default="4GB", help="the duckdb engine's limit")
     parser.add_argument(
         "--workdir", default=None, help="where to write (default: a temp dir, removed after)"
     )
     parser.add_argument("--min-user", type=int, default=5)
     parser.add_argument("--min-item", type=int, default=5)
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="seconds before a prepare run is killed"
+    )
     args = parser.parse_args()
+    if args.interactions is not None:
+        args.sizes = [args.interactions]
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="recforge-bench-"))
-    rows = []
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()}")
+    print("| rows | engine | seconds | peak RSS GB | M rows/s | kept | users | items |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     try:
-        src = args.input
-        if src is None:
-            from recforge.data.synth import SynthConfig, generate
-
-            t0 = time.perf_counter()
-            summary = generate(
-                SynthConfig(
-                    out=str(work / "synth"),
-                    interactions=args.interactions,
-                    mean_length=100.0,
-                    items=max(1000, args.interactions // 400),
-                    seed=0,
-                ),
-                overwrite=True,
-            )
-            rows.append(
-                (
-                    "synth",
-                    f"{time.perf_counter() - t0:.1f}",
-                    "-",
-                    f"{summary.get('interactions', '?')}",
+        for n in [None] if args.input else args.sizes:
+            src, synth_s = (args.input, 0.0) if args.input else synth(work, n)
+            if synth_s:
+                print(f"<!-- synth {n}: {synth_s:.1f}s -->", flush=True)
+            for engine in args.engines:
+                out = work / f"prepared-{engine}"
+                cmd = [
+                    *RECFORGE,
+                    "data",
+                    "prepare",
+                    "--input",
+                    src,
+                    "--format",
+                    "parquet",
+                    "--out",
+                    str(out),
+                    "--overwrite",
+                    "--min-user",
+                    str(args.min_user),
+                    "--min-item",
+                    str(args.min_item),
+                    "--engine",
+                    engine,
+                    "--memory-limit",
+                    args.memory_limit,
+                ]
+                rc, sec, peak_gb, tail = run_prepare(cmd, args.timeout)
+                if rc != 0:
+                    why = "timeout" if sec > args.timeout else f"exit {rc}"
+                    print(f"| {n} | {engine} | {why} after {sec:.0f} | {peak_gb:.2f} | | | | |")
+                    print(tail.strip().splitlines()[-1] if tail.strip() else "", file=sys.stderr)
+                    continue
+                m = json.loads((out / "manifest.json").read_text())
+                print(
+                    f"| {m['input_rows']} | {engine} | {sec:.1f} | {peak_gb:.2f} | "
+                    f"{m['input_rows'] / sec / 1e6:.2f} | {m['interactions']} | {m['users']} | "
+                    f"{m['items']} |",
+                    flush=True,
                 )
-            )
-            src = str(work / "synth" / "interactions.parquet")
-        out = work / "prepared"
-        cmd = [
-            sys.executable,
-            "-m",
-            "recforge.cli",
-            "data",
-            "prepare",
-            "--input",
-            src,
-            "--format",
-            "parquet",
-            "--out",
-            str(out),
-            "--overwrite",
-            "--min-user",
-            str(args.min_user),
-            "--min-item",
-            str(args.min_item),
-        ]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        elapsed = time.perf_counter() - t0
-        if proc.returncode != 0:
-            sys.exit(proc.stderr)
-        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
-        manifest = json.loads((out / "manifest.json").read_text())
-        rows.append(("prepare", f"{elapsed:.1f}", f"{peak_gb:.2f}", str(manifest["input_rows"])))
-        print(f"{'step':<10}{'seconds':>10}{'peak GB':>10}{'rows':>14}")
-        for step, sec, gb, n in rows:
-            print(f"{step:<10}{sec:>10}{gb:>10}{n:>14}")
-        print(
-            f"prepare throughput: {manifest['input_rows'] / elapsed / 1e6:.2f} M interactions/s; "
-            f"kept {manifest['interactions']} interactions, {manifest['users']} users, "
-            f"{manifest['items']} items"
-        )
+                shutil.rmtree(out, ignore_errors=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

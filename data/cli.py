@@ -80,6 +80,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--row-group-size", type=int, default=4096, help="users per row group of sequences.parquet"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--engine",
+        default="duckdb",
+        choices=["duckdb", "memory"],
+        help="duckdb: out of core, spills to disk (default); memory: all in RAM, the reference",
+    )
+    p.add_argument(
+        "--memory-limit",
+        default="4GB",
+        help="duckdb engine: memory it may use before spilling (default 4GB)",
+    )
+    p.add_argument(
+        "--spill-dir",
+        default=None,
+        help="duckdb engine: where to spill (default: beside --out); removed afterwards",
+    )
     p.set_defaults(func=_prepare)
 
     s = sub.add_parser(
@@ -162,6 +178,9 @@ def _prepare(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         row_group_size=args.row_group_size,
         overwrite=args.overwrite,
+        engine=args.engine,
+        memory_limit=args.memory_limit,
+        spill_dir=args.spill_dir,
     )
     manifest = prepare(config)
     summary = {

@@ -1,5 +1,9 @@
 """`recforge data prepare`: raw interactions -> the prepared directory of docs/architecture.md §3.
 
+This module is ``--engine memory``, the reference; the default engine, ``duckdb``
+(:mod:`recforge.data.prepare_duckdb`), does the same steps out of core and shares the manifest
+and the writing of everything but ``sequences.parquet`` with it.
+
 All work is vectorised over Arrow/numpy arrays (no Python loop per row). The output is written
 to a temporary directory beside ``out`` and renamed into place, so a failure leaves nothing.
 
@@ -34,7 +38,7 @@ from recforge.atomic import TargetExistsError, atomic_directory
 from recforge.data import layout
 from recforge.data.errors import DataError
 from recforge.data.features import EncodedFeatures, encode_features, read_feature_table
-from recforge.data.readers import FORMATS, Columns, read_interactions
+from recforge.data.readers import FORMATS, Columns, SourceFile, read_interactions
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,14 @@ class PrepareConfig:
     """Users per row group of sequences.parquet (the loader's unit of streaming)."""
     overwrite: bool = False
     """Replace ``out`` if it exists."""
+    engine: Literal["duckdb", "memory"] = "duckdb"
+    """``duckdb``: out of core, spilling to ``spill_dir``; ``memory``: everything in RAM, the
+    reference the DuckDB engine is tested against."""
+    memory_limit: str = "4GB"
+    """DuckDB engine: its ``memory_limit`` (e.g. ``4GB``); beyond it, work spills to disk."""
+    spill_dir: str | None = None
+    """DuckDB engine: where to spill (default: beside ``out``); a fresh folder in it is used
+    and removed afterwards."""
 
     def validate(self) -> None:
         if not self.input:
@@ -96,6 +108,8 @@ class PrepareConfig:
             raise ValueError("val_fraction/test_fraction: each in (0, 1) and their sum < 1")
         if self.row_group_size < 1:
             raise ValueError("row_group_size: must be >= 1")
+        if self.engine not in ("duckdb", "memory"):
+            raise ValueError(f"engine: {self.engine!r}; expected 'duckdb' or 'memory'")
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
@@ -104,6 +118,10 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise DataError("output directory exists (pass --overwrite to replace it)", path=str(out))
+    if config.engine == "duckdb":
+        from recforge.data.prepare_duckdb import prepare_duckdb
+
+        return prepare_duckdb(config)
     started = time.perf_counter()
     table, sources = read_interactions(config.input, config.format, config.columns)
     n_input = table.num_rows
@@ -143,53 +161,29 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
     split, split_counts = _split(config, lengths, ts)
 
-    item_feats = _features(config, "item", item_ids)
-    user_feats = _features(config, "user", user_ids)
+    item_feats = features(config, "item", item_ids)
+    user_feats = features(config, "user", user_ids)
 
-    manifest: dict[str, Any] = {
-        "format_version": layout.FORMAT_VERSION,
-        "created_by": "recforge data prepare",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {
-            "format": config.format,
-            "files": [asdict(s) for s in sources],
-            "columns": asdict(config.columns),
-        },
-        "input_rows": n_input,
-        "rows_removed": removed,
-        "rows_out_of_time_order": out_of_order,
-        "tie_rule": "interactions of a user with equal timestamps keep their input order",
-        "filters": {
-            "min_user": config.min_user,
-            "min_item": config.min_item,
-            "k_core_iterations": kcore["iterations"],
-            "users_removed": kcore["users_removed"],
-            "items_removed": kcore["items_removed"],
-        },
-        "interactions": int(len(item_idx)),
-        "users": n_users,
-        "items": n_items,
-        "has_rating": rating is not None,
-        "split": split,
-        "split_counts": split_counts,
-        "sequence_length": {
-            "min": int(lengths.min()),
-            "median": float(np.median(lengths)),
-            "mean": float(lengths.mean()),
-            "max": int(lengths.max()),
-        },
-        "features": {
-            "item": item_feats.spec if item_feats else {},
-            "user": user_feats.spec if user_feats else {},
-        },
-        "feature_files": {
-            k: v.report for k, v in (("item", item_feats), ("user", user_feats)) if v
-        },
-        "sequences_row_group_size": config.row_group_size,
-    }
+    manifest = build_manifest(
+        config,
+        sources,
+        n_input,
+        removed,
+        out_of_order,
+        kcore,
+        int(len(item_idx)),
+        n_users,
+        n_items,
+        rating is not None,
+        split,
+        split_counts,
+        lengths,
+        item_feats,
+        user_feats,
+    )
     assert sum(removed.values()) + manifest["interactions"] == n_input
 
-    _write_atomic(
+    write_atomic(
         out,
         config.overwrite,
         lambda tmp: _write_files(
@@ -217,6 +211,67 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         time.perf_counter() - started,
     )
     return manifest
+
+
+def build_manifest(
+    config: PrepareConfig,
+    sources: list[SourceFile],
+    n_input: int,
+    removed: dict[str, int],
+    out_of_order: int,
+    kcore: dict[str, int],
+    interactions: int,
+    n_users: int,
+    n_items: int,
+    has_rating: bool,
+    split: dict[str, Any],
+    split_counts: dict[str, int],
+    lengths: np.ndarray,
+    item_feats: EncodedFeatures | None,
+    user_feats: EncodedFeatures | None,
+) -> dict[str, Any]:
+    """The manifest both engines write; one builder so their fields cannot drift apart."""
+    return {
+        "format_version": layout.FORMAT_VERSION,
+        "created_by": "recforge data prepare",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "format": config.format,
+            "files": [asdict(s) for s in sources],
+            "columns": asdict(config.columns),
+        },
+        "input_rows": n_input,
+        "rows_removed": removed,
+        "rows_out_of_time_order": out_of_order,
+        "tie_rule": "interactions of a user with equal timestamps keep their input order",
+        "filters": {
+            "min_user": config.min_user,
+            "min_item": config.min_item,
+            "k_core_iterations": kcore["iterations"],
+            "users_removed": kcore["users_removed"],
+            "items_removed": kcore["items_removed"],
+        },
+        "interactions": interactions,
+        "users": n_users,
+        "items": n_items,
+        "has_rating": has_rating,
+        "split": split,
+        "split_counts": split_counts,
+        "sequence_length": {
+            "min": int(lengths.min()),
+            "median": float(np.median(lengths)),
+            "mean": float(lengths.mean()),
+            "max": int(lengths.max()),
+        },
+        "features": {
+            "item": item_feats.spec if item_feats else {},
+            "user": user_feats.spec if user_feats else {},
+        },
+        "feature_files": {
+            k: v.report for k, v in (("item", item_feats), ("user", user_feats)) if v
+        },
+        "sequences_row_group_size": config.row_group_size,
+    }
 
 
 # --- steps ---
@@ -337,21 +392,28 @@ def _split(config: PrepareConfig, lengths: np.ndarray, ts: np.ndarray) -> tuple[
         split: dict[str, Any] = {"type": "leave-one-out"}
         train_end, val_end = layout.split_bounds(split, lengths)
     else:
-        # Cut points by interaction quantiles, so the requested shares hold on skewed time ranges.
-        val_start = int(
-            np.quantile(ts, 1 - config.test_fraction - config.val_fraction, method="higher")
-        )
-        test_start = int(np.quantile(ts, 1 - config.test_fraction, method="higher"))
-        if test_start <= val_start:
-            test_start = val_start + 1
-        split = {
-            "type": "time",
-            "val_start": val_start,
-            "test_start": test_start,
-            "val_fraction": config.val_fraction,
-            "test_fraction": config.test_fraction,
-        }
+        split = time_split(config, lambda q: int(np.quantile(ts, q, method="higher")))
         train_end, val_end = layout.split_bounds(split, lengths, ts)
+    return split, split_counts(lengths, train_end, val_end)
+
+
+def time_split(config: PrepareConfig, quantile: Callable[[float], int]) -> dict[str, Any]:
+    """The time split's manifest entry; ``quantile(q)`` is numpy's ``method="higher"``."""
+    # Cut points by interaction quantiles, so the requested shares hold on skewed time ranges.
+    val_start = quantile(1 - config.test_fraction - config.val_fraction)
+    test_start = quantile(1 - config.test_fraction)
+    if test_start <= val_start:
+        test_start = val_start + 1
+    return {
+        "type": "time",
+        "val_start": val_start,
+        "test_start": test_start,
+        "val_fraction": config.val_fraction,
+        "test_fraction": config.test_fraction,
+    }
+
+
+def split_counts(lengths: np.ndarray, train_end: np.ndarray, val_end: np.ndarray) -> dict[str, int]:
     counts = {
         "train_interactions": int(train_end.sum()),
         "val_interactions": int((val_end - train_end).sum()),
@@ -360,10 +422,10 @@ def _split(config: PrepareConfig, lengths: np.ndarray, ts: np.ndarray) -> tuple[
         "users_with_test": int((lengths > val_end).sum()),
         "users_without_eval": int(((val_end == train_end) & (lengths == val_end)).sum()),
     }
-    return split, counts
+    return counts
 
 
-def _features(config: PrepareConfig, kind: str, vocab_ids: pa.Array) -> EncodedFeatures | None:
+def features(config: PrepareConfig, kind: str, vocab_ids: pa.Array) -> EncodedFeatures | None:
     path = getattr(config, f"{kind}_features")
     if path is None and config.format == "recbole" and not config.no_features:
         inter = next((Path(p) for p in config.input if Path(p).suffix == ".inter"), None)
@@ -400,7 +462,7 @@ def _features(config: PrepareConfig, kind: str, vocab_ids: pa.Array) -> EncodedF
 # --- writing ---
 
 
-def _write_atomic(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+def write_atomic(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
     try:
         with atomic_directory(out, overwrite=overwrite) as tmp:
             write(tmp)
@@ -433,8 +495,23 @@ def _write_files(
     if rating is not None:
         seq_cols["rating"] = pa.ListArray.from_arrays(offsets, pa.array(rating.astype(np.float32)))
     pq.write_table(pa.table(seq_cols), tmp / layout.SEQUENCES, row_group_size=row_group_size)
+    write_tables_and_manifest(
+        tmp, manifest, user_ids, item_ids, lengths, item_counts, item_feats, user_feats
+    )
 
-    user_counts = lengths
+
+def write_tables_and_manifest(
+    tmp: Path,
+    manifest: dict,
+    user_ids: pa.Array,
+    item_ids: pa.Array,
+    user_counts: np.ndarray,
+    item_counts: np.ndarray,
+    item_feats: EncodedFeatures | None,
+    user_feats: EncodedFeatures | None,
+) -> None:
+    """items/users.parquet, the feature vocabularies and the manifest, once sequences.parquet is
+    in ``tmp`` (the fingerprint covers it)."""
     for name, ids, counts, feats, idx_col in (
         (layout.ITEMS, item_ids, item_counts, item_feats, "item_idx"),
         (layout.USERS, user_ids, user_counts, user_feats, "user_idx"),

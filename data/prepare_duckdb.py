@@ -1,0 +1,383 @@
+"""The out-of-core engine of `recforge data prepare` (``--engine duckdb``, the default).
+
+Same steps, counts and output as the in-memory engine in :mod:`recforge.data.prepare` (the
+reference; tests/unit/test_prepare_engines.py holds them equal), but the rows never have to fit
+in RAM at once: each input file goes through the existing readers (their validation and error
+messages), is appended with its input row numbers to a table of a DuckDB database file in the
+spill folder, and DuckDB does the rest under ``memory_limit``, spilling beside it:
+
+- exact duplicates: one row per (user, item, timestamp[, rating]), the lowest row number stays;
+- time order: ``ORDER BY timestamp, row number`` within a user, so ties keep input order;
+- k-core: ``DELETE`` users/items under the minimum, user pass then item pass, until a round
+  deletes nothing (the memory engine's rounds, so ``k_core_iterations`` agrees);
+- vocabularies: ``ROW_NUMBER()`` over the sorted original ids, 0 stays padding;
+- sequences: per-user lists ordered by (timestamp, row number), streamed out as Arrow batches
+  into ``sequences.parquet`` in row groups of ``row_group_size`` users.
+
+Only per-user and per-item arrays (lengths, counts, ids, features) are held in Python. One
+input file is read whole by its reader, so the largest single file still bounds the memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recforge.artifact import file_sha256
+from recforge.data import layout
+from recforge.data.errors import DataError
+from recforge.data.prepare import (
+    PrepareConfig,
+    build_manifest,
+    features,
+    split_counts,
+    time_split,
+    write_atomic,
+    write_tables_and_manifest,
+)
+from recforge.data.readers import _READERS, Columns, SourceFile, normalise, resolve_inputs
+
+log = logging.getLogger(__name__)
+
+
+def prepare_duckdb(config: PrepareConfig) -> dict[str, Any]:
+    import duckdb
+
+    started = time.perf_counter()
+    out = Path(config.out).absolute()
+    if config.spill_dir:
+        spill_parent = Path(config.spill_dir)
+        spill_parent.mkdir(parents=True, exist_ok=True)
+    else:
+        # The nearest existing folder above out: creating out's parents is left to the final
+        # rename, so a failed run leaves no empty folders either.
+        spill_parent = next(p for p in out.parents if p.is_dir())
+    # A fresh folder of our own, so removing it can never take a user's files with it.
+    spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=spill_parent))
+    con = None
+    try:
+        con = duckdb.connect(str(spill / "prepare.duckdb"))
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        try:
+            con.execute(f"SET memory_limit = '{_sql_str(config.memory_limit)}'")
+        except duckdb.Error as exc:
+            raise ValueError(f"memory_limit: {config.memory_limit!r} ({exc})") from None
+        con.execute(f"SET threads = {threads or os.cpu_count() or 1}")
+        con.execute(f"SET temp_directory = '{_sql_str(str(spill / 'tmp'))}'")
+        # Every order that matters is spelled out with ORDER BY; this lets DuckDB stream.
+        con.execute("SET preserve_insertion_order = false")
+        sources, n_input, has_rating = _load_inputs(con, config)
+        log.info("read %d interactions from %d file(s)", n_input, len(sources))
+        manifest_parts = _transform(con, config, has_rating)
+        return _finish(con, config, out, sources, n_input, has_rating, started, manifest_parts)
+    finally:
+        if con is not None:
+            con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+# --- reading: the existing readers, one file at a time, into DuckDB with row numbers ---
+
+
+def _load_inputs(con: Any, config: PrepareConfig) -> tuple[list[SourceFile], int, bool]:
+    """Read each file with the readers and append it, with its input row numbers, to ``raw``.
+
+    Only one file's Arrow table is held at a time; DuckDB keeps ``raw`` in its buffer pool and
+    spills it under ``memory_limit``."""
+    files = resolve_inputs(config.input, config.format)
+    # MovieLens and SASRec text files have fixed columns; the others use the given names.
+    names = {"movielens": Columns(rating="rating"), "sasrec-txt": Columns()}.get(
+        config.format, config.columns
+    )
+    sources: list[SourceFile] = []
+    raw_types: dict[str, str] = {}
+    rating_kinds: set[bool] = set()
+    row_offset = 0
+    for path in files:
+        source = SourceFile(str(path), config.format, os.path.getsize(path), file_sha256(path))
+        if source.bytes == 0:
+            raise DataError("file is empty", path=str(path))
+        table = _READERS[config.format](path, config.columns, row_offset)
+        table, unit = normalise(table, str(path), names)
+        source.rows = table.num_rows
+        source.extra["timestamp_unit"] = unit
+        if config.format == "sasrec-txt":
+            source.extra["timestamp_unit"] = "line number (the file is in time order per user)"
+        rating_kinds.add("rating" in table.column_names)
+        if len(rating_kinds) == 1:  # a mismatch is reported once every file has been read
+            rn = pa.array(np.arange(row_offset, row_offset + table.num_rows, dtype=np.int64))
+            _append(con, table.append_column("rn", rn), raw_types)
+        del table
+        row_offset += source.rows
+        sources.append(source)
+    if row_offset == 0:
+        raise DataError("no interactions in the input", path=", ".join(str(f) for f in files))
+    if len(rating_kinds) > 1:
+        raise DataError(
+            "some input files have the rating column and others do not",
+            path=", ".join(str(f) for f in files),
+        )
+    return sources, row_offset, rating_kinds == {True}
+
+
+def _append(con: Any, table: pa.Table, raw_types: dict[str, str]) -> None:
+    kinds = {
+        name: "VARCHAR" if pa.types.is_string(table.schema.field(name).type) else "BIGINT"
+        for name in ("user_id", "item_id")
+    }
+    con.register("incoming", table)
+    try:
+        if not raw_types:
+            con.execute("CREATE TABLE raw AS SELECT * FROM incoming")
+            raw_types.update(kinds)
+            return
+        for name, kind in kinds.items():
+            # As the memory engine: integer ids in one file and string ids in another compare
+            # as strings.
+            if kind == "VARCHAR" and raw_types[name] == "BIGINT":
+                con.execute(f"ALTER TABLE raw ALTER {name} TYPE VARCHAR")
+                raw_types[name] = "VARCHAR"
+        columns = ", ".join(
+            f"CAST({c} AS {raw_types[c]})" if c in raw_types else c for c in table.column_names
+        )
+        con.execute(f"INSERT INTO raw SELECT {columns} FROM incoming")
+    finally:
+        con.unregister("incoming")
+
+
+# --- the heavy steps, in DuckDB ---
+
+
+def _transform(con: Any, config: PrepareConfig, has_rating: bool) -> dict[str, Any]:
+    # A row is out of time order when an earlier-timestamped row of its user came later in the
+    # input: its row number is below the largest one before it in (timestamp, row number) order.
+    out_of_order = _scalar(
+        con,
+        "SELECT count(*) FROM (SELECT rn, max(rn) OVER (PARTITION BY user_id "
+        "ORDER BY timestamp, rn ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before "
+        "FROM raw) WHERE rn < before",
+    )
+    # Ratings compare as numpy does: a NaN equals nothing (rn keeps its row apart), and of
+    # 0.0 and -0.0, equal, the first row's value stays.
+    group = ", rating, CASE WHEN isnan(rating) THEN rn END" if has_rating else ""
+    first_rating = ", arg_min(rating, rn) AS rating" if has_rating else ""
+    con.execute(
+        f"CREATE TABLE kept AS SELECT user_id, item_id, timestamp{first_rating}, min(rn) AS rn "
+        f"FROM raw GROUP BY user_id, item_id, timestamp{group}"
+    )
+    con.execute("DROP TABLE raw")
+    after_dedupe = _scalar(con, "SELECT count(*) FROM kept")
+    kcore = _k_core(con, config.min_user, config.min_item)
+    return {"out_of_order": out_of_order, "after_dedupe": after_dedupe, "kcore": kcore}
+
+
+def _k_core(con: Any, min_user: int, min_item: int) -> dict[str, int]:
+    stats = {
+        "rows_removed_min_user": 0,
+        "rows_removed_min_item": 0,
+        "iterations": 0,
+        "users_removed": 0,
+        "items_removed": 0,
+    }
+    if min_user <= 1 and min_item <= 1:
+        return stats
+    users_before = _scalar(con, "SELECT count(DISTINCT user_id) FROM kept")
+    items_before = _scalar(con, "SELECT count(DISTINCT item_id) FROM kept")
+    passes = (("user_id", min_user, "user"), ("item_id", min_item, "item"))
+    while True:
+        stats["iterations"] += 1
+        changed = False
+        for column, minimum, kind in passes:
+            if minimum <= 1:
+                continue
+            deleted = _scalar(
+                con,
+                f"DELETE FROM kept WHERE {column} IN (SELECT {column} FROM kept "
+                f"GROUP BY {column} HAVING count(*) < {int(minimum)})",
+            )
+            if deleted:
+                stats[f"rows_removed_min_{kind}"] += deleted
+                changed = True
+        if not changed or _scalar(con, "SELECT count(*) FROM kept") == 0:
+            break
+    stats["users_removed"] = users_before - _scalar(con, "SELECT count(DISTINCT user_id) FROM kept")
+    stats["items_removed"] = items_before - _scalar(con, "SELECT count(DISTINCT item_id) FROM kept")
+    return stats
+
+
+def _finish(
+    con: Any,
+    config: PrepareConfig,
+    out: Path,
+    sources: list[SourceFile],
+    n_input: int,
+    has_rating: bool,
+    started: float,
+    parts: dict[str, Any],
+) -> dict[str, Any]:
+    kcore = parts["kcore"]
+    removed = {
+        "exact_duplicates": n_input - parts["after_dedupe"],
+        "min_user": kcore["rows_removed_min_user"],
+        "min_item": kcore["rows_removed_min_item"],
+    }
+    n_kept = _scalar(con, "SELECT count(*) FROM kept")
+    if n_kept == 0:
+        raise DataError(
+            f"no interactions left after filtering ({removed}); lower --min-user/--min-item",
+            path=", ".join(s.path for s in sources),
+        )
+    for kind in ("user", "item"):
+        con.execute(
+            f"CREATE TABLE {kind}_vocab AS SELECT {kind}_id, "
+            f"CAST(row_number() OVER (ORDER BY {kind}_id) AS INTEGER) AS {kind}_idx, "
+            f"count(*) AS n FROM kept GROUP BY {kind}_id"
+        )
+    user_ids, lengths = _vocab(con, "user")
+    item_ids, item_counts = _vocab(con, "item")
+
+    if config.split == "leave-one-out":
+        split: dict[str, Any] = {"type": "leave-one-out"}
+        train_end, val_end = layout.split_bounds(split, lengths)
+    else:
+        split = time_split(config, lambda q: _quantile_higher(con, n_kept, q))
+        bounds = (
+            con.sql(
+                f"SELECT sum((k.timestamp < {split['val_start']})::BIGINT) AS train_end, "
+                f"sum((k.timestamp < {split['test_start']})::BIGINT) AS val_end "
+                "FROM kept k JOIN user_vocab u USING (user_id) "
+                "GROUP BY u.user_idx ORDER BY u.user_idx"
+            )
+            .to_arrow_table()
+            .combine_chunks()
+        )
+        train_end = bounds["train_end"].to_numpy().astype(np.int64)
+        val_end = bounds["val_end"].to_numpy().astype(np.int64)
+    counts = split_counts(lengths, train_end, val_end)
+
+    item_feats = features(config, "item", item_ids)
+    user_feats = features(config, "user", user_ids)
+    manifest = build_manifest(
+        config,
+        sources,
+        n_input,
+        removed,
+        parts["out_of_order"],
+        kcore,
+        n_kept,
+        len(user_ids),
+        len(item_ids),
+        has_rating,
+        split,
+        counts,
+        lengths,
+        item_feats,
+        user_feats,
+    )
+    assert sum(removed.values()) + manifest["interactions"] == n_input
+
+    def write(tmp: Path) -> None:
+        _write_sequences(con, tmp / layout.SEQUENCES, has_rating, config.row_group_size)
+        write_tables_and_manifest(
+            tmp, manifest, user_ids, item_ids, lengths, item_counts, item_feats, user_feats
+        )
+
+    write_atomic(out, config.overwrite, write)
+    log.info(
+        "prepared %s (duckdb): %d users, %d items, %d interactions in %.1fs",
+        out,
+        len(user_ids),
+        len(item_ids),
+        n_kept,
+        time.perf_counter() - started,
+    )
+    return manifest
+
+
+def _vocab(con: Any, kind: str) -> tuple[pa.Array, np.ndarray]:
+    """Original ids in idx order and their interaction counts."""
+    t = con.sql(f"SELECT {kind}_id, n FROM {kind}_vocab ORDER BY {kind}_idx").to_arrow_table()
+    ids = t[f"{kind}_id"].combine_chunks()
+    # The readers' types (string or int64), whatever Arrow flavour DuckDB hands back.
+    ids = ids.cast(pa.int64() if pa.types.is_integer(ids.type) else pa.string())
+    return ids, t["n"].to_numpy().astype(np.int64)
+
+
+def _quantile_higher(con: Any, n: int, q: float) -> int:
+    # numpy's method="higher": the value at index ceil((n - 1) * q) of the sorted timestamps.
+    index = min(int(np.ceil((n - 1) * q)), n - 1)
+    return _scalar(con, f"SELECT timestamp FROM kept ORDER BY timestamp LIMIT 1 OFFSET {index}")
+
+
+def _write_sequences(con: Any, path: Path, has_rating: bool, row_group_size: int) -> None:
+    # One ordered list of structs rather than a list per column: DuckDB sorts once per
+    # ordered aggregate, and the struct's fields come apart in Arrow without a copy.
+    rating = ", r := k.rating" if has_rating else ""
+    fields = [
+        pa.field("user_idx", pa.int32()),
+        pa.field("length", pa.int32()),
+        pa.field("item_idx", pa.list_(pa.int32())),
+        pa.field("timestamp", pa.list_(pa.int64())),
+    ]
+    if has_rating:
+        fields.append(pa.field("rating", pa.list_(pa.float32())))
+    schema = pa.schema(fields)
+    reader = con.sql(
+        "SELECT u.user_idx, CAST(count(*) AS INTEGER) AS length, "
+        f"list(struct_pack(i := i.item_idx, t := k.timestamp{rating}) "
+        "ORDER BY k.timestamp, k.rn) AS s "
+        "FROM kept k JOIN user_vocab u USING (user_id) JOIN item_vocab i USING (item_id) "
+        "GROUP BY u.user_idx ORDER BY u.user_idx"
+    ).to_arrow_reader(max(row_group_size, 1024))
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        # Whole row groups of exactly row_group_size users, as pq.write_table would cut them.
+        for batch in reader:
+            pending.append(_cast_batch(batch, schema))
+            held += batch.num_rows
+            if held >= row_group_size:
+                table = pa.Table.from_batches(pending, schema)
+                full = held - held % row_group_size
+                writer.write_table(table.slice(0, full), row_group_size=row_group_size)
+                rest = table.slice(full)
+                pending, held = rest.to_batches(), rest.num_rows
+        if held:
+            writer.write_table(
+                pa.Table.from_batches(pending, schema), row_group_size=row_group_size
+            )
+
+
+def _cast_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    seqs = batch.column("s")
+    offsets = pc.subtract(seqs.offsets, seqs.offsets[0]).cast(pa.int32())
+    values = seqs.flatten()
+    columns = [batch.column("user_idx"), batch.column("length")]
+    for field, name in zip(list(schema)[2:], ("i", "t", "r")):
+        # Rebuilt as plain pa.list_ (child "item"), the layout's type, not DuckDB's ("l").
+        columns.append(
+            pa.ListArray.from_arrays(offsets, values.field(name).cast(field.type.value_type))
+        )
+    return pa.RecordBatch.from_arrays(
+        [c.cast(f.type) for c, f in zip(columns, schema)], schema=schema
+    )
+
+
+def _scalar(con: Any, sql: str) -> int:
+    # fetchall, not fetchone: DuckDB refuses new work while a result is left unfinished.
+    rows = con.execute(sql).fetchall()
+    return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+
+def _sql_str(value: str) -> str:
+    return value.replace("'", "''")
