@@ -137,7 +137,7 @@ def main() -> None:
                 if rc != 0:
                     why = "timeout" if sec > args.timeout else f"exit {rc}"
                     print(f"| {n} | {engine} | {why} after {sec:.0f} | {peak_gb:.2f} | | | | |")
-                    print(tail.strip().splitlines()[-1] if tail.strip() else "", file=sys.stderr)
+                    print("\n".join(tail.strip().splitlines()[-4:]), file=sys.stderr)
                     continue
                 m = json.loads((out / "manifest.json").read_text())
                 print(

@@ -14,8 +14,9 @@ spill folder, and DuckDB does the rest under ``memory_limit``, spilling beside i
 - sequences: per-user lists ordered by (timestamp, row number), streamed out as Arrow batches
   into ``sequences.parquet`` in row groups of ``row_group_size`` users.
 
-Only per-user and per-item arrays (lengths, counts, ids, features) are held in Python. One
-input file is read whole by its reader, so the largest single file still bounds the memory.
+Only per-user and per-item arrays (lengths, counts, ids, features) are held in Python. Parquet
+files with integer ids are read in batches; any other file is read whole by its reader (string
+ids become integers only if the whole file's are), so the largest such file bounds the memory.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recforge.artifact import file_sha256
@@ -48,6 +49,9 @@ from recforge.data.prepare import (
 from recforge.data.readers import _READERS, Columns, SourceFile, normalise, resolve_inputs
 
 log = logging.getLogger(__name__)
+
+# Rows per Parquet batch read when a file can be streamed (see _stream_parquet).
+_BATCH_ROWS = 1 << 20
 
 
 def prepare_duckdb(config: PrepareConfig) -> dict[str, Any]:
@@ -71,7 +75,9 @@ def prepare_duckdb(config: PrepareConfig) -> dict[str, Any]:
         try:
             con.execute(f"SET memory_limit = '{_sql_str(config.memory_limit)}'")
         except duckdb.Error as exc:
-            raise ValueError(f"memory_limit: {config.memory_limit!r} ({exc})") from None
+            raise ValueError(
+                f"memory_limit (--memory-limit): {config.memory_limit!r} ({exc})"
+            ) from None
         con.execute(f"SET threads = {threads or os.cpu_count() or 1}")
         con.execute(f"SET temp_directory = '{_sql_str(str(spill / 'tmp'))}'")
         # Every order that matters is spelled out with ORDER BY; this lets DuckDB stream.
@@ -107,6 +113,17 @@ def _load_inputs(con: Any, config: PrepareConfig) -> tuple[list[SourceFile], int
         source = SourceFile(str(path), config.format, os.path.getsize(path), file_sha256(path))
         if source.bytes == 0:
             raise DataError("file is empty", path=str(path))
+        streamed = (
+            _stream_parquet(con, path, config.columns, row_offset, raw_types)
+            if config.format == "parquet"
+            else None
+        )
+        if streamed is not None:
+            source.rows, source.extra["timestamp_unit"] = streamed
+            rating_kinds.add(config.columns.rating is not None)
+            row_offset += source.rows
+            sources.append(source)
+            continue
         table = _READERS[config.format](path, config.columns, row_offset)
         table, unit = normalise(table, str(path), names)
         source.rows = table.num_rows
@@ -128,6 +145,45 @@ def _load_inputs(con: Any, config: PrepareConfig) -> tuple[list[SourceFile], int
             path=", ".join(str(f) for f in files),
         )
     return sources, row_offset, rating_kinds == {True}
+
+
+def _stream_parquet(
+    con: Any, path: Path, columns: Columns, row_offset: int, raw_types: dict[str, str]
+) -> tuple[int, str] | None:
+    """Append a Parquet file batch by batch when the readers' normalisation of a batch is the
+    same as of the whole file: integer ids (string ids turn into integers only when the whole
+    file's do) and integer, timestamp or date times. Returns (rows, timestamp unit), or None
+    for the whole-file path (which also gives any error its file-wide row number)."""
+    wanted = [c for c in (columns.user, columns.item, columns.timestamp, columns.rating) if c]
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
+    except (pa.ArrowException, OSError):
+        return None
+    if parquet.metadata.num_rows == 0 or any(c not in schema.names for c in wanted):
+        return None
+    ts = schema.field(columns.timestamp).type
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    if not (
+        all(pa.types.is_integer(schema.field(c).type) for c in (columns.user, columns.item))
+        and any(f(ts) for f in (pa.types.is_integer, pa.types.is_timestamp, pa.types.is_date))
+        and (columns.rating is None or any(f(schema.field(columns.rating).type) for f in numeric))
+    ):
+        return None
+    rows, unit = 0, "as given"
+    try:
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
+            table, unit = normalise(pa.Table.from_batches([batch]), str(path), columns)
+            start = row_offset + rows
+            rn = pa.array(np.arange(start, start + table.num_rows, dtype=np.int64))
+            _append(con, table.append_column("rn", rn), raw_types)
+            rows += table.num_rows
+    except (DataError, pa.ArrowException, OSError):
+        # Undo this file's batches; the whole-file path names the error as the readers do.
+        if raw_types:
+            con.execute(f"DELETE FROM raw WHERE rn >= {int(row_offset)}")
+        return None
+    return rows, unit
 
 
 def _append(con: Any, table: pa.Table, raw_types: dict[str, str]) -> None:
@@ -167,14 +223,18 @@ def _transform(con: Any, config: PrepareConfig, has_rating: bool) -> dict[str, A
         "ORDER BY timestamp, rn ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before "
         "FROM raw) WHERE rn < before",
     )
-    # Ratings compare as numpy does: a NaN equals nothing (rn keeps its row apart), and of
-    # 0.0 and -0.0, equal, the first row's value stays.
-    group = ", rating, CASE WHEN isnan(rating) THEN rn END" if has_rating else ""
-    first_rating = ", arg_min(rating, rn) AS rating" if has_rating else ""
-    con.execute(
-        f"CREATE TABLE kept AS SELECT user_id, item_id, timestamp{first_rating}, min(rn) AS rn "
-        f"FROM raw GROUP BY user_id, item_id, timestamp{group}"
-    )
+    if has_rating:
+        # Ratings compare as numpy does: a NaN equals nothing (its rn keeps it apart) and 0.0
+        # equals -0.0. The first row is fetched back whole, as aggregates drop the sign of -0.0.
+        con.execute(
+            "CREATE TABLE kept AS SELECT * FROM raw WHERE rn IN (SELECT min(rn) FROM raw "
+            "GROUP BY user_id, item_id, timestamp, rating, CASE WHEN isnan(rating) THEN rn END)"
+        )
+    else:
+        con.execute(
+            "CREATE TABLE kept AS SELECT user_id, item_id, timestamp, min(rn) AS rn "
+            "FROM raw GROUP BY user_id, item_id, timestamp"
+        )
     con.execute("DROP TABLE raw")
     after_dedupe = _scalar(con, "SELECT count(*) FROM kept")
     kcore = _k_core(con, config.min_user, config.min_item)
@@ -320,9 +380,6 @@ def _quantile_higher(con: Any, n: int, q: float) -> int:
 
 
 def _write_sequences(con: Any, path: Path, has_rating: bool, row_group_size: int) -> None:
-    # One ordered list of structs rather than a list per column: DuckDB sorts once per
-    # ordered aggregate, and the struct's fields come apart in Arrow without a copy.
-    rating = ", r := k.rating" if has_rating else ""
     fields = [
         pa.field("user_idx", pa.int32()),
         pa.field("length", pa.int32()),
@@ -332,19 +389,21 @@ def _write_sequences(con: Any, path: Path, has_rating: bool, row_group_size: int
     if has_rating:
         fields.append(pa.field("rating", pa.list_(pa.float32())))
     schema = pa.schema(fields)
+    # Flat rows in (user, time, input row) order, cut into lists here: a sort spills to disk,
+    # where DuckDB's ordered list() aggregate holds every group in memory (out of memory at
+    # 100M rows under 4GB).
+    rating = ", k.rating" if has_rating else ""
     reader = con.sql(
-        "SELECT u.user_idx, CAST(count(*) AS INTEGER) AS length, "
-        f"list(struct_pack(i := i.item_idx, t := k.timestamp{rating}) "
-        "ORDER BY k.timestamp, k.rn) AS s "
+        f"SELECT u.user_idx, i.item_idx, k.timestamp{rating} "
         "FROM kept k JOIN user_vocab u USING (user_id) JOIN item_vocab i USING (item_id) "
-        "GROUP BY u.user_idx ORDER BY u.user_idx"
-    ).to_arrow_reader(max(row_group_size, 1024))
+        "ORDER BY u.user_idx, k.timestamp, k.rn"
+    ).to_arrow_reader(1 << 20)
     pending: list[pa.RecordBatch] = []
     held = 0
     with pq.ParquetWriter(path, schema) as writer:
         # Whole row groups of exactly row_group_size users, as pq.write_table would cut them.
-        for batch in reader:
-            pending.append(_cast_batch(batch, schema))
+        for batch in _user_lists(reader, schema):
+            pending.append(batch)
             held += batch.num_rows
             if held >= row_group_size:
                 table = pa.Table.from_batches(pending, schema)
@@ -358,19 +417,37 @@ def _write_sequences(con: Any, path: Path, has_rating: bool, row_group_size: int
             )
 
 
-def _cast_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    seqs = batch.column("s")
-    offsets = pc.subtract(seqs.offsets, seqs.offsets[0]).cast(pa.int32())
-    values = seqs.flatten()
-    columns = [batch.column("user_idx"), batch.column("length")]
-    for field, name in zip(list(schema)[2:], ("i", "t", "r")):
-        # Rebuilt as plain pa.list_ (child "item"), the layout's type, not DuckDB's ("l").
-        columns.append(
-            pa.ListArray.from_arrays(offsets, values.field(name).cast(field.type.value_type))
-        )
-    return pa.RecordBatch.from_arrays(
-        [c.cast(f.type) for c, f in zip(columns, schema)], schema=schema
-    )
+def _user_lists(reader: pa.RecordBatchReader, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """One row per user from flat rows sorted by user; a user cut by a batch boundary waits
+    for the next batch."""
+    carry: pa.Table | None = None
+    for batch in reader:
+        rows = pa.Table.from_batches([batch])
+        if carry is not None:
+            rows = pa.concat_tables([carry, rows])
+        users = rows.column(0).to_numpy()
+        last_start = int(np.flatnonzero(users != users[-1])[-1]) + 1 if users[0] != users[-1] else 0
+        if last_start:
+            yield _lists(rows.slice(0, last_start), schema)
+        carry = rows.slice(last_start)
+    if carry is not None and carry.num_rows:
+        yield _lists(carry, schema)
+
+
+def _lists(rows: pa.Table, schema: pa.Schema) -> pa.RecordBatch:
+    rows = rows.combine_chunks()
+    users = rows.column(0).to_numpy()
+    starts = np.concatenate([[0], np.flatnonzero(users[1:] != users[:-1]) + 1])
+    offsets = pa.array(np.append(starts, len(users)).astype(np.int32))
+    columns = [
+        pa.array(users[starts].astype(np.int32)),
+        pa.array(np.diff(np.append(starts, len(users))).astype(np.int32)),
+    ]
+    for field, values in zip(list(schema)[2:], rows.columns[1:]):
+        # Plain pa.list_ (child "item"), the layout's type.
+        values = values.combine_chunks().cast(field.type.value_type)
+        columns.append(pa.ListArray.from_arrays(offsets, values))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 def _scalar(con: Any, sql: str) -> int:

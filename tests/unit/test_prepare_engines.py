@@ -190,3 +190,41 @@ def test_duckdb_spill_dir_is_removed_on_failure(tmp_path: Path) -> None:
         )
     assert list(spill.iterdir()) == [] and not (tmp_path / "o").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "spill"]
+
+
+def test_parquet_streamed_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recforge.data import prepare_duckdb
+
+    monkeypatch.setattr(prepare_duckdb, "_BATCH_ROWS", 3)
+    n = 20
+    table = pa.table(
+        {
+            "user_id": [i % 4 for i in range(n)],
+            "item_id": [i % 2 for i in range(n)],
+            "timestamp": pa.array([(i * 3) % 4 for i in range(n)], pa.timestamp("ms")),
+            "rating": [float(i % 2) for i in range(n)],
+        }
+    )
+    for k in range(2):
+        pq.write_table(table.slice(k * 10, 10), tmp_path / f"p{k}.parquet", row_group_size=4)
+    manifest = assert_engines_agree(
+        tmp_path, input=[str(tmp_path / "*.parquet")], columns=Columns(rating="rating")
+    )
+    assert manifest["rows_removed"]["exact_duplicates"] > 0
+    assert manifest["source"]["files"][1]["extra"]["timestamp_unit"] == "ms"
+
+
+def test_error_in_a_later_batch_names_the_file_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recforge.data import prepare_duckdb
+
+    monkeypatch.setattr(prepare_duckdb, "_BATCH_ROWS", 2)
+    src = tmp_path / "in.parquet"
+    items = pa.array([1, 2, 3, 4, None, 6], pa.int64())
+    pq.write_table(
+        pa.table({"user_id": [1] * 6, "item_id": items, "timestamp": list(range(6))}), src
+    )
+    assert assert_engines_agree(tmp_path, input=[str(src)]) is None
+    with pytest.raises(DataError, match="row 5"):
+        prepare(PrepareConfig(input=[str(src)], out=str(tmp_path / "o")))
