@@ -339,17 +339,25 @@ def _exact_duplicates(
     return dup
 
 
+def empty_k_core_stats() -> dict[str, int]:
+    """The k-core counts of the manifest, before any pass (both engines fill the same keys)."""
+    return dict.fromkeys(
+        (
+            "rows_removed_min_user",
+            "rows_removed_min_item",
+            "iterations",
+            "users_removed",
+            "items_removed",
+        ),
+        0,
+    )
+
+
 def _k_core(
     user: np.ndarray, item: np.ndarray, keep: np.ndarray, min_user: int, min_item: int
 ) -> dict[str, int]:
     """Filter ``keep`` in place to the (min_user, min_item)-core."""
-    stats = {
-        "rows_removed_min_user": 0,
-        "rows_removed_min_item": 0,
-        "iterations": 0,
-        "users_removed": 0,
-        "items_removed": 0,
-    }
+    stats = empty_k_core_stats()
     if min_user <= 1 and min_item <= 1:
         return stats
     users_before = len(np.unique(user[keep]))

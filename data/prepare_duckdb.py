@@ -40,13 +40,14 @@ from recforge.data.errors import DataError
 from recforge.data.prepare import (
     PrepareConfig,
     build_manifest,
+    empty_k_core_stats,
     features,
     split_counts,
     time_split,
     write_atomic,
     write_tables_and_manifest,
 )
-from recforge.data.readers import _READERS, Columns, SourceFile, normalise, resolve_inputs
+from recforge.data.readers import READERS, Columns, SourceFile, normalise, resolve_inputs
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _load_inputs(con: Any, config: PrepareConfig) -> tuple[list[SourceFile], int
             row_offset += source.rows
             sources.append(source)
             continue
-        table = _READERS[config.format](path, config.columns, row_offset)
+        table = READERS[config.format](path, config.columns, row_offset)
         table, unit = normalise(table, str(path), names)
         source.rows = table.num_rows
         source.extra["timestamp_unit"] = unit
@@ -242,13 +243,7 @@ def _transform(con: Any, config: PrepareConfig, has_rating: bool) -> dict[str, A
 
 
 def _k_core(con: Any, min_user: int, min_item: int) -> dict[str, int]:
-    stats = {
-        "rows_removed_min_user": 0,
-        "rows_removed_min_item": 0,
-        "iterations": 0,
-        "users_removed": 0,
-        "items_removed": 0,
-    }
+    stats = empty_k_core_stats()
     if min_user <= 1 and min_item <= 1:
         return stats
     users_before = _scalar(con, "SELECT count(DISTINCT user_id) FROM kept")

@@ -95,7 +95,7 @@ def read_interactions(
         source = SourceFile(str(path), fmt, os.path.getsize(path), file_sha256(path))
         if source.bytes == 0:
             raise DataError("file is empty", path=str(path))
-        table = _READERS[fmt](path, columns, row_offset)
+        table = READERS[fmt](path, columns, row_offset)
         # MovieLens and SASRec text files have fixed columns; the others use the given names.
         names = {"movielens": Columns(rating="rating"), "sasrec-txt": Columns()}.get(fmt, columns)
         table, unit = normalise(table, str(path), names)
@@ -270,7 +270,7 @@ def _read_sasrec_txt(path: Path, columns: Columns, row_offset: int) -> pa.Table:
     return table.append_column("timestamp", ts)
 
 
-_READERS = {
+READERS = {
     "parquet": _read_parquet,
     "csv": _read_csv,
     "movielens": _read_movielens,

@@ -16,6 +16,7 @@ NaN, and ``encode`` exports to ONNX with ``is_causal=True`` (docs/architecture.m
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -163,8 +164,13 @@ class Packing:
         self.batch, self.length = mask.shape
         self.index = mask.reshape(-1).nonzero().squeeze(1)  # (T,) flat positions b * L + l
         self.positions = self.index % self.length  # (T,) position l within its row
-        row_length = mask.sum(1)[self.index // self.length]  # (T,) real length n of its row
-        self.from_newest = row_length - 1 - self.positions  # (T,) n - 1 - l: 0 for the newest item
+        self._mask = mask
+
+    @functools.cached_property
+    def from_newest(self) -> Tensor:
+        """(T,) ``n - 1 - l``: 0 for each row's newest item (only ``position_origin: newest``)."""
+        row_length = self._mask.sum(1)[self.index // self.length]  # (T,) real length n of its row
+        return row_length - 1 - self.positions
 
     def unpack(self, packed: Tensor) -> Tensor:
         """(T, C) -> (B, L, C) with zeros at padding."""
