@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
