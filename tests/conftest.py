@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from s3_server import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
