@@ -2,17 +2,24 @@
 
     python benchmarks/loader.py             # synthesises ~1M interactions, prepares them, measures
     python benchmarks/loader.py --data DIR  # measures an existing prepared directory
+    python benchmarks/loader.py --data DIR --startup --only "sasrec train"  # start-up only
 
 Per configuration (SASRec B=128, L=200; two-tower B=1024, H=50; training and validation): the
 median over ``--repeats`` epochs, each a fresh shuffle whose windows are read again.
 ``examples/s`` counts real rows (weight 1); ``interactions/s`` counts the interactions a pass
 consumes as training signal: the positions with a next-item target for SASRec training
 (``sum(lengths)``), one per example otherwise.
+
+``--startup``: per configuration, only ``setup("fit")`` (which scans the ``length`` column of
+every row group) and the first batch: their seconds, the RSS before/after and the process's
+peak RSS (``ru_maxrss``, cumulative over the configurations run in this process: use ``--only``
+with one name for a figure of its own). GB are 10^9 bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import sys
@@ -91,19 +98,53 @@ def make_dataset(root: Path, users: int, items: int, mean_length: float, seed: i
     return root / "prepared"
 
 
-def measure(
-    data_dir: str, config: dict[str, Any], shuffle_window: int, repeats: int
-) -> dict[str, float]:
-    stage = config["stage"]
-    dm = SequenceDataModule(
+def _datamodule(data_dir: str, config: dict[str, Any], shuffle_window: int) -> SequenceDataModule:
+    return SequenceDataModule(
         data_dir,
-        model_family=config["model"],
+        batch_format="sequence" if config["model"] == "sasrec" else "history",
         batch_size=config["batch_size"],
         eval_batch_size=config["batch_size"],
         max_len=config.get("max_len", 50),
         history_len=config.get("history_len", 50),
         shuffle_window=shuffle_window,
     )
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def startup(data_dir: str, config: dict[str, Any], shuffle_window: int) -> dict[str, float]:
+    """Seconds and RSS of setup("fit") and of the first batch of the configuration's stage."""
+    rss0 = _rss_gb()
+    dm = _datamodule(data_dir, config, shuffle_window)
+    start = time.perf_counter()
+    dm.setup("fit")
+    setup_s = time.perf_counter() - start
+    rss1 = _rss_gb()
+    start = time.perf_counter()
+    loader = dm.train_dataloader() if config["stage"] == "train" else dm.val_dataloader()
+    next(iter(loader))
+    first_s = time.perf_counter() - start
+    return {
+        "setup_s": setup_s,
+        "first_batch_s": first_s,
+        "rss_before_gb": rss0,
+        "rss_after_setup_gb": rss1,
+        "rss_after_batch_gb": _rss_gb(),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+
+
+def measure(
+    data_dir: str, config: dict[str, Any], shuffle_window: int, repeats: int
+) -> dict[str, float]:
+    stage = config["stage"]
+    dm = _datamodule(data_dir, config, shuffle_window)
     start = time.perf_counter()
     dm.setup("fit")
     setup_s = time.perf_counter() - start
@@ -145,7 +186,14 @@ def main(argv: list[str] | None = None) -> None:
         "--repeats", type=int, default=3, help="epochs per configuration; the median is shown"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--only", nargs="+", choices=[c["name"] for c in CONFIGS], help="configurations to run"
+    )
+    parser.add_argument(
+        "--startup", action="store_true", help="only setup() and the first batch (see above)"
+    )
     args = parser.parse_args(argv)
+    configs = [c for c in CONFIGS if args.only is None or c["name"] in args.only]
 
     tmp = None
     if args.data is None:
@@ -166,13 +214,29 @@ def main(argv: list[str] | None = None) -> None:
             + (f", {total:,} interactions" if total else "")
             + "; num_workers=0, one process\n"
         )
+        if args.startup:
+            print(
+                "| configuration | B | setup s | first batch s | RSS before GB "
+                "| after setup GB | after batch GB | peak RSS GB |\n"
+                "|---|---:|---:|---:|---:|---:|---:|---:|"
+            )
+            for config in configs:
+                r = startup(data_dir, config, args.shuffle_window)
+                print(
+                    f"| {config['name']} | {config['batch_size']} | {r['setup_s']:.2f} | "
+                    f"{r['first_batch_s']:.2f} | {r['rss_before_gb']:.2f} | "
+                    f"{r['rss_after_setup_gb']:.2f} | {r['rss_after_batch_gb']:.2f} | "
+                    f"{r['peak_rss_gb']:.2f} |",
+                    flush=True,
+                )
+            return
         header = (
             f"{'configuration':<20} {'B':>5} {'setup s':>8} {'pass s':>8} {'batches':>8} "
             f"{'batches/s':>10} {'examples/s':>11} {'interactions/s':>15}"
         )
         print(header)
         print("-" * len(header))
-        for config in CONFIGS:
+        for config in configs:
             r = measure(data_dir, config, args.shuffle_window, args.repeats)
             print(
                 f"{config['name']:<20} {config['batch_size']:>5} "

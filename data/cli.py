@@ -89,12 +89,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--memory-limit",
         default="4GB",
-        help="duckdb engine: memory it may use before spilling (default 4GB)",
+        help=(
+            "duckdb engine: peak memory of the whole process (default 4GB; 1000-based units, "
+            "KiB/MiB/GiB 1024-based); DuckDB gets 3/4 of it, at most the limit less 512MiB, "
+            "and spills beyond, the rest is kept for Arrow/Python buffers"
+        ),
     )
     p.add_argument(
         "--spill-dir",
         default=None,
         help="duckdb engine: where to spill (default: beside --out); removed afterwards",
+    )
+    p.add_argument(
+        "--vocab-from",
+        default=None,
+        metavar="PREV_PREPARED_DIR",
+        help="keep the user/item indices of a previous prepared directory (for warm starts); "
+        "ids it does not know are appended after them in sorted order",
     )
     p.set_defaults(func=_prepare)
 
@@ -181,6 +192,7 @@ def _prepare(args: argparse.Namespace) -> int:
         engine=args.engine,
         memory_limit=args.memory_limit,
         spill_dir=args.spill_dir,
+        vocab_from=args.vocab_from,
     )
     manifest = prepare(config)
     summary = {

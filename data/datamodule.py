@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
+from recforge.data import storage
 from recforge.data.errors import DataError
-from recforge.data.layout import ITEMS, read_manifest
+from recforge.data.layout import ITEMS, MANIFEST, read_manifest
 from recforge.data.loader import (
     BATCH_FORMATS,
     STAGES,
@@ -114,7 +114,14 @@ class SequenceDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.shuffle_window = num_workers, seed, shuffle_window
         self.train_windows = train_windows
         if synthesize is not None:
-            ensure_synthetic(data_dir, synthesize)
+            if not storage.is_remote(data_dir):
+                ensure_synthetic(data_dir, synthesize)
+            elif not storage.exists(storage.join(data_dir, MANIFEST)):
+                raise ValueError(
+                    f"synthesize: generates data on local disk, and data_dir {data_dir!r} is "
+                    "remote and holds no prepared dataset (write one there with `recforge data "
+                    "prepare --out`)"
+                )
         # Read now so a wrong path fails before any training starts, and so that a model built
         # before setup() (LightningCLI argument links) can read the metadata.
         self.manifest: dict[str, Any] = read_manifest(data_dir)
@@ -186,8 +193,8 @@ class SequenceDataModule(L.LightningDataModule):
         """(num_items + 1,) int64 interactions per item id (index 0 = padding = 0), for logQ
         correction."""
         if self._item_counts is None:
-            path = f"{self.data_dir}/{ITEMS}"
-            table = pq.read_table(path, columns=["item_idx", "count"])
+            path = storage.join(self.data_dir, ITEMS)
+            table = storage.read_table(path, columns=["item_idx", "count"])
             counts = np.zeros(self.num_items + 1, np.int64)
             ids = table.column("item_idx").to_numpy().astype(np.int64)
             if len(ids) and (ids.min() < 1 or ids.max() > self.num_items):

@@ -41,13 +41,16 @@ PADDING_IDX = 0
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+    from recforge.data import storage  # pyarrow's filesystems load only when a manifest is read
+
+    path = storage.join(directory, MANIFEST)
+    storage.check_reachable(directory)
+    try:
+        manifest = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"{path}: not a prepared dataset (no {MANIFEST}); run `recforge data prepare`"
-        )
-    with open(path) as f:
-        manifest = json.load(f)
+        ) from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recforge.data import storage
 from recforge.data.errors import DataError
 from recforge.data.layout import ITEMS, SEQUENCES, USERS, split_bounds
 from recforge.data.ragged import gather_ragged
@@ -160,7 +161,7 @@ def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_bounds(
-    pf: pq.ParquetFile, path: Path, row_groups: list[int], split: dict[str, Any], with_items: bool
+    pf: pq.ParquetFile, path: str, row_groups: list[int], split: dict[str, Any], with_items: bool
 ) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
     """Read row groups; return the table and per-user ``(lengths, train_end, val_end)``."""
     timed = split.get("type") == "time"
@@ -195,8 +196,8 @@ def scan_examples(
     data_dir: str | Path, split: dict[str, Any], specs: list[ExampleSpec]
 ) -> list[ExampleIndex]:
     """Count examples per row group for each spec in one pass (no item lists are read)."""
-    path = Path(data_dir) / SEQUENCES
-    pf = pq.ParquetFile(path)
+    path = storage.join(data_dir, SEQUENCES)
+    pf = storage.parquet_file(path)
     counts = [np.zeros(pf.num_row_groups, np.int64) for _ in specs]
     skipped: list[dict[str, int]] = [{} for _ in specs]
     for rg in range(pf.num_row_groups):
@@ -241,14 +242,13 @@ def load_feature_table(
     path: str | Path, id_column: str, num_rows: int, features: dict[str, dict[str, Any]]
 ) -> FeatureTable:
     """Read ``items.parquet``/``users.parquet`` features as described by the manifest."""
-    path = Path(path)
-    names = pq.read_schema(path).names
+    names = storage.read_schema(path).names
     for column in [id_column, *features]:
         if column not in names:
             raise DataError(
                 "column named by the manifest is missing", path=str(path), column=column
             )
-    table = pq.read_table(path, columns=[id_column, *features])
+    table = storage.read_table(path, columns=[id_column, *features])
     ids = table.column(id_column).to_numpy().astype(np.int64)
     if not np.array_equal(np.sort(ids), np.arange(1, num_rows + 1)):
         raise DataError(
@@ -297,10 +297,16 @@ def load_feature_tables(data_dir: str | Path, manifest: dict[str, Any]) -> Featu
     features = manifest.get("features", {})
     return FeatureTables(
         item=load_feature_table(
-            Path(data_dir) / ITEMS, "item_idx", int(manifest["items"]), features.get("item", {})
+            storage.join(data_dir, ITEMS),
+            "item_idx",
+            int(manifest["items"]),
+            features.get("item", {}),
         ),
         user=load_feature_table(
-            Path(data_dir) / USERS, "user_idx", int(manifest["users"]), features.get("user", {})
+            storage.join(data_dir, USERS),
+            "user_idx",
+            int(manifest["users"]),
+            features.get("user", {}),
         ),
     )
 
@@ -432,7 +438,7 @@ class SequenceBatchDataset(Dataset):
             raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
         if index.spec.batch_format == "history" and features is None:
             raise ValueError("features: history batches need the item and user feature tables")
-        self.path = Path(data_dir) / SEQUENCES
+        self.path = storage.join(data_dir, SEQUENCES)
         self.index, self.spec, self.split = index, index.spec, split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.shuffle_window = seed, shuffle, shuffle_window
@@ -468,7 +474,7 @@ class SequenceBatchDataset(Dataset):
         if w not in self._windows:
             if self._file is None or self._pid != os.getpid():
                 # A forked worker must not share the parent's file handle.
-                self._file, self._pid = pq.ParquetFile(self.path), os.getpid()
+                self._file, self._pid = storage.parquet_file(self.path), os.getpid()
             table, lengths, train_end, val_end = _read_bounds(
                 self._file,
                 self.path,

@@ -14,7 +14,8 @@ Order of operations, each counted in the manifest:
 3. drop exact duplicate rows (same user, item, timestamp and rating; the first one stays);
 4. k-core: drop users with < ``min_user`` and items with < ``min_item`` interactions, repeated
    until nothing changes;
-5. id vocabularies over what is left: idx 1..N in sorted original-id order, 0 is padding;
+5. id vocabularies over what is left: idx 1..N in sorted original-id order, 0 is padding
+   (``--vocab-from``: a previous directory's indices kept, unknown ids appended sorted);
 6. split (leave-one-out, or global time cut points) and write.
 """
 
@@ -35,10 +36,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recforge.atomic import TargetExistsError, atomic_directory
-from recforge.data import layout
+from recforge.data import layout, vocab
 from recforge.data.errors import DataError
 from recforge.data.features import EncodedFeatures, encode_features, read_feature_table
 from recforge.data.readers import FORMATS, Columns, SourceFile, read_interactions
+from recforge.data.staging import involves_remote, prepare_staged
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,9 @@ class PrepareConfig:
     spill_dir: str | None = None
     """DuckDB engine: where to spill (default: beside ``out``); a fresh folder in it is used
     and removed afterwards."""
+    vocab_from: str | None = None
+    """A previous prepared directory whose user/item indices are kept; ids it does not know
+    are appended after them (see :mod:`recforge.data.vocab`)."""
 
     def validate(self) -> None:
         if not self.input:
@@ -115,9 +120,13 @@ class PrepareConfig:
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Prepare a dataset directory; returns its manifest."""
     config.validate()
+    if involves_remote(config):
+        return prepare_staged(config, prepare)
     out = Path(config.out)
     if out.exists() and not config.overwrite:
         raise DataError("output directory exists (pass --overwrite to replace it)", path=str(out))
+    if config.vocab_from is not None:
+        vocab.check_previous(config.vocab_from)
     if config.engine == "duckdb":
         from recforge.data.prepare_duckdb import prepare_duckdb
 
@@ -155,9 +164,19 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
     user_idx, user_ids = _compact(user_code, user_dict)
     item_idx, item_ids = _compact(item_code, item_dict)
+    vocab_from = None
+    if config.vocab_from is not None:
+        user_idx, item_idx, user_ids, item_ids, order, vocab_from = vocab.renumber(
+            config.vocab_from, user_idx, item_idx, user_ids, item_ids
+        )
+        ts = ts[order]
+        rating = rating[order] if rating is not None else None
     n_users, n_items = len(user_ids), len(item_ids)
-    lengths = np.bincount(user_idx, minlength=n_users + 1)[1:]
+    user_counts = np.bincount(user_idx, minlength=n_users + 1)[1:]
     item_counts = np.bincount(item_idx, minlength=n_items + 1)[1:]
+    # Users carried over by --vocab-from without interactions now have no sequence.
+    seq_users = np.flatnonzero(user_counts) + 1
+    lengths = user_counts[seq_users - 1]
 
     split, split_counts = _split(config, lengths, ts)
 
@@ -180,6 +199,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         lengths,
         item_feats,
         user_feats,
+        vocab_from,
     )
     assert sum(removed.values()) + manifest["interactions"] == n_input
 
@@ -189,13 +209,14 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         lambda tmp: _write_files(
             tmp,
             manifest,
-            user_idx,
+            seq_users,
             item_idx,
             ts,
             rating,
             lengths,
             user_ids,
             item_ids,
+            user_counts,
             item_counts,
             item_feats,
             user_feats,
@@ -229,9 +250,13 @@ def build_manifest(
     lengths: np.ndarray,
     item_feats: EncodedFeatures | None,
     user_feats: EncodedFeatures | None,
+    vocab_from: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest both engines write; one builder so their fields cannot drift apart."""
-    return {
+    """The manifest both engines write; one builder so their fields cannot drift apart.
+
+    ``n_users``/``n_items`` are the vocabulary sizes; ``lengths`` are those of the users with
+    a sequence (fewer than ``n_users`` only under ``vocab_from``)."""
+    manifest = {
         "format_version": layout.FORMAT_VERSION,
         "created_by": "recforge data prepare",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -272,6 +297,9 @@ def build_manifest(
         },
         "sequences_row_group_size": config.row_group_size,
     }
+    if vocab_from is not None:
+        manifest["vocab_from"] = vocab_from
+    return manifest
 
 
 # --- steps ---
@@ -481,13 +509,14 @@ def write_atomic(out: Path, overwrite: bool, write: Callable[[Path], None]) -> N
 def _write_files(
     tmp: Path,
     manifest: dict,
-    user_idx: np.ndarray,
+    seq_users: np.ndarray,
     item_idx: np.ndarray,
     ts: np.ndarray,
     rating: np.ndarray | None,
     lengths: np.ndarray,
     user_ids: pa.Array,
     item_ids: pa.Array,
+    user_counts: np.ndarray,
     item_counts: np.ndarray,
     item_feats: EncodedFeatures | None,
     user_feats: EncodedFeatures | None,
@@ -495,7 +524,7 @@ def _write_files(
 ) -> None:
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     seq_cols = {
-        "user_idx": pa.array(np.arange(1, len(lengths) + 1, dtype=np.int32)),
+        "user_idx": pa.array(seq_users.astype(np.int32)),
         "length": pa.array(lengths.astype(np.int32)),
         "item_idx": pa.ListArray.from_arrays(offsets, pa.array(item_idx.astype(np.int32))),
         "timestamp": pa.ListArray.from_arrays(offsets, pa.array(ts.astype(np.int64))),
@@ -504,7 +533,7 @@ def _write_files(
         seq_cols["rating"] = pa.ListArray.from_arrays(offsets, pa.array(rating.astype(np.float32)))
     pq.write_table(pa.table(seq_cols), tmp / layout.SEQUENCES, row_group_size=row_group_size)
     write_tables_and_manifest(
-        tmp, manifest, user_ids, item_ids, lengths, item_counts, item_feats, user_feats
+        tmp, manifest, user_ids, item_ids, user_counts, item_counts, item_feats, user_feats
     )
 
 

@@ -17,12 +17,22 @@ spill folder, and DuckDB does the rest under ``memory_limit``, spilling beside i
 Only per-user and per-item arrays (lengths, counts, ids, features) are held in Python. Parquet
 files with integer ids are read in batches; any other file is read whole by its reader (string
 ids become integers only if the whole file's are), so the largest such file bounds the memory.
+
+Memory: ``memory_limit`` (``--memory-limit``) bounds the whole process, and DuckDB's own
+``memory_limit`` covers its buffer manager only. What it does not count comes on top: the
+interpreter and libraries (~0.1 GB), Arrow and numpy buffers (input batches, the flat rows cut
+into lists, Parquet writer buffers, per-user arrays), allocations DuckDB does not track and
+what the allocators keep of freed memory; together 0.3-0.5 GB measured from 20M to 100M
+interactions. So DuckDB gets three quarters of the limit, at most the limit less 512 MiB, at
+least a quarter (4GB: 3GB to DuckDB, 1GB reserved; 1GB: 0.46GB to DuckDB), and spills the rest.
+A limit under about 1GB leaves too little for that footprint and can be exceeded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recforge.artifact import file_sha256
-from recforge.data import layout
+from recforge.data import layout, vocab
 from recforge.data.errors import DataError
 from recforge.data.prepare import (
     PrepareConfig,
@@ -47,12 +57,24 @@ from recforge.data.prepare import (
     write_atomic,
     write_tables_and_manifest,
 )
-from recforge.data.readers import READERS, Columns, SourceFile, normalise, resolve_inputs
+from recforge.data.readers import (
+    READERS,
+    Columns,
+    SourceFile,
+    normalise,
+    resolve_inputs,
+    row_group_error,
+)
 
 log = logging.getLogger(__name__)
 
-# Rows per Parquet batch read when a file can be streamed (see _stream_parquet).
-_BATCH_ROWS = 1 << 20
+# Rows per Parquet batch read when a file can be streamed (see _stream_parquet), and per Arrow
+# batch of flat rows fetched back by _write_sequences: small enough that these transient Arrow
+# and numpy buffers (and what the allocators keep of them) stay well inside the reserve.
+_BATCH_ROWS = 1 << 18
+# Of the process's memory limit, DuckDB's buffer manager gets three quarters, at most the limit
+# less this reserve, at least a quarter (see the module docstring and _duckdb_share).
+_RESERVE_MIN = 512 << 20
 
 
 def prepare_duckdb(config: PrepareConfig) -> dict[str, Any]:
@@ -79,6 +101,11 @@ def prepare_duckdb(config: PrepareConfig) -> dict[str, Any]:
             raise ValueError(
                 f"memory_limit (--memory-limit): {config.memory_limit!r} ({exc})"
             ) from None
+        # The limit is the whole process's; DuckDB's buffer manager gets its share of it.
+        read_back = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+        share = _duckdb_share(config.memory_limit, str(read_back))
+        if share is not None:
+            con.execute(f"SET memory_limit = '{share}B'")
         con.execute(f"SET threads = {threads or os.cpu_count() or 1}")
         con.execute(f"SET temp_directory = '{_sql_str(str(spill / 'tmp'))}'")
         # Every order that matters is spelled out with ORDER BY; this lets DuckDB stream.
@@ -154,7 +181,8 @@ def _stream_parquet(
     """Append a Parquet file batch by batch when the readers' normalisation of a batch is the
     same as of the whole file: integer ids (string ids turn into integers only when the whole
     file's do) and integer, timestamp or date times. Returns (rows, timestamp unit), or None
-    for the whole-file path (which also gives any error its file-wide row number)."""
+    for the whole-file path (which also gives a bad value its file-wide row number). A row
+    group that cannot be read is a DataError naming it, as the whole-file path would give."""
     wanted = [c for c in (columns.user, columns.item, columns.timestamp, columns.rating) if c]
     try:
         parquet = pq.ParquetFile(path)
@@ -172,18 +200,28 @@ def _stream_parquet(
     ):
         return None
     rows, unit = 0, "as given"
-    try:
-        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
-            table, unit = normalise(pa.Table.from_batches([batch]), str(path), columns)
+    for i in range(parquet.num_row_groups):
+        # One row group at a time, so that a corrupt one is named as the readers name it.
+        batches = parquet.iter_batches(batch_size=_BATCH_ROWS, row_groups=[i], columns=wanted)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:
+                raise row_group_error(parquet, i, path, exc) from None
+            if batch is None:
+                break
+            try:
+                table, unit = normalise(pa.Table.from_batches([batch]), str(path), columns)
+            except (DataError, pa.ArrowException):
+                # Undo this file's batches; the whole-file path names the error's row in the
+                # file, as the readers do.
+                if raw_types:
+                    con.execute(f"DELETE FROM raw WHERE rn >= {int(row_offset)}")
+                return None
             start = row_offset + rows
             rn = pa.array(np.arange(start, start + table.num_rows, dtype=np.int64))
             _append(con, table.append_column("rn", rn), raw_types)
             rows += table.num_rows
-    except (DataError, pa.ArrowException, OSError):
-        # Undo this file's batches; the whole-file path names the error as the readers do.
-        if raw_types:
-            con.execute(f"DELETE FROM raw WHERE rn >= {int(row_offset)}")
-        return None
     return rows, unit
 
 
@@ -292,14 +330,23 @@ def _finish(
             f"no interactions left after filtering ({removed}); lower --min-user/--min-item",
             path=", ".join(s.path for s in sources),
         )
-    for kind in ("user", "item"):
-        con.execute(
-            f"CREATE TABLE {kind}_vocab AS SELECT {kind}_id, "
-            f"CAST(row_number() OVER (ORDER BY {kind}_id) AS INTEGER) AS {kind}_idx, "
-            f"count(*) AS n FROM kept GROUP BY {kind}_id"
+    vocab_from = None
+    if config.vocab_from is None:
+        for kind in ("user", "item"):
+            con.execute(
+                f"CREATE TABLE {kind}_vocab AS SELECT {kind}_id, "
+                f"CAST(row_number() OVER (ORDER BY {kind}_id) AS INTEGER) AS {kind}_idx, "
+                f"count(*) AS n FROM kept GROUP BY {kind}_id"
+            )
+        user_ids, user_counts = _vocab(con, "user")
+        item_ids, item_counts = _vocab(con, "item")
+    else:
+        (user_ids, user_counts, users), (item_ids, item_counts, items) = (
+            _extended_vocab(con, kind, config.vocab_from) for kind in ("user", "item")
         )
-    user_ids, lengths = _vocab(con, "user")
-    item_ids, item_counts = _vocab(con, "item")
+        vocab_from = vocab.manifest_entry(config.vocab_from, users, items)
+    # Users carried over by --vocab-from without interactions now have no sequence.
+    lengths = user_counts[user_counts > 0]
 
     if config.split == "leave-one-out":
         split: dict[str, Any] = {"type": "leave-one-out"}
@@ -338,13 +385,14 @@ def _finish(
         lengths,
         item_feats,
         user_feats,
+        vocab_from,
     )
     assert sum(removed.values()) + manifest["interactions"] == n_input
 
     def write(tmp: Path) -> None:
         _write_sequences(con, tmp / layout.SEQUENCES, has_rating, config.row_group_size)
         write_tables_and_manifest(
-            tmp, manifest, user_ids, item_ids, lengths, item_counts, item_feats, user_feats
+            tmp, manifest, user_ids, item_ids, user_counts, item_counts, item_feats, user_feats
         )
 
     write_atomic(out, config.overwrite, write)
@@ -357,6 +405,29 @@ def _finish(
         time.perf_counter() - started,
     )
     return manifest
+
+
+def _extended_vocab(
+    con: Any, kind: str, previous: str
+) -> tuple[pa.Array, np.ndarray, vocab.Extended]:
+    """``{kind}_vocab`` for the ids in ``kept``, numbered after ``previous``'s (numbered in
+    Python by the function the memory engine uses); the whole vocabulary's ids and counts."""
+    t = con.sql(f"SELECT {kind}_id, count(*) AS n FROM kept GROUP BY {kind}_id").to_arrow_table()
+    present = t[f"{kind}_id"].combine_chunks()
+    present = present.cast(pa.int64() if pa.types.is_integer(present.type) else pa.string())
+    ext = vocab.extend(vocab.read_previous(previous, kind), present, previous, kind)
+    n = t["n"].to_numpy().astype(np.int64)
+    con.register(
+        "incoming_vocab",
+        pa.table({f"{kind}_id": present, f"{kind}_idx": ext.idx_of_present, "n": n}),
+    )
+    try:
+        con.execute(f"CREATE TABLE {kind}_vocab AS SELECT * FROM incoming_vocab")
+    finally:
+        con.unregister("incoming_vocab")
+    counts = np.zeros(len(ext.ids), np.int64)
+    counts[ext.idx_of_present.astype(np.int64) - 1] = n
+    return ext.ids, counts, ext
 
 
 def _vocab(con: Any, kind: str) -> tuple[pa.Array, np.ndarray]:
@@ -392,7 +463,7 @@ def _write_sequences(con: Any, path: Path, has_rating: bool, row_group_size: int
         f"SELECT u.user_idx, i.item_idx, k.timestamp{rating} "
         "FROM kept k JOIN user_vocab u USING (user_id) JOIN item_vocab i USING (item_id) "
         "ORDER BY u.user_idx, k.timestamp, k.rn"
-    ).to_arrow_reader(1 << 20)
+    ).to_arrow_reader(_BATCH_ROWS)
     pending: list[pa.RecordBatch] = []
     held = 0
     with pq.ParquetWriter(path, schema) as writer:
@@ -453,3 +524,30 @@ def _scalar(con: Any, sql: str) -> int:
 
 def _sql_str(value: str) -> str:
     return value.replace("'", "''")
+
+
+# DuckDB's units: KB, MB, ... are powers of 1000, KiB, MiB, ... powers of 1024.
+_UNITS = {"b": 1, "byte": 1, "bytes": 1} | {
+    unit: base**power
+    for power, prefix in enumerate("kmgtp", 1)
+    for base, names in ((1000, (prefix, prefix + "b")), (1024, (prefix + "ib",)))
+    for unit in names
+}
+
+
+def _size_bytes(text: str) -> int | None:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*", text.lower())
+    if match is None or match[2] not in _UNITS:
+        return None
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def _duckdb_share(limit: str, read_back: str) -> int | None:
+    """Bytes of DuckDB's ``memory_limit`` for a process limit of ``limit`` (the --memory-limit
+    text, else ``read_back``, DuckDB's rounded reading of it, e.g. of a percentage): three
+    quarters, at most the limit less ``_RESERVE_MIN``, at least a quarter. None (DuckDB keeps
+    the whole limit) when neither parses or the limit is unbounded (``-1``)."""
+    total = _size_bytes(limit) or _size_bytes(read_back)
+    if total is None or total >= 1 << 60:
+        return None
+    return max(total // 4, min(total * 3 // 4, total - _RESERVE_MIN))

@@ -141,11 +141,31 @@ def _read_parquet(path: Path, columns: Columns, row_offset: int) -> pa.Table:
     wanted = _wanted(columns)
     _require(schema.names, wanted, str(path))
     try:
-        return pq.read_table(path, columns=wanted)
+        parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
             f"cannot read Parquet file, truncated or corrupt? ({_short(exc)})", path=str(path)
         ) from None
+    # Row group by row group, so that a corrupt one is named in a file of many.
+    groups = [read_row_group(parquet, i, path, wanted) for i in range(parquet.num_row_groups)]
+    return pa.concat_tables(groups) if groups else parquet.schema_arrow.empty_table().select(wanted)
+
+
+def read_row_group(parquet: pq.ParquetFile, i: int, path: Path, columns: list[str]) -> pa.Table:
+    """Row group ``i`` (counted from 0, as Parquet tools do) of ``path``, or a DataError."""
+    try:
+        return parquet.read_row_group(i, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise row_group_error(parquet, i, path, exc) from None
+
+
+def row_group_error(parquet: pq.ParquetFile, i: int, path: Path, exc: Exception) -> DataError:
+    # Arrow quotes the corrupt bytes it met; escape them so the message stays printable.
+    reason = "".join(c if c.isprintable() else repr(c)[1:-1] for c in _short(exc))
+    return DataError(
+        f"row group {i} (of {parquet.num_row_groups}, counted from 0) cannot be read ({reason})",
+        path=str(path),
+    )
 
 
 def _read_csv(path: Path, columns: Columns, row_offset: int) -> pa.Table:

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from recforge.atomic import hidden_sibling
 from recforge.data.errors import DataError
@@ -213,3 +215,57 @@ def delete_directory(uri: str) -> None:
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         return
     fs.delete_dir(root)
+
+
+# --- Parquet through the filesystem of a location (local reads stay memory-mapped) ---
+
+
+def parquet_file(location: str | os.PathLike[str]) -> pq.ParquetFile:
+    """A :class:`pyarrow.parquet.ParquetFile` of a local path or URI; remote row groups are
+    fetched as they are read, so a reader holds one row group, not the file."""
+    if not is_remote(location):
+        return pq.ParquetFile(location)
+    fs, path = filesystem(location)
+    try:
+        return pq.ParquetFile(fs.open_input_file(path))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(str(location)) from None
+        raise StorageError(_reason(exc, path.split("/")[0]), path=str(location)) from None
+
+
+def read_table(location: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:
+    return parquet_file(location).read(columns=columns)
+
+
+def read_schema(location: str | os.PathLike[str]) -> pa.Schema:
+    return parquet_file(location).schema_arrow
+
+
+# --- Directory listing and single-object deletion (checkpoints on object storage) ---
+
+
+def list_names(location: str | os.PathLike[str]) -> list[str]:
+    """Names of the entries directly under ``location`` (files and sub-directories, or on S3
+    objects and common prefixes); empty when there is nothing there."""
+    fs, root = filesystem(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
+    except OSError as exc:
+        raise StorageError(_reason(exc, root.split("/")[0]), path=str(location)) from None
+    return sorted(posixpath.basename(info.path.rstrip("/")) for info in infos)
+
+
+def delete_file(location: str | os.PathLike[str]) -> None:
+    """Remove one file or object; nothing if it is not there."""
+    fs, path = filesystem(location)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return
+        raise StorageError(_reason(exc, path.split("/")[0]), path=str(location)) from None

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from recforge.data import layout
+from recforge.data import layout, storage
 from recforge.data.validate_files import (
     BATCH_ROWS,
     FEATURE_TYPES,
@@ -85,15 +84,16 @@ class ValidationReport:
 
 def validate(directory: str | Path) -> ValidationReport:
     """Check every file of a prepared directory; bad content is reported, never raised."""
-    return _Validator(Path(directory)).run()
+    return _Validator(str(directory)).run()
 
 
 class _Validator:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: str) -> None:
         self.dir = directory
         self.found: dict[tuple[str, str | None, str], Problem] = {}
         self.counts: dict[str, int | None] = {}
         self.split: dict[str, Any] | None = None
+        self.carried: dict[str, int] | None = None
 
     def add(
         self, file: str, where: str | None, msg: str, row: int = 0, n: int = 1, key: str = ""
@@ -107,10 +107,16 @@ class _Validator:
 
     def run(self) -> ValidationReport:
         report = ValidationReport(str(self.dir))
-        if not self.dir.is_dir():
-            self.add(str(self.dir), None, "not a directory")
-        elif (m := self._json(layout.MANIFEST, "not a prepared directory")) is not None:
-            report.row_groups = self._check(m)
+        if storage.is_remote(self.dir):
+            try:
+                storage.check_reachable(self.dir)
+            except storage.StorageError as exc:
+                self.add(self.dir, None, exc.message)
+        elif not Path(self.dir).is_dir():
+            self.add(self.dir, None, "not a directory")
+        manifest = None if self.found else self._json(layout.MANIFEST, "not a prepared directory")
+        if manifest is not None:
+            report.row_groups = self._check(manifest)
             report.users, report.items, report.interactions = (
                 self.counts[k] or 0 for k in ("users", "items", "interactions")
             )
@@ -118,12 +124,11 @@ class _Validator:
         return report
 
     def _json(self, name: str, if_missing: str) -> dict[str, Any] | None:
-        path = self.dir / name
-        if not path.is_file():
+        try:
+            value = json.loads(storage.read_bytes(storage.join(self.dir, name)))
+        except FileNotFoundError:
             self.add(name, None, f"missing; {if_missing}")
             return None
-        try:
-            value = json.loads(path.read_text())
         except (ValueError, OSError) as exc:
             self.add(name, None, f"not readable JSON ({exc})")
             return None
@@ -144,6 +149,8 @@ class _Validator:
             self.counts[name] = value if ok else None
             if not ok:
                 self.add(layout.MANIFEST, fld(name), f"{value!r}; expected an integer >= 1")
+        if "vocab_from" in m:
+            self._vocab_from(m["vocab_from"])
         if m.get("has_rating") not in (True, False):
             msg = f"{m.get('has_rating')!r}; expected true or false"
             self.add(layout.MANIFEST, fld("has_rating"), msg)
@@ -165,6 +172,23 @@ class _Validator:
                 self.add(layout.MANIFEST, fld("split"), msg)
                 return
         self.split = split
+
+    def _vocab_from(self, entry: Any) -> None:
+        """``--vocab-from`` keeps a previous vocabulary: its ids (idx 1..known per side) keep
+        that order, may have count 0, and such users have no sequence."""
+        self.carried = {"user": 0, "item": 0}
+        for side in self.carried:
+            name = f"{side}s_known"
+            value = entry.get(name) if isinstance(entry, dict) else None
+            top = self.counts[f"{side}s"]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                msg = f"{value!r}; expected an integer >= 0 (ids carried over)"
+                self.add(layout.MANIFEST, fld(f"vocab_from.{name}"), msg)
+            elif top is not None and value > top:
+                msg = f"{value}, more than the {top} {side}s of the vocabulary"
+                self.add(layout.MANIFEST, fld(f"vocab_from.{name}"), msg)
+            else:
+                self.carried[side] = value
 
     def _features(self, m: dict[str, Any]) -> dict[str, Specs]:
         """Per side, the manifest's feature specs that can be checked against the files."""
@@ -209,12 +233,11 @@ class _Validator:
 
     def _open(self, name: str, expected: dict[str, Expect], optional: set[str]) -> Any:
         """``(file, columns with the expected type)``, reporting the rest; None if unreadable."""
-        path = self.dir / name
-        if not path.is_file():
+        try:
+            pf = storage.parquet_file(storage.join(self.dir, name))
+        except FileNotFoundError:
             self.add(name, None, "missing; data/layout.py requires it")
             return None
-        try:
-            pf = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as exc:
             self.add(name, None, f"cannot read Parquet ({str(exc).splitlines()[0][:200]})")
             return None
@@ -273,8 +296,12 @@ class _Validator:
             seqs = SequencesCheck(self, good)
             try:
                 for rg in range(pf.num_row_groups):
-                    lengths = seqs.check(pf.read_row_group(rg, columns=sorted(good)))
+                    group = pf.read_row_group(rg, columns=sorted(good))
+                    lengths = seqs.check(group)
                     read += 1
+                    if users and seqs.sparse and "user_idx" in good and lengths is not None:
+                        self._sparse_users(users, seqs.group_users, lengths)
+                        continue
                     chunk = users[0].take(pf.metadata.row_group(rg).num_rows) if users else None
                     if users and chunk is not None:
                         users[1].check(chunk, None if lengths is None else lengths[: len(chunk)])
@@ -290,6 +317,8 @@ class _Validator:
             rows, checker = opened_vocab
             while (chunk := rows.take(BATCH_ROWS)) is not None:
                 counts = None  # users past the sequences have no lengths to match
+                if checker.side == "user" and self.carried is not None and item_counts is not None:
+                    counts = np.zeros(len(chunk), np.int64)  # ... but none, sparsely
                 if checker.side == "item" and item_counts is not None:
                     counts = np.zeros(len(chunk), np.int64)
                     have = item_counts[checker.rows + 1 : checker.rows + 1 + len(chunk)]
@@ -298,10 +327,24 @@ class _Validator:
             checker.finish()
         return read
 
+    def _sparse_users(
+        self, users: tuple[RowBatches, VocabFile], user: np.ndarray, lengths: np.ndarray
+    ) -> None:
+        """Check users.parquet up to a row group's last user; users between rows have none."""
+        rows, checker = users
+        first = checker.rows
+        chunk = rows.take(int(user.max()) - first) if len(user) and user.max() > first else None
+        if chunk is None:
+            return
+        counts = np.zeros(len(chunk), np.int64)
+        here = (user > first) & (user <= first + len(chunk))
+        counts[user[here] - first - 1] = lengths[here]
+        checker.check(chunk, counts)
+
     def _compare(self, m: dict[str, Any], seqs: SequencesCheck) -> None:
         """The manifest's counts against what the sequences hold."""
         users, interactions = self.counts["users"], self.counts["interactions"]
-        if users is not None and seqs.rows != users:
+        if users is not None and seqs.rows != users and not seqs.sparse:
             msg = f"{users}, but sequences.parquet holds {seqs.rows} rows (one per user)"
             self.add(layout.MANIFEST, fld("users"), msg)
         if seqs.lengths_ok and interactions is not None and seqs.interactions != interactions:

@@ -31,6 +31,8 @@ class Recorder(Protocol):
 
     counts: dict[str, int | None]
     split: dict[str, Any] | None
+    carried: dict[str, int] | None
+    """Per side, the ids a ``--vocab-from`` prepare carried over (idx 1..known); None if none."""
 
     def add(
         self, file: str, where: str | None, msg: str, row: int = 0, n: int = 1, key: str = ""
@@ -138,6 +140,8 @@ class VocabFile:
         self.missing = dict.fromkeys(self.specs, 0)
         self.rows = 0
         self.last_id: pa.Array | None = None
+        # Carried-over ids keep PREV's order, and may have no interactions now.
+        self.known = (v.carried or {}).get(side, 0)
 
     def columns(self) -> list[str]:
         return [c for c in (self.idx, self.id, "count", *self.specs) if c in self.good]
@@ -172,9 +176,16 @@ class VocabFile:
                 i, bad = _first(got != counts)
                 msg = f"{got[i]}, but sequences.parquet holds {counts[i]} interactions for it"
                 self.add("count", msg, row0 + i + 1, bad, "count")
-        if counts is not None and self.side == "item" and (counts == 0).any():
-            i, bad = _first(counts == 0)
-            msg = "item never occurs in sequences.parquet; a vocabulary holds only used ids"
+        # Users with no interactions cannot arise but through vocab_from (length >= 1).
+        checks_unused = self.side == "item" or self.v.carried is not None
+        if counts is not None and checks_unused:
+            unused = (counts == 0) & (np.arange(row0 + 1, row0 + k + 1) > self.known)
+        if counts is not None and checks_unused and unused.any():
+            i, bad = _first(unused)
+            msg = (
+                f"{self.side} never occurs in sequences.parquet; a vocabulary holds only used "
+                "ids (and, under manifest 'vocab_from', those carried over)"
+            )
             self.add(self.idx, msg, row0 + i + 1, bad, "unused")
         for name, spec in self.specs.items():
             self._check_codes(name, spec, chunk[name].combine_chunks(), row0)
@@ -185,11 +196,15 @@ class VocabFile:
         both = ids if self.last_id is None else pa.concat_arrays([self.last_id, ids])
         self.last_id = ids[-1:] if len(ids) else self.last_id
         prev, cur = both[:-1], both[1:]
+        # The row of cur[i] is row0 + i + 2 - shift; order holds only among appended ids.
+        ordered = np.arange(row0 + 2 - shift, row0 + 2 - shift + len(cur)) > self.known + 1
         for key, op, why in (
             ("repeat", pc.equal, "equals the previous row's; original ids are unique"),
             ("sort", pc.less, "sorts before the previous row's {}; idx follows sorted id order"),
         ):
             mask = _filled(op(cur, prev), False).to_numpy(zero_copy_only=False) if len(cur) else []
+            if key == "sort" and len(cur):
+                mask = mask & ordered
             if np.any(mask):
                 i, bad = _first(mask)
                 msg = f"{cur[i].as_py()!r} {why.format(repr(prev[i].as_py()))}"
@@ -228,6 +243,9 @@ class SequencesCheck:
 
     def __init__(self, v: Recorder, good: set[str]) -> None:
         self.v, self.n_items, self.split = v, v.counts["items"], v.split
+        # Under vocab_from, carried-over users without interactions have no row: gaps allowed.
+        self.sparse = v.carried is not None
+        self.group_users = np.zeros(0, np.int64)  # user_idx of the last row group checked
         self.rows = self.interactions = self.last_user = 0
         self.item_counts = np.zeros((self.n_items or 0) + 1, np.int64)
         self.lengths_ok = "length" in good or "item_idx" in good
@@ -252,7 +270,10 @@ class SequencesCheck:
                 self.add(col(name), "null; expected a value in every row", row0 + i + 1, bad)
         want = np.arange(row0 + 1, row0 + k + 1)
         user = _ints(t["user_idx"]) if "user_idx" in t.column_names else want
-        if (user != want).any():
+        self.group_users = user
+        if self.sparse and "user_idx" in t.column_names:
+            self._sparse_order(user, row0)
+        elif (user != want).any():
             i, bad = _first(user != want)
             msg = (
                 f"user_idx {user[i]} appears again; each user has one row"
@@ -293,6 +314,18 @@ class SequencesCheck:
         if lengths is not None:
             self._totals(lengths, ts)
         return lengths
+
+    def _sparse_order(self, user: np.ndarray, row0: int) -> None:
+        before = np.concatenate([[self.last_user], user[:-1]])
+        top = self.v.counts["users"]
+        bad = (user <= before) | (user < 1) | (top is not None and user > top)
+        if bad.any():
+            i, n = _first(bad)
+            msg = (
+                f"user_idx {user[i]} after {before[i]}: one row per user, sorted by user_idx, "
+                f"in 1..{top or 'U'} (gaps only for users carried over by manifest 'vocab_from')"
+            )
+            self.add(col("user_idx"), msg, row0 + i + 1, n, "user order")
 
     def _items(self, items: np.ndarray, offsets: np.ndarray, user: np.ndarray, row0: int) -> None:
         out = (items < 1) | (items > self.n_items)

@@ -156,11 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         from recforge.trainer.export.callback import ExportAndRegister
         from recforge.trainer.host_memory import keep_freed_memory
         from recforge.trainer.lightning_cli import run
+        from recforge.trainer.sharding import ShardingError
         from recforge.trainer.tracking.logger import TrackingError
 
         keep_freed_memory()
         try:
             return run(argv, post_fit_callbacks=(ExportAndRegister,))
+        except ShardingError as exc:
+            # Every rank raises the same error (rank 0's plan failure is broadcast): one line.
+            if _rank() == 0:
+                print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
+            return 2
         except (CheckpointError, TrackingError) as exc:
             print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
@@ -176,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
-def _configure_logging() -> None:
-    """INFO logs on rank zero only; other ranks warn and worse."""
+def _rank() -> int:
     import os
 
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def _configure_logging() -> None:
+    """INFO logs on rank zero only; other ranks warn and worse."""
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.INFO if _rank() == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

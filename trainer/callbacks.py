@@ -12,6 +12,9 @@ import torch
 from lightning.pytorch.callbacks import early_stopping, model_checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from recforge.data import storage
+from recforge.trainer import checkpoint
+
 
 class ThroughputMonitor(L.Callback):
     """Logs ``train/samples_per_sec`` and ``train/tokens_per_sec`` per epoch (summed over ranks),
@@ -104,13 +107,36 @@ class EarlyStopping(early_stopping.EarlyStopping):
 
 class ModelCheckpoint(model_checkpoint.ModelCheckpoint):
     """Lightning's ``ModelCheckpoint``, except that ``save_last`` writes ``last.ckpt`` after every
-    validation.
+    validation, and that ``dirpath`` may be an ``s3://bucket/prefix`` URI.
 
     Lightning 2.6 writes "last" only in a step where it also wrote a top-k checkpoint, so with
     ``monitor`` and ``save_top_k: 1`` it is written only when the metric improves: ``last.ckpt``
     is then the best epoch, and resuming a killed or early-stopped run silently redoes every
     epoch since (an ML-1M run stopped at epoch 78 had left ``last.ckpt`` at its best, epoch 68).
+
+    On object storage a bucket that cannot be used fails ``fit`` before training, in one line
+    naming the URI, rather than at the first save after an epoch of work.
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.dirpath is not None:
+            # Every rank checks, so all fail alike and none waits in a collective.
+            checkpoint.check_directory(self.dirpath)
+        super().setup(trainer, pl_module, stage)
+        if self.dirpath is not None and storage.is_remote(self.dirpath):
+            # Lightning's filesystem sees only the endpoint variables botocore reads; ours also
+            # takes MLFLOW_S3_ENDPOINT_URL, as the checkpoint writer does.
+            self._fs = storage.fsspec_filesystem(str(self.dirpath))
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        if self.dirpath is not None and storage.is_remote(self.dirpath):
+            # Lightning would normalise the URI into a local path ("s3:/...") and then ask
+            # fsspec for the modification time of a prefix, which object stores do not have.
+            raise checkpoint.CheckpointError(
+                f'ckpt_path="last" cannot search the checkpoint directory {self.dirpath}; '
+                f"pass the checkpoint itself, e.g. --ckpt_path {self.dirpath}/last.ckpt"
+            )
+        return super()._find_last_checkpoints(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)

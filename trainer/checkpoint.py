@@ -9,16 +9,32 @@ Layout of ``<name>.ckpt/``:
   schedulers, hyper-parameters) plus ``recforge`` metadata: the sharding plan and world size;
 - ``sharding_plan.txt``: the plan, for people.
 
-A checkpoint is written into a hidden ``.partial-<hash>`` sibling and renamed when every rank has
-finished, so a crash never leaves a directory that looks complete (nor one whose name Lightning's
-``ckpt_path="last"`` lookup would pick up). Resuming training requires the plan it was
-written with (fused optimizer state is laid out per sharding type, torchrec issue 2394); loading
-weights for validation/test reshards to the current plan.
+A local checkpoint is written into a hidden ``.partial-<hash>`` sibling and renamed when every
+rank has finished, so a crash never leaves a directory that looks complete (nor one whose name
+Lightning's ``ckpt_path="last"`` lookup would pick up).
+
+A checkpoint on object storage (``s3://bucket/prefix/<name>.ckpt``, :mod:`recforge.data.storage`)
+cannot be renamed into place, so there ``trainer_state.pt`` is the commit: the DCP files go under
+a fresh generation prefix, ``<name>.ckpt/shards-<token>/``, and ``trainer_state.pt``, which names
+that generation, is written last, by rank 0, once every rank's shards are written. A single PUT
+replaces an object whole, so readers see the previous checkpoint until that moment and the new
+one after it; rank 0 then deletes the other generations. Overwriting ``last.ckpt`` this way never
+leaves a window without a resumable ``last.ckpt``, which deleting the old objects first would
+(a crash between the delete and the commit loses the resume point of a long run). A crash before
+the commit leaves an orphan generation that nothing reads and the next save of that name
+deletes. Without ``trainer_state.pt`` a prefix is an incomplete checkpoint, and removal deletes
+it first for the same reason.
+
+Resuming training requires the plan it was written with (fused optimizer state is laid out per
+sharding type, torchrec issue 2394); loading weights for validation/test reshards to the current
+plan.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,10 +44,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from recforge.atomic import replace_directory
+from recforge.data import storage
 
 CHECKPOINT_FORMAT = 1
 TRAINER_STATE = "trainer_state.pt"
 PLAN_TEXT = "sharding_plan.txt"
+SHARDS_PREFIX = "shards-"
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +65,28 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _shared_token() -> str:
+    """A random token that every rank agrees on (rank 0's)."""
+    token = [secrets.token_hex(6) if _rank() == 0 else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return str(token[0])
+
+
+def _storage_failure(uri: str, exc: storage.StorageError) -> CheckpointError:
+    # StorageError is a DataError, which `recforge fit` does not turn into a one-line exit 2.
+    return CheckpointError(f"checkpoint {uri}: {exc.message}")
+
+
+def check_directory(location: str | Path) -> None:
+    """Fail early, in one line naming ``location``, when checkpoints cannot be written there
+    (missing bucket, unreachable endpoint, no access); local directories always pass."""
+    try:
+        storage.check_reachable(location)
+    except storage.StorageError as exc:
+        raise CheckpointError(f"checkpoint directory {location}: {exc.message}") from None
+
+
 def save(
     path: str | Path,
     checkpoint: dict[str, Any],
@@ -56,6 +96,11 @@ def save(
     world_size: int,
 ) -> None:
     """Collective: every rank calls it with its own shards."""
+    meta = {"format": CHECKPOINT_FORMAT, "plan": plan, "world_size": world_size}
+    rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    if storage.is_remote(path):
+        _save_remote(str(path).rstrip("/"), rest, meta, sharded_state, plan_text)
+        return
     path = Path(path)
     tag = hashlib.sha1(path.name.encode()).hexdigest()[:12]
     tmp = path.with_name(f".partial-{tag}")
@@ -65,8 +110,7 @@ def save(
     _barrier()
     dcp.save(sharded_state, checkpoint_id=str(tmp))
     if _rank() == 0:
-        rest = {k: v for k, v in checkpoint.items() if k != "state_dict"}
-        rest["recforge"] = {"format": CHECKPOINT_FORMAT, "plan": plan, "world_size": world_size}
+        rest["recforge"] = meta
         torch.save(rest, tmp / TRAINER_STATE)
         (tmp / PLAN_TEXT).write_text(plan_text)
         # Not atomic_directory: every rank writes into the one temp dir, so its name is derived
@@ -75,7 +119,73 @@ def save(
     _barrier()
 
 
+def _save_remote(
+    uri: str,
+    rest: dict[str, Any],
+    meta: dict[str, Any],
+    sharded_state: dict[str, Any],
+    plan_text: str,
+) -> None:
+    # Not exported from torch.distributed.checkpoint itself in torch 2.13.
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    generation = SHARDS_PREFIX + _shared_token()
+    # sync_files would fall back to os.sync() of the whole host for each object stream.
+    writer = FsspecWriter(
+        storage.join(uri, generation), sync_files=False, **storage.storage_options()
+    )
+    try:
+        dcp.save(sharded_state, storage_writer=writer)
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise CheckpointError(
+            f"checkpoint {uri}: writing the sharded state failed ({_first_failure(exc)})"
+        ) from None
+    # Every rank's shards are stored before the commit below can make them visible.
+    _barrier()
+    if _rank() == 0:
+        rest["recforge"] = {**meta, "shards": generation}
+        buffer = io.BytesIO()
+        torch.save(rest, buffer)
+        try:
+            storage.write_bytes(storage.join(uri, PLAN_TEXT), plan_text.encode())
+            storage.write_bytes(storage.join(uri, TRAINER_STATE), buffer.getvalue())  # commit
+            for name in storage.list_names(uri):
+                if name.startswith(SHARDS_PREFIX) and name != generation:
+                    storage.delete_directory(storage.join(uri, name))
+        except storage.StorageError as exc:
+            raise _storage_failure(uri, exc) from None
+        except OSError as exc:  # pyarrow's own, from deleting a replaced generation
+            raise CheckpointError(
+                f"checkpoint {uri}: written, but a replaced generation could not be deleted "
+                f"({str(exc).strip().splitlines()[0][:300]})"
+            ) from None
+    _barrier()
+
+
+def _first_failure(exc: BaseException) -> str:
+    """``Type: first line`` of a DCP failure; a CheckpointException carries each rank's
+    failure, and the first one says more than the wrapper."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    message = str(exc).strip().splitlines()
+    if isinstance(exc, CheckpointException):
+        failure = next(iter(exc.failures.values()), None)
+        if isinstance(failure, tuple):  # (exception, traceback)
+            failure = failure[0]
+        if failure is not None:
+            lines = str(failure).strip().splitlines()
+            message = [f"{type(failure).__name__}: {lines[0] if lines else ''}"]
+    detail = next(
+        (line for line in message if "Error" in line or "Missing" in line),
+        message[0] if message else "",
+    )
+    return f"{type(exc).__name__}: {detail[:300]}"
+
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    if storage.is_remote(path):
+        return _read_remote_trainer_state(str(path).rstrip("/"))
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -88,8 +198,32 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     if not state_file.is_file() or not (path / ".metadata").is_file():
         missing = TRAINER_STATE if not state_file.is_file() else ".metadata"
         raise CheckpointError(f"checkpoint {path} is incomplete: {missing} is missing")
+    return _check_state(path, state_file.read_bytes())
+
+
+def _read_remote_trainer_state(uri: str) -> dict[str, Any]:
     try:
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        storage.check_reachable(uri)
+        try:
+            data = storage.read_bytes(storage.join(uri, TRAINER_STATE))
+        except FileNotFoundError:
+            if storage.exists(uri):
+                raise CheckpointError(
+                    f"checkpoint {uri} is incomplete: {TRAINER_STATE} is missing (it is written "
+                    "last, so the save was interrupted or the checkpoint is being removed)"
+                ) from None
+            raise CheckpointError(f"checkpoint {uri} does not exist") from None
+        state = _check_state(uri, data)
+        if not storage.exists(storage.join(shards_location(uri, state), ".metadata")):
+            raise CheckpointError(f"checkpoint {uri} is incomplete: .metadata is missing")
+    except storage.StorageError as exc:
+        raise _storage_failure(uri, exc) from None
+    return state
+
+
+def _check_state(path: str | Path, data: bytes) -> dict[str, Any]:
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as exc:  # torch.load raises many types on a damaged file
         raise CheckpointError(
             f"checkpoint {path}: cannot read {TRAINER_STATE} ({type(exc).__name__}: "
@@ -103,6 +237,24 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
             f"expected {CHECKPOINT_FORMAT})"
         )
     return state
+
+
+def shards_location(path: str | Path, state: dict[str, Any] | None) -> str:
+    """Where the DCP files of the checkpoint whose trainer state is ``state`` are: the
+    directory itself, or the generation its trainer state names (object storage)."""
+    generation = ((state or {}).get("recforge") or {}).get("shards")
+    return storage.join(path, generation) if generation else str(path)
+
+
+def dcp_source(path: str | Path, state: dict[str, Any] | None) -> dict[str, Any]:
+    """``dcp.load`` keyword arguments that read the shards of a local or remote checkpoint."""
+    location = shards_location(path, state)
+    if not storage.is_remote(location):
+        return {"checkpoint_id": location}
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    # Only the reader: a checkpoint_id beside it would re-init the reader without the options.
+    return {"storage_reader": FsspecReader(location, **storage.storage_options())}
 
 
 def check_plan(
@@ -134,35 +286,37 @@ def check_plan(
     )
 
 
-def load_sharded(path: str | Path, skeleton: dict[str, Any]) -> None:
-    """Collective: fill ``skeleton`` (this rank's current shards) in place from the checkpoint."""
+def load_sharded(
+    path: str | Path, skeleton: dict[str, Any], state: dict[str, Any] | None = None
+) -> None:
+    """Collective: fill ``skeleton`` (this rank's current shards) in place from the checkpoint
+    whose trainer state (:func:`read_trainer_state`) is ``state``."""
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(skeleton, checkpoint_id=str(path))
-    except (
-        Exception,
-        CheckpointException,
-    ) as exc:  # CheckpointException derives from BaseException
-        message = str(exc).strip().splitlines()
-        if isinstance(exc, CheckpointException):
-            # It carries the failure of each rank; name the first one.
-            failure = next(iter(exc.failures.values()), None)
-            if isinstance(failure, tuple):  # (exception, traceback)
-                failure = failure[0]
-            if failure is not None:
-                message = [f"{type(failure).__name__}: {str(failure).strip().splitlines()[0]}"]
-        detail = next(
-            (line for line in message if "Error" in line or "Missing" in line),
-            message[0] if message else "",
-        )
+        dcp.load(skeleton, **dcp_source(path, state))
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise CheckpointError(
-            f"checkpoint {path}: the sharded state does not load ({type(exc).__name__}: "
-            f"{detail[:300]}); it is corrupt or from another model/config"
+            f"checkpoint {path}: the sharded state does not load ({_first_failure(exc)}); "
+            "it is corrupt or from another model/config"
         ) from None
 
 
 def remove(path: str | Path) -> None:
+    if storage.is_remote(path):
+        uri = str(path).rstrip("/")
+        try:
+            # The commit first: a removal cut short leaves an incomplete checkpoint, never a
+            # complete-looking one with shards missing.
+            storage.delete_file(storage.join(uri, TRAINER_STATE))
+            storage.delete_directory(uri)
+        except storage.StorageError as exc:
+            raise _storage_failure(uri, exc) from None
+        except OSError as exc:  # pyarrow's own, from listing the prefix
+            raise CheckpointError(
+                f"checkpoint {uri}: cannot delete it ({str(exc).strip().splitlines()[0][:300]})"
+            ) from None
+        return
     path = Path(path)
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)

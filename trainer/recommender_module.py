@@ -23,6 +23,8 @@ from recforge.trainer.sharding import (
     EmbeddingOptimizerConfig,
     ShardingConfig,
     local_shards,
+    memory_report,
+    plan_memory,
     plan_summary,
     shard,
 )
@@ -277,9 +279,14 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         # Each rank records the rows it holds: the evidence that tables are really split.
         (out / f"local_shards_rank{self.global_rank}.json").write_text(json.dumps(shards, indent=2))
         if self.global_rank == 0:
-            _write_json(out / "sharding_plan.json", plan)
-            (out / "sharding_plan.txt").write_text(text)
-            log.info("sharding plan:\n%s", text)
+            memory = {t: {str(r): n for r, n in m.items()} for t, m in plan_memory(plan).items()}
+            _write_json(
+                out / "sharding_plan.json",
+                {t: {**entry, "bytes_per_rank": memory[t]} for t, entry in plan.items()},
+            )
+            report = memory_report(plan)
+            (out / "sharding_plan.txt").write_text(f"{report}\n\n{text}")
+            log.info("sharding plan (fp32 weight bytes per rank):\n%s", report)
 
 
 def _write_json(path: Path, obj: Any) -> None:

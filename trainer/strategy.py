@@ -3,7 +3,8 @@
 It is Lightning's DDP strategy (same launchers: Lightning's own, ``torchrun``, multi-node), except
 that it never wraps the model in DDP: the LightningModule wraps its network in TorchRec's
 ``DistributedModelParallel`` in ``configure_model``, and DMP data-parallelises the dense part
-itself. Checkpoints are sharded directories (:mod:`recforge.trainer.checkpoint`).
+itself. Checkpoints are sharded directories (:mod:`recforge.trainer.checkpoint`), local or on
+``s3://`` object storage.
 
 The LightningModule must provide ``sharded_state_dict()``, ``load_sharded_state_dict(state)``,
 ``fused_optimizer`` and ``sharding_plan()`` (see
@@ -111,7 +112,7 @@ class TorchRecStrategy(DDPStrategy):
         skeleton: dict[str, Any] = {"model": module.sharded_state_dict()}
         if resuming and module.fused_optimizer is not None:
             skeleton["fused_optimizer"] = module.fused_optimizer.state_dict()
-        ckpt.load_sharded(checkpoint_path, skeleton)
+        ckpt.load_sharded(checkpoint_path, skeleton, state)
         state["state_dict"] = skeleton["model"]
         if "fused_optimizer" in skeleton:
             state["fused_optimizer"] = skeleton["fused_optimizer"]

@@ -35,9 +35,9 @@ from typing import Literal
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
+from recforge.data import storage
 from recforge.data.layout import SEQUENCES, read_manifest, split_bounds
 from recforge.data.ragged import gather_ragged
 from recforge.trainer.evaluation.metrics import RankingEvaluator
@@ -63,7 +63,7 @@ def _load(data_dir: str | Path) -> _Sequences:
     manifest = read_manifest(data_dir)
     split = manifest["split"]
     columns = ["length", "item_idx"] + (["timestamp"] if split.get("type") == "time" else [])
-    table = pq.read_table(Path(data_dir) / SEQUENCES, columns=columns)
+    table = storage.read_table(storage.join(data_dir, SEQUENCES), columns=columns)
     lengths = table.column("length").to_numpy().astype(np.int64)
     items = pc.list_flatten(table.column("item_idx")).to_numpy().astype(np.int64)
     flat_ts = None

@@ -12,6 +12,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from recforge.data import storage
 from recforge.trainer.export.onnx_export import export
 from recforge.trainer.tracking.registry import log_and_register
 
@@ -42,7 +43,13 @@ class ExportAndRegister(Callback):
         if not path:
             log.warning("MLflow: no checkpoint was saved, so nothing is exported or registered")
             return
-        out = Path(path).parent.parent / EXPORT_DIR
+        # Beside the checkpoints' run folder; with checkpoints on object storage, in the run's
+        # local log folder (the artifact is staged here, then logged to MLflow's store).
+        out = (
+            Path(trainer.log_dir or trainer.default_root_dir) / EXPORT_DIR
+            if storage.is_remote(path)
+            else Path(path).parent.parent / EXPORT_DIR
+        )
         evaluation = getattr(module, "last_evaluation", None) or {}
         metrics = {
             f"test/{k}": v

@@ -5,6 +5,7 @@ The sharded checkpoint is read with ``torch.distributed.checkpoint`` (DCP reshar
 into full tensors) into the network that the checkpoint's LightningModule builds from its
 prepared data. Which module that is comes from :mod:`recforge.families`, also for checkpoints
 of earlier versions (legacy class paths, and the DataModule's former ``model_family`` key).
+The checkpoint may be a local directory or an ``s3://`` prefix (:mod:`recforge.trainer.checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from recforge.data import storage
 from recforge.families import FAMILIES, ModelFamily, UnknownFamilyError, family, family_of_module
-from recforge.trainer.checkpoint import CheckpointError, read_trainer_state
+from recforge.trainer.checkpoint import CheckpointError, dcp_source, read_trainer_state
 from recforge.trainer.export.errors import ExportError
 
 
@@ -27,18 +29,20 @@ class LoadedCheckpoint:
     network: nn.Module
     datamodule: Any
     hparams: dict[str, Any]
-    path: Path
+    path: Path | str
+    """A local directory, or the checkpoint's ``s3://`` URI as given."""
 
 
 def load_checkpoint(path: str | Path, data_dir: str | None = None) -> LoadedCheckpoint:
-    """The unsharded CPU network of a recforge checkpoint directory, with its DataModule."""
+    """The unsharded CPU network of a recforge checkpoint directory or ``s3://`` prefix, with
+    its DataModule."""
     import torch.distributed.checkpoint as dcp
     from lightning.pytorch.cli import instantiate_module
 
     from recforge.data.datamodule import SequenceDataModule
-    from recforge.data.layout import MANIFEST
 
-    path = Path(path)
+    # Not Path() for a URI: it would fold "s3://" into "s3:/".
+    path = str(path).rstrip("/") if storage.is_remote(path) else Path(path)
     state = read_trainer_state(path)
     hparams = dict(state.get("hyper_parameters") or {})
     class_path = hparams.pop("_class_path", None)
@@ -56,7 +60,7 @@ def load_checkpoint(path: str | Path, data_dir: str | None = None) -> LoadedChec
     dm_hparams = _datamodule_hparams(path, state.get("datamodule_hyper_parameters") or {})
     if data_dir is not None:
         dm_hparams["data_dir"] = data_dir
-    if not Path(dm_hparams.get("data_dir", "")).joinpath(MANIFEST).is_file():
+    if not _has_manifest(dm_hparams.get("data_dir", "")):
         raise ExportError(
             f"checkpoint {path}: its prepared data {dm_hparams.get('data_dir')!r} is "
             "not there (the export needs the item/user vocabularies); "
@@ -70,7 +74,7 @@ def load_checkpoint(path: str | Path, data_dir: str | None = None) -> LoadedChec
     module.prepare_for_export(network, dm)  # data-derived buffers: not in the checkpoint
     skeleton = {f"model.{k}": v for k, v in network.state_dict().items()}
     try:
-        dcp.load(skeleton, checkpoint_id=str(path), no_dist=True)
+        dcp.load(skeleton, **dcp_source(path, state), no_dist=True)
     except BaseException as exc:  # DCP's CheckpointException derives from BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -83,7 +87,16 @@ def load_checkpoint(path: str | Path, data_dir: str | None = None) -> LoadedChec
     return LoadedCheckpoint(fam, network, dm, hparams, path)
 
 
-def _datamodule_hparams(path: Path, saved: dict[str, Any]) -> dict[str, Any]:
+def _has_manifest(data_dir: str) -> bool:
+    from recforge.data.layout import MANIFEST
+
+    try:
+        return storage.exists(storage.join(data_dir, MANIFEST))
+    except storage.StorageError:
+        return False
+
+
+def _datamodule_hparams(path: Path | str, saved: dict[str, Any]) -> dict[str, Any]:
     """The DataModule's saved arguments, in today's names: checkpoints of earlier versions
     name the batch format by the model family (``model_family``), not by ``batch_format``."""
     hparams = {k: v for k, v in saved.items() if not k.startswith("_")}

@@ -35,6 +35,7 @@ import torch
 
 from recforge import artifact
 from recforge.atomic import TargetExistsError, atomic_directory
+from recforge.data import storage
 from recforge.trainer.checkpoint import CheckpointError
 from recforge.trainer.export.encoders import user_encoder
 from recforge.trainer.export.errors import ExportError
@@ -100,8 +101,8 @@ def export(
             quantization = None
             if quantize == "int8":
                 quantization = _quantize(tmp, encoder, item_embeddings, min_recall)
-            items = pq.read_table(
-                Path(dm.data_dir) / ITEMS, columns=["item_idx", "item_id", "count"]
+            items = storage.read_table(
+                storage.join(dm.data_dir, ITEMS), columns=["item_idx", "item_id", "count"]
             )
             pq.write_table(items.sort_by("item_idx"), tmp / artifact.ITEMS)
             pq.write_table(users_table(dm, encoder), tmp / artifact.USERS)
@@ -111,11 +112,15 @@ def export(
                 (tmp / artifact.USER_FEATURES).write_text(spec)
             provenance = {
                 **created_now("recforge export"),
-                "checkpoint": str(Path(checkpoint).resolve()),
+                "checkpoint": str(checkpoint)
+                if storage.is_remote(checkpoint)
+                else str(Path(checkpoint).resolve()),
                 "run_id": run_id,
                 "metrics": metrics or {},
                 "dataset": {
-                    "path": str(Path(dm.data_dir).resolve()),
+                    "path": dm.data_dir
+                    if storage.is_remote(dm.data_dir)
+                    else str(Path(dm.data_dir).resolve()),
                     "fingerprint": dm.manifest.get("fingerprint"),
                 },
             }

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from recforge import artifact
+from recforge.data import storage
 from recforge.trainer.export.errors import ExportError
 
 OPSET = 18
@@ -93,22 +94,37 @@ def created_now(created_by: str) -> dict[str, str]:
 def users_table(dm: Any, encoder: nn.Module) -> Any:
     """Known users: ``user_id``, ``user_idx``, ``history``, and (two-tower) each user input."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
     from recforge.data.layout import SEQUENCES, USERS
     from recforge.data.loader import load_feature_tables
 
-    data = Path(dm.data_dir)
-    users = pq.read_table(data / USERS, columns=["user_idx", "user_id"]).sort_by("user_idx")
-    sequences = pq.read_table(data / SEQUENCES, columns=["user_idx", "item_idx"])
+    users = storage.read_table(
+        storage.join(dm.data_dir, USERS), columns=["user_idx", "user_id"]
+    ).sort_by("user_idx")
+    sequences = storage.read_table(
+        storage.join(dm.data_dir, SEQUENCES), columns=["user_idx", "item_idx"]
+    )
     sequences = sequences.sort_by("user_idx")
-    if users.column("user_idx").to_pylist() != sequences.column("user_idx").to_pylist():
-        raise ExportError(f"{dm.data_dir}: {USERS} and {SEQUENCES} list different users")
+    user_idx = users.column("user_idx").to_numpy().astype(np.int64)
+    seq_idx = sequences.column("user_idx").to_numpy().astype(np.int64)
+    # A dataset prepared with --vocab-from keeps known users that have no interactions now:
+    # they have no sequence row and get an empty history. Any other mismatch is corrupt data.
+    row = np.searchsorted(user_idx, seq_idx)
+    if len(np.unique(seq_idx)) != len(seq_idx) or not np.array_equal(
+        user_idx[np.minimum(row, len(user_idx) - 1)], seq_idx
+    ):
+        raise ExportError(f"{dm.data_dir}: {SEQUENCES} lists users that {USERS} does not")
+    lists = sequences.column("item_idx").combine_chunks().cast(pa.list_(pa.int32()))
+    lengths = np.zeros(len(user_idx), np.int32)
+    lengths[row] = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    history = pa.ListArray.from_arrays(pa.array(offsets), lists.flatten())
     # The whole history: the encoder reads its last L (or H) items, exclude_seen all of them.
     columns = {
         "user_id": users.column("user_id"),
         "user_idx": users.column("user_idx"),
-        "history": sequences.column("item_idx").cast(pa.list_(pa.int32())),
+        "history": history,
     }
     config = encoder.config
     if encoder.reads_user_features:
@@ -136,7 +152,9 @@ def user_feature_spec(dm: Any, encoder: nn.Module) -> dict[str, Any] | None:
     if not encoder.reads_user_features:
         return None
     config = encoder.config
-    vocabs = json.loads((Path(dm.data_dir) / FEATURE_VOCABS).read_text()).get("user", {})
+    vocabs = json.loads(storage.read_bytes(storage.join(dm.data_dir, FEATURE_VOCABS))).get(
+        "user", {}
+    )
     kinds = user_feature_kinds(dm.manifest)
     spec: dict[str, Any] = {
         "categorical": {},

@@ -28,6 +28,8 @@ from typing import Any
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from recforge.data import storage
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -55,6 +57,11 @@ class TrackingConfig:
     """Experiment. ``null``: ``<model family>-<dataset directory name>``, e.g. ``sasrec-ml1m``."""
     run_name: str | None = None
     """Run name. ``null``: ``<experiment>-<command>-<UTC time>``."""
+    artifact_location: str | None = None
+    """Where a new experiment keeps its runs' artifacts, e.g. ``s3://bucket/mlflow`` (MLflow's S3
+    artifact store: credentials from the AWS variables, a non-AWS endpoint from
+    ``MLFLOW_S3_ENDPOINT_URL``). ``null``: the store's default. An existing experiment keeps its
+    own location."""
     registered_model_name: str | None = None
     """After ``fit`` (and its test), export the best checkpoint to ONNX, log it with
     ``mlflow.onnx`` and register it under this name. ``null``: no export."""
@@ -88,11 +95,24 @@ def local_store(db_path: str | Path) -> tuple[str, str]:
 
 
 def resolve_tracking(config: TrackingConfig) -> tuple[str, str | None]:
-    """The tracking URI to use and, for a local sqlite store, its artifact root.
+    """The tracking URI to use and the artifact root of new experiments (``artifact_location``
+    if given, else for a local sqlite store the folder beside it).
 
     Raises :class:`TrackingError` (or falls back to the local store when configured) if an
     ``http(s)`` server does not answer ``/health``, or a sqlite file cannot be created.
     """
+    uri, artifacts = _resolve_store(config)
+    if config.artifact_location is None:
+        return uri, artifacts
+    if storage.is_remote(config.artifact_location):
+        try:
+            storage.check_reachable(config.artifact_location)
+        except storage.StorageError as exc:
+            raise TrackingError(f"mlflow.artifact_location: {exc}") from None
+    return uri, config.artifact_location
+
+
+def _resolve_store(config: TrackingConfig) -> tuple[str, str | None]:
     uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     source = (
         "mlflow.tracking_uri"

@@ -29,6 +29,7 @@ import lightning as L
 import torch
 
 from recforge.artifact import BEST_CHECKPOINT_TAG, LAST_CHECKPOINT_TAG
+from recforge.data import storage
 from recforge.trainer.tracking.logger import MLflowLogger
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,13 @@ def git_state(repo: Path = REPO) -> dict[str, str]:
         "recforge.git.commit": commit,
         "recforge.git.dirty": str(bool(dirty)).lower(),
     }
+
+
+def _location(path: str | None) -> str | None:
+    """A checkpoint path as a reader elsewhere can use it: absolute, or the URI as given."""
+    if not path:
+        return None
+    return path if storage.is_remote(path) else str(Path(path).resolve())
 
 
 def _version(package: str) -> str:
@@ -119,8 +127,10 @@ class MLflowRecorder(L.Callback):
         manifest = getattr(dm, "manifest", None)
         data_dir = getattr(dm, "data_dir", None)
         if data_dir is not None:
-            tags["dataset.name"] = Path(data_dir).name
-            tags["dataset.path"] = str(Path(data_dir).resolve())
+            tags["dataset.name"] = Path(str(data_dir).rstrip("/")).name
+            tags["dataset.path"] = (
+                str(data_dir) if storage.is_remote(data_dir) else str(Path(data_dir).resolve())
+            )
         if isinstance(manifest, dict):
             tags["dataset.fingerprint"] = manifest.get("fingerprint", "unknown")
             tags["dataset.interactions"] = manifest.get("interactions")
@@ -214,14 +224,10 @@ class MLflowRecorder(L.Callback):
         if ckpt is not None:
             score = getattr(ckpt, "best_model_score", None)
             refs = {
-                "best_model_path": str(Path(ckpt.best_model_path).resolve())
-                if ckpt.best_model_path
-                else None,
+                "best_model_path": _location(ckpt.best_model_path),
                 "best_model_score": float(score) if score is not None else None,
                 "monitor": getattr(ckpt, "monitor", None),
-                "last_model_path": str(Path(ckpt.last_model_path).resolve())
-                if ckpt.last_model_path
-                else None,
+                "last_model_path": _location(ckpt.last_model_path),
             }
             self.logger.log_text(json.dumps(refs, indent=2), "checkpoints/checkpoints.json")
             tags = {
