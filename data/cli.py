@@ -66,6 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--min-user", type=int, default=0, help="k-core: minimum interactions per user")
     p.add_argument("--min-item", type=int, default=0, help="k-core: minimum interactions per item")
+    p.add_argument(
+        "--min-eval-users",
+        type=int,
+        default=1,
+        help="fewest users with a validation and a test example; fewer is an error (default 1)",
+    )
     p.add_argument("--split", default="leave-one-out", choices=["leave-one-out", "time"])
     p.add_argument(
         "--val-fraction",
@@ -184,6 +190,7 @@ def _prepare(args: argparse.Namespace) -> int:
         no_features=args.no_features,
         min_user=args.min_user,
         min_item=args.min_item,
+        min_eval_users=args.min_eval_users,
         split=args.split,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,

@@ -59,6 +59,7 @@ class SequenceDataModule(L.LightningDataModule):
         shuffle_window: int = 1_000_000,
         train_windows: Literal["last", "all"] = "last",
         synthesize: dict[str, Any] | None = None,
+        eval_max_users: int | None = None,
     ) -> None:
         """
         Args:
@@ -84,6 +85,10 @@ class SequenceDataModule(L.LightningDataModule):
                 with these :class:`recforge.data.synth.SynthConfig` fields (e.g.
                 ``{users: 500, items: 300}``) and prepare it into ``data_dir`` first. The tiny
                 configs use it to run anywhere.
+            eval_max_users: Validate/test on a fixed random sample of this many users (one
+                example each; None: every eligible user). The sample depends on ``seed`` and the
+                data only, so it is the same on every run and under any number of ranks; the
+                test report states ``users_evaluated``/``users_eligible``/``sampled``.
         """
         super().__init__()
         if batch_format not in BATCH_FORMATS:
@@ -101,6 +106,15 @@ class SequenceDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if train_windows not in ("last", "all"):
             raise ValueError(f"train_windows must be 'last' or 'all', got {train_windows!r}")
+        if eval_max_users is not None and (
+            isinstance(eval_max_users, bool)
+            or not isinstance(eval_max_users, int)
+            or eval_max_users < 1
+        ):
+            raise ValueError(
+                f"eval_max_users must be an integer >= 1 or null, got {eval_max_users!r}"
+            )
+        self.eval_max_users = eval_max_users
         if train_windows == "all" and batch_format != "sequence":
             raise ValueError(
                 "train_windows='all' cuts sequence batches; history batches already train "
@@ -228,6 +242,8 @@ class SequenceDataModule(L.LightningDataModule):
             self._indexes = dict(
                 zip(STAGES, scan_examples(self.data_dir, self.manifest["split"], specs))
             )
+            for s in ("validate", "test"):  # a fixed sample of users, from the data seed
+                self._indexes[s] = self._indexes[s].sample(self.eval_max_users, self.seed)
         if self.batch_format == "history" and self._features is None:
             self._features = load_feature_tables(self.data_dir, self.manifest)
         if not self._reported and self._rank_world()[0] == 0:
@@ -265,6 +281,17 @@ class SequenceDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def evaluation_users(self, stage: Stage) -> dict[str, Any]:
+        """``users_evaluated``, ``users_eligible`` and ``sampled`` of an evaluation stage."""
+        self.setup()
+        assert self._indexes is not None
+        index = self._indexes[stage]
+        return {
+            "users_evaluated": index.num_examples,
+            "users_eligible": index.num_eligible,
+            "sampled": index.sampled,
+        }
 
     def train_dataloader(self) -> DataLoader:
         return self._dataloader("train")

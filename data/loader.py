@@ -23,6 +23,7 @@ shuffling. This module does not import Lightning.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -139,16 +140,71 @@ class ExampleSpec:
 
 @dataclass(frozen=True)
 class ExampleIndex:
-    """Examples per row group of ``sequences.parquet`` for one :class:`ExampleSpec`."""
+    """Examples per row group of ``sequences.parquet`` for one :class:`ExampleSpec`.
+
+    After :meth:`sample`, ``counts`` are the kept examples per row group, ``eligible`` the
+    counts before sampling and ``kept`` the sorted ordinals of the kept examples among the
+    eligible ones (numbered in row-group, then row order).
+    """
 
     spec: ExampleSpec
     counts: np.ndarray  # (R,) int64
     num_users: int
     skipped: dict[str, int]
+    eligible: np.ndarray | None = None  # (R,) int64 before sampling; None: not sampled
+    kept: np.ndarray | None = None  # (M,) int64 sorted ordinals of the kept examples
 
     @property
     def num_examples(self) -> int:
         return int(self.counts.sum())
+
+    @property
+    def num_eligible(self) -> int:
+        """Examples before sampling (= :attr:`num_examples` when not sampled)."""
+        return int((self.counts if self.eligible is None else self.eligible).sum())
+
+    @property
+    def sampled(self) -> bool:
+        return self.kept is not None
+
+    def sample(self, max_examples: int | None, seed: int) -> ExampleIndex:
+        """Keep a uniform random sample of ``max_examples`` evaluation examples (users), fixed
+        by ``seed`` and the data alone: the same on every run and under every rank split (the
+        ranks split the kept examples afterwards). ``None`` or at least as many as there are:
+        all of them, unsampled."""
+        if self.kept is not None:
+            raise ValueError("this index is already sampled")
+        if max_examples is None or max_examples >= self.num_examples:
+            return self
+        if self.spec.stage == "train":
+            raise ValueError("only evaluation examples (one per user) can be sampled")
+        if max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {max_examples}")
+        n = self.num_examples
+        stage = 1 if self.spec.stage == "validate" else 2
+        rng = np.random.default_rng([int(seed), 0x5EED, stage])
+        kept = np.sort(rng.choice(n, size=max_examples, replace=False)).astype(np.int64)
+        bounds = np.concatenate([[0], np.cumsum(self.counts)])
+        counts = np.diff(np.searchsorted(kept, bounds)).astype(np.int64)
+        return ExampleIndex(self.spec, counts, self.num_users, self.skipped, self.counts, kept)
+
+    def restrict(self, row_groups: list[int], per_user: np.ndarray) -> np.ndarray:
+        """Per-user example counts (0/1) of the users of ``row_groups`` (read in that order)
+        with the examples left out by :meth:`sample` set to 0."""
+        if self.kept is None or self.eligible is None:
+            return per_user
+        starts = np.cumsum(self.eligible) - self.eligible
+        ordinals = np.concatenate(
+            [starts[g] + np.arange(self.eligible[g]) for g in row_groups] or [np.zeros(0, int)]
+        )
+        has = per_user > 0
+        if int(has.sum()) != len(ordinals) or (len(per_user) and per_user.max() > 1):
+            raise DataError("sampled example index does not match the data it was built from")
+        out = np.zeros_like(per_user)
+        pos = np.searchsorted(self.kept, ordinals)
+        pos = np.minimum(pos, max(len(self.kept) - 1, 0))
+        out[has] = (self.kept[pos] == ordinals).astype(per_user.dtype) if len(self.kept) else 0
+        return out
 
 
 def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -488,6 +544,7 @@ class SequenceBatchDataset(Dataset):
                     "list lengths disagree with 'length'", path=str(self.path), column="item_idx"
                 )
             counts, t0 = self.spec.per_user(lengths, train_end, val_end)
+            counts = self.index.restrict([int(g) for g in plan.windows[w]], counts)
             self._windows[w] = _Window(
                 user_idx=table.column("user_idx").to_numpy().astype(np.int64),
                 seq_start=np.cumsum(lengths) - lengths,
@@ -593,7 +650,9 @@ class EpochBatchSampler(DistributedSampler):
     its own sampler when the existing one is not one) and calls :meth:`set_epoch` each epoch.
     ``state_dict`` records the epoch and the number of keys handed out; with worker processes
     that runs ahead of the trainer by the prefetch depth, so a resume should load the trainer's
-    own count of finished batches instead.
+    own count of finished batches instead. It also records the world size and per-rank batch
+    size, which define a global batch: a state saved under others is converted by examples
+    consumed (rounded down to a whole global batch, so no example is skipped).
     """
 
     def __init__(self, dataset: SequenceBatchDataset) -> None:
@@ -624,11 +683,50 @@ class EpochBatchSampler(DistributedSampler):
         super().set_epoch(epoch)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_consumed": self._consumed}
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self._consumed,
+            "world_size": self.dataset.world_size,
+            "batch_size": self.dataset.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         consumed = int(state["batches_consumed"])
+        world = int(state.get("world_size", self.dataset.world_size))
+        size = int(state.get("batch_size", self.dataset.batch_size))
+        if (world, size) != (self.dataset.world_size, self.dataset.batch_size):
+            consumed = self._convert(consumed, world, size)
         if not 0 <= consumed <= self._total:
             raise ValueError(f"batches_consumed {consumed} out of range [0, {self._total}]")
         self.epoch = int(state["epoch"])
         self._resume_from = self._consumed = consumed
+
+    def _convert(self, consumed: int, world: int, size: int) -> int:
+        """The batch index under this world size and batch size at which to resume a position
+        of ``consumed`` global batches of ``size`` x ``world`` examples: the examples consumed,
+        rounded down to a whole global batch, so none is skipped and the rest are seen twice."""
+        total = self.dataset.index.num_examples
+        old_total = EpochPlan.count_batches(total, size, world)
+        if not 0 <= consumed <= old_total:
+            raise ValueError(
+                f"batches_consumed {consumed} out of range [0, {old_total}] for world size "
+                f"{world} x batch size {size}"
+            )
+        examples = min(consumed * size * world, total)
+        new_size = self.dataset.batch_size * self.dataset.world_size
+        batch = self._total if examples == total else examples // new_size
+        again = min(examples, total) - min(batch * new_size, total)
+        if self.dataset.rank == 0:
+            logging.getLogger(__name__).info(
+                "resuming mid-epoch under world size %d x batch size %d (saved under %d x %d): "
+                "%d examples consumed -> batch %d of %d; %d examples are seen twice",
+                self.dataset.world_size,
+                self.dataset.batch_size,
+                world,
+                size,
+                examples,
+                batch,
+                self._total,
+                again,
+            )
+        return batch

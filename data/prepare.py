@@ -74,6 +74,9 @@ class PrepareConfig:
     """k-core: drop users with fewer interactions (0 = off)."""
     min_item: int = 0
     """k-core: drop items with fewer interactions (0 = off)."""
+    min_eval_users: int = 1
+    """Fewest users with a validation and with a test example (a target and a history before
+    it) the dataset must have; fewer is an error rather than a dataset nothing can evaluate."""
     split: Literal["leave-one-out", "time"] = "leave-one-out"
     """Evaluation split."""
     val_fraction: float = 0.1
@@ -103,6 +106,8 @@ class PrepareConfig:
             raise ValueError(f"format: {self.format!r}; expected one of {', '.join(FORMATS)}")
         if self.min_user < 0 or self.min_item < 0:
             raise ValueError("min_user/min_item: must be >= 0")
+        if self.min_eval_users < 0:
+            raise ValueError("min_eval_users: must be >= 0")
         if self.split not in ("leave-one-out", "time"):
             raise ValueError(f"split: {self.split!r}; expected 'leave-one-out' or 'time'")
         if not (
@@ -178,10 +183,12 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     seq_users = np.flatnonzero(user_counts) + 1
     lengths = user_counts[seq_users - 1]
 
-    split, split_counts = _split(config, lengths, ts)
+    split, split_counts, bounds = _split(config, lengths, ts)
 
     item_feats = features(config, "item", item_ids)
     user_feats = features(config, "user", user_ids)
+    # After every input has been read and checked: bad input is named before a degenerate split.
+    require_eval_users(config, split, lengths, *bounds)
 
     manifest = build_manifest(
         config,
@@ -423,14 +430,56 @@ def _compact(codes: np.ndarray, dictionary: pa.Array) -> tuple[np.ndarray, pa.Ar
     return new[codes].astype(np.int32), dictionary.filter(pa.array(present))
 
 
-def _split(config: PrepareConfig, lengths: np.ndarray, ts: np.ndarray) -> tuple[dict, dict]:
+def _split(
+    config: PrepareConfig, lengths: np.ndarray, ts: np.ndarray
+) -> tuple[dict, dict, tuple[np.ndarray, np.ndarray]]:
     if config.split == "leave-one-out":
         split: dict[str, Any] = {"type": "leave-one-out"}
         train_end, val_end = layout.split_bounds(split, lengths)
     else:
         split = time_split(config, lambda q: int(np.quantile(ts, q, method="higher")))
         train_end, val_end = layout.split_bounds(split, lengths, ts)
-    return split, split_counts(lengths, train_end, val_end)
+    return split, split_counts(lengths, train_end, val_end), (train_end, val_end)
+
+
+def require_eval_users(
+    config: PrepareConfig,
+    split: dict[str, Any],
+    lengths: np.ndarray,
+    train_end: np.ndarray,
+    val_end: np.ndarray,
+) -> None:
+    """Refuse a dataset with fewer than ``min_eval_users`` evaluable users per stage, saying
+    which rule left them out (the loader's rule: a target and at least one item before it)."""
+    stages = {
+        "validation": int(((val_end > train_end) & (train_end >= 1)).sum()),
+        "test": int(((lengths > val_end) & (val_end >= 1)).sum()),
+    }
+    short = {k: v for k, v in stages.items() if v < config.min_eval_users}
+    if not short:
+        return
+    stage, found = next(iter(short.items()))
+    if split["type"] == "leave-one-out":
+        why = (
+            f"leave-one-out holds out the last two interactions of users with at least 3; "
+            f"{int((lengths < 3).sum())} of {len(lengths)} users have fewer"
+        )
+    else:
+        why = (
+            f"the time split puts interactions from {split['val_start']} on in validation and "
+            f"from {split['test_start']} on in test (--val-fraction/--test-fraction), and "
+            f"only {found} user(s) have such an interaction after an earlier one"
+        )
+    kcore = ""
+    if config.min_user or config.min_item:
+        kcore = (
+            f"; after k-core filtering (--min-user {config.min_user}, --min-item {config.min_item})"
+        )
+    raise DataError(
+        f"only {found} user(s) have a {stage} example, fewer than --min-eval-users "
+        f"{config.min_eval_users}: {why}{kcore}",
+        path=", ".join(config.input),
+    )
 
 
 def time_split(config: PrepareConfig, quantile: Callable[[float], int]) -> dict[str, Any]:

@@ -286,6 +286,20 @@ def _read_sasrec_txt(path: Path, columns: Columns, row_offset: int) -> pa.Table:
         )
     except pa.ArrowInvalid as exc:
         raise DataError(f"expected 'user item' per line ({_short(exc)})", path=str(path)) from None
+    for name in ("user_id", "item_id"):
+        # The format's ids are integers; read as text first only so the error can quote a value.
+        bad = pc.invert(pc.match_substring_regex(table[name], r"^[0-9]+$"))
+        if pc.any(bad).as_py():
+            line = _first_true(bad)
+            raise DataError(
+                f"line {line}: {table[name][line - 1].as_py()!r} is not an integer "
+                "(sasrec-txt ids are non-negative integers)",
+                path=str(path),
+                column=name,
+            )
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pc.cast(table[name], pa.int64())
+        )
     ts = pa.array(np.arange(row_offset, row_offset + table.num_rows, dtype=np.int64))
     return table.append_column("timestamp", ts)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -19,6 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="recforge",
         description="Deep recommender training on TorchRec "
         "shards under Lightning, tracked in MLflow, served from ONNX.",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="first argument only: show third-party INFO logs, progress bars and library "
+        "warnings (also RECFORGE_VERBOSE=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, what in (
@@ -150,7 +158,9 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    _configure_logging()
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")
+    argv = argv[1:] if verbose else argv
+    _configure_logging(verbose or os.environ.get("RECFORGE_VERBOSE", "") not in ("", "0"))
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from recforge.trainer.checkpoint import CheckpointError
         from recforge.trainer.export.callback import ExportAndRegister
@@ -188,13 +198,51 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
-def _configure_logging() -> None:
-    """INFO logs on rank zero only; other ranks warn and worse."""
-    logging.basicConfig(
-        level=logging.INFO if _rank() == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+# Libraries whose INFO lines (and routine warnings) say nothing a recforge user acts on: fbgemm's
+# "Successfully loaded" per kernel library (logged on the root logger), TorchRec's planner
+# tables, MLflow's database migrations, Lightning's hardware summary and tips.
+_QUIET = {
+    "torchrec": logging.ERROR,
+    "fbgemm_gpu": logging.ERROR,
+    "mlflow": logging.WARNING,
+    "lightning.pytorch": logging.WARNING,
+    "lightning.fabric": logging.WARNING,
+    "alembic": logging.WARNING,
+    "urllib3": logging.WARNING,
+}
+
+
+def _configure_logging(verbose: bool = False) -> None:
+    """recforge's own INFO lines on rank zero (other ranks: warnings and worse); third-party
+    INFO noise, progress bars and routine library warnings only with ``-v``."""
+    import os
+    import warnings
+
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    own = logging.INFO if _rank() == 0 else logging.WARNING
+    root.setLevel(logging.DEBUG if verbose and _rank() == 0 else logging.WARNING)
+    logging.getLogger("recforge").setLevel(logging.DEBUG if verbose else own)
+    if verbose:
+        return
+    for name, level in _QUIET.items():
+        logging.getLogger(name).setLevel(level)
+    # Lightning prints through its own handler too: without this every line came twice.
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    # MLflow configures its own logger at import, from this variable.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"fbgemm_gpu\.")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 
 Routes: ``POST /v1/recommend``, ``POST /v1/recommend:batch``, ``GET /healthz``, ``GET /v1/model``
 (the manifest), ``POST /v1/admin/reload`` (also on SIGHUP), OpenAPI docs at ``/docs``, and the
-raw model through the Open Inference Protocol (KServe v2): ``GET /v2/health/ready``,
-``GET /v2/models/{name}``, ``POST /v2/models/{name}/infer``.
+raw model through the Open Inference Protocol (KServe v2) as Triton speaks it
+(:mod:`recforge.serve.kserve`).
 
 Reload swaps one reference: a request takes the current model once at its start and finishes
-on it, so requests in flight during a reload complete on the old model and none fail. Bad
-requests get a 4xx with a message; request bodies over ``max_body_bytes`` get 413.
+on it, so requests in flight during a reload complete on the old model and none fail. Bodies are
+checked before any route (:mod:`recforge.serve.body`: size, content type, coding); every 4xx has
+one shape (:mod:`recforge.serve.errors`); the OpenAPI document states what the loaded model
+accepts and every status each route answers (:mod:`recforge.serve.openapi`).
 """
 
 from __future__ import annotations
@@ -19,19 +21,21 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from recforge.artifact import MODEL, USER_VECTOR, ArtifactError, onnx_dims
+from recforge.artifact import MODEL, ArtifactError
+from recforge.serve.body import BodyGate
+from recforge.serve.errors import ApiError, error_responses, install_error_handlers
+from recforge.serve.kserve import MAX_BATCH, JsonInt, kserve_router
+from recforge.serve.openapi import install_contract
 from recforge.serve.recommender import MAX_K, Recommender, RequestError, UnknownUserError
 
 log = logging.getLogger(__name__)
 
-ItemId = StrictInt | StrictStr
-FeatureValue = StrictStr | StrictInt | StrictFloat | StrictBool | list[StrictStr | StrictInt]
-MAX_BATCH = 256
+
+ItemId = JsonInt | StrictStr
+FeatureValue = StrictStr | StrictInt | StrictFloat | StrictBool | list[ItemId]
 MAX_HISTORY = 10_000
 
 
@@ -45,7 +49,7 @@ class RecommendRequest(BaseModel):
         max_length=MAX_HISTORY,
         description="original item ids, oldest first; unknown ones are ignored",
     )
-    k: StrictInt = Field(10, ge=1, le=MAX_K, description="number of items")
+    k: JsonInt = Field(10, ge=1, le=MAX_K, description="number of items")
     exclude_seen: StrictBool = Field(True, description="leave out items of the user's history")
     exclude: list[ItemId] = Field(
         default_factory=list, max_length=MAX_HISTORY, description="more items to leave out"
@@ -71,16 +75,40 @@ class ReloadRequest(BaseModel):
     )
 
 
-class InferTensor(BaseModel):
-    name: StrictStr
-    shape: list[StrictInt]
-    datatype: StrictStr
-    data: list[Any]
+class ScoredItem(BaseModel):
+    item_id: int | str
+    score: float = Field(..., description="model score, or the training count for a fallback")
 
 
-class InferRequest(BaseModel):
-    id: StrictStr | None = None
-    inputs: list[InferTensor] = Field(..., min_length=1, max_length=16)
+class ModelInfo(BaseModel):
+    kind: str
+    run_id: str | None
+    sha256: str = Field(..., description="the first 12 hex digits of model.onnx's sha256")
+
+
+class RecommendResponse(BaseModel):
+    items: list[ScoredItem]
+    fallback: bool = Field(..., description="no usable history: the most-popular items")
+    unknown_history_items: list[int | str]
+    unknown_user_features: list[str] = Field(..., description="`name=value`, treated as missing")
+    model: ModelInfo
+
+
+class BatchResponse(BaseModel):
+    results: list[RecommendResponse]
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: ModelInfo
+    items: int
+    reloads: int
+
+
+class ReloadResponse(BaseModel):
+    status: str
+    model: ModelInfo
+    reloads: int
 
 
 class ModelHolder:
@@ -130,29 +158,14 @@ def create_app(
 ) -> FastAPI:
     holder = ModelHolder(source, threads, index, tracking_uri, ef_search)
     app = FastAPI(
-        title="recforge", description="Recommendations from a recforge ONNX artifact.", version="1"
+        title="recforge",
+        description="Recommendations from a recforge ONNX artifact. Every 4xx answers "
+        '`{"error": message, "code": kind, "field": path or null}`.',
+        version="1",
     )
     app.state.holder = holder
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        too_large = JSONResponse(
-            {"detail": f"request body over {max_body_bytes} bytes"}, status_code=413
-        )
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return too_large
-        if length is None and request.method in ("POST", "PUT", "PATCH"):
-            # A chunked body has no length up front: read it here, capped, and hand it on (the
-            # route's receive() replays request._body).
-            chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body_bytes:
-                    return too_large
-                chunks.append(chunk)
-            request._body = b"".join(chunks)
-        return await call_next(request)
+    app.add_middleware(BodyGate, max_body_bytes=max_body_bytes)
+    install_error_handlers(app)
 
     def describe(model: Recommender) -> dict[str, Any]:
         return {
@@ -164,21 +177,33 @@ def create_app(
     def answer(model: Recommender, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
         try:
             results = model.recommend_batch([r.model_dump() for r in requests])
+        except UnknownUserError as exc:
+            raise ApiError(404, str(exc), "unknown_user", "user_id") from None
         except RequestError as exc:
-            raise HTTPException(
-                status_code=404 if isinstance(exc, UnknownUserError) else 422, detail=str(exc)
-            ) from None
+            raise ApiError(422, str(exc)) from None
         return [{**r.as_dict(), "model": describe(model)} for r in results]
 
-    @app.post("/v1/recommend", summary="Top-k items for one user or history")
+    body_errors = error_responses(400, 413, 415, 422)
+
+    @app.post(
+        "/v1/recommend",
+        summary="Top-k items for one user or history",
+        response_model=None,
+        responses={200: {"model": RecommendResponse}, **error_responses(404), **body_errors},
+    )
     def recommend(body: RecommendRequest) -> dict[str, Any]:
         return answer(holder.current, [body])[0]
 
-    @app.post("/v1/recommend:batch", summary="Top-k items for up to 256 requests")
+    @app.post(
+        "/v1/recommend:batch",
+        summary=f"Top-k items for up to {MAX_BATCH} requests",
+        response_model=None,
+        responses={200: {"model": BatchResponse}, **error_responses(404), **body_errors},
+    )
     def recommend_batch(body: BatchRequest) -> dict[str, Any]:
         return {"results": answer(holder.current, body.requests)}
 
-    @app.get("/healthz")
+    @app.get("/healthz", summary="Status, model and reloads", response_model=HealthResponse)
     def healthz() -> dict[str, Any]:
         model = holder.current
         return {
@@ -193,94 +218,24 @@ def create_app(
         return holder.current.manifest
 
     @app.post(
-        "/v1/admin/reload", summary="Load the artifact again (or another one) and swap atomically"
+        "/v1/admin/reload",
+        summary="Load the artifact again (or another one) and swap atomically",
+        response_model=ReloadResponse,
+        responses={**error_responses(409), **body_errors},
     )
     def reload(body: ReloadRequest | None = None) -> dict[str, Any]:
         try:
             model = holder.reload(body.source if body else None)
         except (ArtifactError, OSError, ValueError) as exc:
-            raise HTTPException(
-                status_code=409, detail=f"reload refused, still serving the old model: {exc}"
+            raise ApiError(
+                409,
+                f"reload refused, still serving the old model: {exc}",
+                field="source" if body and body.source else None,
             ) from None
         return {"status": "reloaded", "model": describe(model), "reloads": holder.reloads}
 
-    # --- Open Inference Protocol (KServe v2) over the raw ONNX model ---
-
-    @app.get("/v2/health/ready")
-    def v2_ready() -> dict[str, Any]:
-        return {"ready": True}
-
-    def check_name(name: str) -> None:
-        if name != model_name:
-            raise HTTPException(
-                status_code=404, detail=f"model {name!r} not found (this server has {model_name!r})"
-            )
-
-    @app.get("/v2/models/{name}")
-    def v2_metadata(name: str) -> dict[str, Any]:
-        check_name(name)
-        m = holder.current.manifest
-        dtype = {"int64": "INT64", "float32": "FP32"}
-        return {
-            "name": model_name,
-            "versions": [m["files"][MODEL][:12]],
-            "platform": "onnxruntime_onnx",
-            "inputs": [
-                {"name": t["name"], "datatype": dtype[t["dtype"]], "shape": onnx_dims(t["shape"])}
-                for t in m["inputs"]
-            ],
-            "outputs": [
-                {"name": t["name"], "datatype": dtype[t["dtype"]], "shape": onnx_dims(t["shape"])}
-                for t in m["outputs"]
-            ],
-        }
-
-    @app.post("/v2/models/{name}/infer")
-    def v2_infer(name: str, body: InferRequest) -> dict[str, Any]:
-        check_name(name)
-        model = holder.current
-        v2_types = {"INT64": np.int64, "FP32": np.float32}
-        feeds = {}
-        for tensor in body.inputs:
-            dtype = v2_types.get(tensor.datatype)
-            size = int(np.prod(tensor.shape)) if tensor.shape else 1
-            if (
-                dtype is None
-                or tensor.name in feeds
-                or not tensor.shape
-                or min(tensor.shape) < 1
-                or tensor.shape[0] > MAX_BATCH
-                or len(tensor.data) != size
-            ):
-                raise HTTPException(
-                    status_code=422,
-                    detail=f"input {tensor.name!r}: need datatype INT64 or FP32, "
-                    f"a shape of positive dims with batch <= {MAX_BATCH}, len(data) == its "
-                    "product, and each name once",
-                )
-            try:
-                feeds[tensor.name] = np.asarray(tensor.data, dtype=dtype).reshape(tensor.shape)
-            except (ValueError, TypeError, OverflowError):
-                raise HTTPException(
-                    status_code=422, detail=f"input {tensor.name!r}: data must be numbers"
-                ) from None
-        try:
-            out = model.run_model(feeds)  # (B, D)
-        except RequestError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
-        return {
-            "model_name": model_name,
-            "id": body.id,
-            "outputs": [
-                {
-                    "name": USER_VECTOR,
-                    "datatype": "FP32",
-                    "shape": list(out.shape),
-                    "data": out.reshape(-1).tolist(),
-                }
-            ],
-        }
-
+    app.include_router(kserve_router(lambda: holder.current, model_name))
+    install_contract(app, lambda: holder.current)
     return app
 
 

@@ -79,7 +79,7 @@ class UserFeatures:
                 if (
                     isinstance(value, bool)
                     or not isinstance(value, (int, float))
-                    or not math.isfinite(value)
+                    or not math.isfinite(float(value) if abs(value) < 1e308 else math.inf)
                 ):
                     raise UserFeatureError(
                         f"user_features.{name}: expected a finite number, got {value!r}"

@@ -25,8 +25,9 @@ the commit leaves an orphan generation that nothing reads and the next save of t
 deletes. Without ``trainer_state.pt`` a prefix is an incomplete checkpoint, and removal deletes
 it first for the same reason.
 
-Resuming training requires the plan it was written with (fused optimizer state is laid out per
-sharding type, torchrec issue 2394); loading weights for validation/test reshards to the current
+Resuming training reshards the model and the fused optimizer state to the current world size as
+long as every table keeps its sharding type (:func:`check_plan`: fused optimizer state is laid out
+per sharding type, torchrec issue 2394); loading weights for validation/test reshards to any
 plan.
 """
 
@@ -257,33 +258,84 @@ def dcp_source(path: str | Path, state: dict[str, Any] | None) -> dict[str, Any]
     return {"storage_reader": FsspecReader(location, **storage.storage_options())}
 
 
+RESHARDABLE = ("row_wise", "table_wise", "data_parallel")
+"""Sharding types whose fused optimizer state DCP reshards to any world size: a row-wise or
+table-wise table's state (e.g. rowwise_adagrad's ``momentum1``, one value per row) is a
+``ShardedTensor`` over the whole table's rows, saved and loaded by global row offset, so per-row
+state moves with its rows; a data-parallel table's state is replicated. Column-wise and
+table-row-wise state is laid out per shard (torchrec issue 2394), so it is only carried when the
+shards keep their offsets and sizes."""
+
+
+def _geometry(entry: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+    return sorted((list(s["offsets"]), list(s["sizes"])) for s in entry.get("shards") or [])
+
+
 def check_plan(
     path: str | Path,
     saved: dict[str, Any],
     current: dict[str, Any],
     saved_world: int,
     current_world: int,
-) -> None:
-    """Refuse to resume training under a different sharding plan."""
-    if saved == current and saved_world == current_world:
-        return
-    diffs = []
+    *,
+    reset_embedding_optimizer: bool = False,
+) -> list[str]:
+    """Check that training can resume from a checkpoint written under ``saved`` (plan summary)
+    and ``saved_world`` ranks under ``current`` and ``current_world``; return the changes, one
+    line each, for the log.
+
+    A world-size change is fine when every table keeps its sharding type and compute kernel and
+    that type's optimizer state reshards (:data:`RESHARDABLE`, or the same shard geometry). Any
+    other change to a table's sharding is refused, naming the table and why, unless
+    ``reset_embedding_optimizer`` (the fused optimizer state is then not loaded). A table that
+    exists on one side only is always refused: its weights cannot load either.
+    """
+    changes = []
     if saved_world != current_world:
-        diffs.append(f"world size {saved_world} -> {current_world}")
+        changes.append(f"world size {saved_world} -> {current_world}")
 
     def desc(p: dict[str, Any] | None) -> str:
         return "absent" if p is None else f"{p['sharding_type']} on ranks {p['ranks']}"
 
+    refused, missing = [], []
     for table in sorted(set(saved) | set(current)):
         a, b = saved.get(table), current.get(table)
-        if a != b:
-            diffs.append(f"table {table}: {desc(a)} -> {desc(b)}")
-    raise CheckpointError(
-        f"checkpoint {path} was written under another sharding plan ({'; '.join(diffs)}). "
-        "The fused optimizer state is laid out per sharding type, so training cannot resume "
-        "under a new plan: resume with the same devices and sharding config, or start a new run "
-        "from these weights (validate/test reshard freely)"
-    )
+        if a == b:
+            continue
+        change = f"table {table}: {desc(a)} -> {desc(b)}"
+        changes.append(change)
+        if a is None or b is None:
+            where = "the model has no such table" if b is None else "the checkpoint lacks it"
+            missing.append(f"{change} ({where})")
+        elif a["sharding_type"] != b["sharding_type"]:
+            refused.append(
+                f"{change} (the sharding type changed, and the fused optimizer state is laid "
+                "out per sharding type)"
+            )
+        elif a.get("compute_kernel") != b.get("compute_kernel"):
+            refused.append(
+                f"{change} (compute kernel {a.get('compute_kernel')} -> "
+                f"{b.get('compute_kernel')}: the kernel holds the fused optimizer state)"
+            )
+        elif b["sharding_type"] not in RESHARDABLE and _geometry(a) != _geometry(b):
+            refused.append(
+                f"{change} ({b['sharding_type']} optimizer state is laid out per shard and the "
+                "shards changed, so it does not reshard)"
+            )
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} was written for other embedding tables ({'; '.join(missing)}): "
+            "it is from another model or config"
+        )
+    if refused and not reset_embedding_optimizer:
+        raise CheckpointError(
+            f"checkpoint {path} was written under another sharding plan whose fused embedding "
+            f"optimizer state cannot be carried over ({'; '.join(refused)}). A world-size change "
+            f"alone is fine for {', '.join(RESHARDABLE)} tables. Resume with the same sharding "
+            "config, or pass --reset_embedding_optimizer true to resume from these weights with "
+            "fresh fused optimizer state (validate/test reshard freely)"
+        )
+    return changes
 
 
 def load_sharded(

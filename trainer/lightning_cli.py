@@ -77,6 +77,24 @@ class RecforgeCLI(LightningCLI):
             default=True,
             help="fit: test the best checkpoint (else the final weights) when training ends",
         )
+        parser.add_argument(
+            "--reset_embedding_optimizer",
+            type=bool,
+            default=False,
+            help="fit --ckpt_path: load the weights only and start the fused embedding optimizer "
+            "afresh, e.g. to resume under a sharding plan whose optimizer state cannot be carried "
+            "over (a changed sharding type); a world-size change alone needs no reset",
+        )
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="fit: warm start. A NEW run (epoch 0, fresh optimizers) whose weights come from "
+            "this checkpoint, on data that may have more users/items: prepare it with `recforge "
+            "data prepare --vocab-from <the checkpoint's data>`. Known rows are copied, new rows "
+            "keep their initialisation; any plan/world size (docs/architecture.md §6). Not with "
+            "--ckpt_path, which resumes a run",
+        )
         parser.add_lightning_class_args(ThroughputMonitor, "throughput")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
@@ -89,6 +107,13 @@ class RecforgeCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(cls() for cls in self.post_fit_callbacks)
+        if self._get(self.config_init, "reset_embedding_optimizer", False):
+            if not hasattr(trainer.strategy, "reset_embedding_optimizer"):
+                raise ValueError(
+                    "--reset_embedding_optimizer needs recforge's TorchRecStrategy, not "
+                    f"{type(trainer.strategy).__name__}"
+                )
+            trainer.strategy.reset_embedding_optimizer = True
         self.mlflow_logger = self.recorder = None
         tracking = _as_tracking(self._get(self.config_init, "mlflow"))
         self.tracking = tracking
@@ -128,6 +153,7 @@ class RecforgeCLI(LightningCLI):
                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})"
             ) from None
         log.info("MLflow: run %s (%s) in experiment %r at %s", run_id, run_name, experiment, uri)
+        logger.mark_model_training()
         config = self.config.get(str(self.subcommand), self.config)
         config_yaml = self._parser(self.subcommand).dump(config, skip_none=False)
         flat = flatten_config(yaml.safe_load(config_yaml) or {})
@@ -142,6 +168,20 @@ class RecforgeCLI(LightningCLI):
         trainer.loggers = [*trainer.loggers, logger]
         trainer.callbacks.append(self.recorder)
         self.mlflow_logger = logger
+
+    def before_fit(self) -> None:
+        init_from = self._get(self.config, "init_from")
+        if init_from:
+            from recforge.trainer.checkpoint import CheckpointError
+
+            if self._get(self.config, "ckpt_path"):
+                raise CheckpointError(
+                    "--init_from starts a new run from a checkpoint's weights and --ckpt_path "
+                    "resumes a run: pass one of them"
+                )
+            if not hasattr(self.model, "init_from"):
+                raise ValueError(f"--init_from: {type(self.model).__name__} cannot warm start")
+            self.model.init_from = str(init_from)
 
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit", True):

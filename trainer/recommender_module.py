@@ -12,10 +12,11 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
 from recforge.families import ModelFamily, family_of_module
 from recforge.trainer.evaluation.metrics import RankingEvaluator
@@ -60,6 +61,34 @@ class EvalConfig:
     """Cut-offs for HR/NDCG/coverage/popularity."""
     segments: list[int] = field(default_factory=lambda: [5, 20, 50, 200])
     """Upper bounds of history-length segments for the per-segment table."""
+    item_chunk: int = 65536
+    """Items scored at a time: a rank never holds more than ``B x item_chunk`` scores (plus
+    ``B x max(ks)`` top-K keys). A catalogue of at most this many items, evaluated without
+    ``shard_items``, is scored as one ``(B, N + 1)`` matrix by the family's ``score_batch``."""
+    shard_items: bool | Literal["auto"] = "auto"
+    """Item-sharded evaluation over ranks: each rank scores every rank's users (all-gathered
+    user vectors) against its own item rows, and the per-user counts and top-K lists are
+    combined exactly. ``auto``: when the item table is sharded row-wise over all ranks;
+    ``true``: whenever there are several ranks (rows split evenly if the table is not row-wise);
+    ``false``: each rank scores the whole catalogue for its own users."""
+
+    def __post_init__(self) -> None:
+        if self.item_chunk < 1:
+            raise ValueError(f"evaluation.item_chunk: must be >= 1, got {self.item_chunk}")
+        if self.shard_items not in (True, False, "auto"):
+            raise ValueError(
+                f"evaluation.shard_items: true, false or auto, got {self.shard_items!r}"
+            )
+
+
+@dataclass
+class _ItemScoring:
+    """The item rows ``lo..hi - 1`` this rank scores in an evaluation epoch, and their vectors."""
+
+    lo: int
+    hi: int
+    vectors: torch.Tensor  # (hi - lo, D)
+    sharded: bool
 
 
 class ShardedRecommenderModule(L.LightningModule, ABC):
@@ -85,8 +114,12 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         self.net: torch.nn.Module | None = None
         self._plan: Any = None
         self._evaluator: RankingEvaluator | None = None
+        self._item_scoring: _ItemScoring | None = None
         self.last_evaluation: dict[str, Any] | None = None
         """Metrics and segment table of the last test epoch (for reports)."""
+        self.init_from: str | None = None
+        """A checkpoint whose weights ``fit`` starts from (warm start, ``recforge fit --init_from``;
+        :mod:`recforge.trainer.warm_start`); set by the CLI, not a hyper-parameter."""
 
     # --- what the data is linked from (LightningCLI ``link_arguments``, applied on instantiation)
 
@@ -125,6 +158,16 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
     def score_batch(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scores (B, N + 1) of every item for each evaluation example; column 0 is padding."""
 
+    def eval_user_vectors(self, batch: dict[str, Any]) -> torch.Tensor:
+        """User vectors (B, D) of an evaluation batch, such that ``score_batch`` is
+        ``users @ eval_item_vectors(1..N).T``; needed for item-chunked and item-sharded
+        evaluation (:class:`EvalConfig`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked evaluation")
+
+    def eval_item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors (n, D) of any item ids: a collective lookup (every rank calls it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no chunked evaluation")
+
     def prepare_evaluation(self) -> None:
         """Called on every rank at the start of each validation/test epoch, in eval mode and without
         gradients, before any :meth:`score_batch` (e.g. to embed the catalogue once per epoch).
@@ -152,6 +195,10 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         self.embedding_optimizer.apply(tables, device)
         # Tables on the meta device: DMP allocates only this rank's shards.
         self.net, self._plan = shard(model, self.sharding, device, self.trainer.num_devices)
+        if self.init_from is not None and self.trainer.state.fn == "fit":
+            from recforge.trainer.warm_start import warm_start
+
+            warm_start(self, self.init_from)  # every rank fills its own shards
 
     @property
     def model(self) -> torch.nn.Module:
@@ -210,12 +257,10 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._evaluator = self._new_evaluator()
-        self.prepare_evaluation()
+        self._start_evaluation()
 
     def on_test_epoch_start(self) -> None:
-        self._evaluator = self._new_evaluator()
-        self.prepare_evaluation()
+        self._start_evaluation()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -225,13 +270,18 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
 
     def on_validation_epoch_end(self) -> None:
         self.finish_evaluation()
+        self._item_scoring = None
         self._log_eval("val")
 
     def on_test_epoch_end(self) -> None:
         self.finish_evaluation()
+        self._item_scoring = None
         metrics = self._log_eval("test")
         out = self._out_dir()  # a collective (broadcast): every rank asks
         self.last_evaluation = {"metrics": metrics, "segments": self._evaluator.segment_table()}
+        users = getattr(self.trainer.datamodule, "evaluation_users", None)
+        if users is not None:
+            self.last_evaluation.update(users("test"))
         if self.global_rank == 0:
             _write_json(out / "test_metrics.json", self.last_evaluation)
 
@@ -247,7 +297,67 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
             device=self.device,
         )
 
+    def _start_evaluation(self) -> None:
+        self._evaluator = self._new_evaluator()
+        with torch.no_grad():
+            self._item_scoring = self._plan_item_scoring()
+        self.prepare_evaluation()
+
+    def _shard_items(self, world: int) -> bool:
+        flag = self.eval_config.shard_items
+        if world == 1 or flag is False:
+            return False
+        if flag is True:
+            return True
+        info = plan_summary(self._plan).get(self._item_table_name) if self._plan else None
+        return (
+            info is not None
+            and info["sharding_type"] == "row_wise"
+            and sorted(info["ranks"]) == list(range(world))
+        )
+
+    @property
+    def _item_table_name(self) -> str:
+        return getattr(getattr(self, "config", None), "table_name", "item_table")
+
+    def _item_range(self, num_items: int, world: int, rank: int) -> tuple[int, int]:
+        """Rows ``lo..hi - 1`` (within 1..N) this rank scores: its row-wise shard of the item
+        table, else an even split."""
+        info = plan_summary(self._plan).get(self._item_table_name) if self._plan else None
+        if info is not None and info["sharding_type"] == "row_wise":
+            for sh in info["shards"]:
+                if sh["rank"] == rank:
+                    lo, hi = sh["offsets"][0], sh["offsets"][0] + sh["sizes"][0]
+                    return max(lo, 1), max(min(hi, num_items + 1), max(lo, 1))
+            return 1, 1
+        base, extra = divmod(num_items, world)
+        lo = 1 + rank * base + min(rank, extra)
+        return lo, lo + base + (rank < extra)
+
+    def _plan_item_scoring(self) -> _ItemScoring | None:
+        """How this epoch scores items: None for one (B, N + 1) matrix from ``score_batch``;
+        else this rank's item rows and their vectors (a collective lookup on every rank)."""
+        n = int(self.trainer.datamodule.num_items)
+        world = int(self.trainer.world_size)
+        sharded = self._shard_items(world)
+        if not sharded and n <= self.eval_config.item_chunk:
+            return None
+        lo, hi = self._item_range(n, world, self.global_rank) if sharded else (1, n + 1)
+        log.info(
+            "evaluation: rank %d scores items %d..%d in chunks of %d%s",
+            self.global_rank,
+            lo,
+            hi - 1,
+            self.eval_config.item_chunk,
+            " for every rank's users (item-sharded)" if sharded else "",
+        )
+        ids = torch.arange(lo, hi, device=self.device)
+        return _ItemScoring(lo, hi, self.eval_item_vectors(ids).float(), sharded)
+
     def _eval_step(self, batch: dict[str, Any]) -> None:
+        if self._item_scoring is not None:
+            self._eval_step_chunked(batch, self._item_scoring)
+            return
         scores = self.score_batch(batch)  # (B, N + 1)
         self._evaluator.update(
             scores.float(),
@@ -256,6 +366,37 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
             batch["seen_lengths"],
             batch["weight"],
         )
+
+    def _eval_step_chunked(self, batch: dict[str, Any], sc: _ItemScoring) -> None:
+        """Score item chunks of ``sc``'s rows; with ``sc.sharded``, for every rank's users."""
+        users = self.eval_user_vectors(batch).float()  # (B, D)
+        target = batch["target"].to(self.device, torch.int64)
+        target_vectors = self.eval_item_vectors(target).float()  # collective: every rank calls
+        seen_values = batch["seen_values"].to(self.device, torch.int64)
+        seen_lengths = batch["seen_lengths"].to(self.device, torch.int64)
+        weight = batch["weight"].to(self.device, torch.float64)
+        rows = None
+        if sc.sharded:
+            sizes = _all_gather_sizes(users.shape[0], self.device)
+            start = sum(sizes[: self.global_rank])
+            rows = slice(start, start + users.shape[0])
+            users, target_vectors, target, seen_lengths, weight = (
+                _all_gather_rows(t, sizes)
+                for t in (users, target_vectors, target, seen_lengths, weight)
+            )
+            seen_values = _all_gather_rows(
+                seen_values, _all_gather_sizes(seen_values.numel(), self.device)
+            )
+        chunk = self.eval_config.item_chunk
+        partial = self._evaluator.begin(
+            target, _pair_scores(users, target_vectors, chunk), seen_values, seen_lengths, weight
+        )
+        for lo in range(sc.lo, sc.hi, chunk):
+            hi = min(sc.hi, lo + chunk)
+            partial.add(lo, users @ sc.vectors[lo - sc.lo : hi - sc.lo].T)  # (B, hi - lo)
+        if sc.sharded:
+            partial.combine()  # the other ranks hold the other items
+        self._evaluator.finish(partial, rows)
 
     def _log_eval(self, prefix: str) -> dict[str, float]:
         metrics = self._evaluator.compute()  # all-reduced: identical on every rank
@@ -287,6 +428,38 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
             report = memory_report(plan)
             (out / "sharding_plan.txt").write_text(f"{report}\n\n{text}")
             log.info("sharding plan (fp32 weight bytes per rank):\n%s", report)
+
+
+def _pair_scores(users: torch.Tensor, items: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``users[i] . items[i]`` (B,) by the same matrix product as the chunk scores (blocks of
+    at most ``chunk`` columns), so a target scores as its column would."""
+    out = torch.empty(users.shape[0], dtype=users.dtype, device=users.device)
+    step = max(1, min(chunk, 1024))
+    for lo in range(0, users.shape[0], step):
+        hi = min(users.shape[0], lo + step)
+        block = users @ items[lo:hi].T  # (B, hi - lo)
+        out[lo:hi] = block[
+            torch.arange(lo, hi, device=users.device), torch.arange(hi - lo, device=users.device)
+        ]
+    return out
+
+
+def _all_gather_sizes(n: int, device: torch.device) -> list[int]:
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=device))
+    return [int(x) for x in sizes]
+
+
+def _all_gather_rows(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate every rank's rows of ``t`` (rank order); ranks may hold different counts."""
+    top = max(sizes)
+    if top == 0:
+        return t
+    padded = t.new_zeros((top, *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -76,6 +76,20 @@ class SASRecModule(ShardedRecommenderModule):
     def score_batch(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model.score_all(batch["input_ids"], batch["lengths"])  # (B, N + 1)
 
+    def eval_user_vectors(self, batch: dict[str, Any]) -> torch.Tensor:
+        # score_all's user side: the final hidden state at each row's last position.
+        m, ids, lengths = self.model, batch["input_ids"], batch["lengths"]
+        mask = m._check_inputs(ids, lengths)
+        none = torch.zeros(0, dtype=torch.int64, device=ids.device)
+        emb = m.lookup_items(ids.shape[0], (ids[mask], lengths), None, none)
+        return m.user_vector(m._hidden(emb["history"], mask, lengths), lengths)  # (B, D)
+
+    def eval_item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        # score_all's item side: the item table's rows (tied output), through the sharded lookup.
+        none = torch.zeros(0, dtype=torch.int64, device=ids.device)
+        history = (none, torch.zeros(1, dtype=torch.int32, device=ids.device))
+        return self.model.lookup_items(1, history, None, ids.reshape(-1))["candidates"]
+
     def prepare_for_export(self, network: SASRec, dm: Any) -> None:
         """Give a network whose meta tensors were just materialised (``recforge export``) what
         the checkpoint does not hold: the item frequencies, taken from the data."""

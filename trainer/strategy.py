@@ -21,7 +21,6 @@ import torch
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from recforge.trainer import checkpoint as ckpt
 
@@ -38,6 +37,7 @@ class TorchRecStrategy(DDPStrategy):
         process_group_backend: str | None = None,
         timeout_minutes: float = 30.0,
         start_method: str = "popen",
+        reset_embedding_optimizer: bool = False,
         **kwargs: Any,
     ) -> None:
         """
@@ -46,6 +46,9 @@ class TorchRecStrategy(DDPStrategy):
             timeout_minutes: collective timeout.
             start_method: Lightning's launcher start method (``popen`` re-runs the command per
                 rank).
+            reset_embedding_optimizer: when resuming ``fit``, load the weights only and start
+                the fused embedding optimizer afresh (for a plan whose optimizer state cannot be
+                carried over; ``recforge fit --reset_embedding_optimizer true``).
         """
         super().__init__(
             process_group_backend=process_group_backend,
@@ -53,6 +56,7 @@ class TorchRecStrategy(DDPStrategy):
             start_method=start_method,
             **kwargs,
         )
+        self.reset_embedding_optimizer = reset_embedding_optimizer
 
     def _get_process_group_backend(self) -> str:
         return self._process_group_backend or (
@@ -84,6 +88,11 @@ class TorchRecStrategy(DDPStrategy):
 
     # --- checkpoints ---
 
+    def _info(self, message: str) -> None:
+        # recforge's own logger: the CLI shows its INFO lines and quiets Lightning's.
+        if self.is_global_zero:
+            log.info(message)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         return self.lightning_module.sharded_state_dict()
 
@@ -105,18 +114,36 @@ class TorchRecStrategy(DDPStrategy):
         meta = state["recforge"]
         resuming = module.trainer.state.fn == TrainerFn.FITTING
         plan, _ = module.sharding_plan()
+        reset = self.reset_embedding_optimizer
         if resuming:
-            ckpt.check_plan(
-                checkpoint_path, meta["plan"], plan, meta["world_size"], self.world_size
+            # Refuses what cannot be carried over; a world-size change alone reshards (DCP).
+            changes = ckpt.check_plan(
+                checkpoint_path,
+                meta["plan"],
+                plan,
+                meta["world_size"],
+                self.world_size,
+                reset_embedding_optimizer=reset,
             )
+            if changes:
+                self._info(
+                    f"resuming under another plan ({'; '.join(changes)}): the model is "
+                    "resharded"
+                    + ("" if reset else ", and the fused embedding optimizer state with it")
+                )
+            if reset and module.fused_optimizer is not None:
+                self._info(
+                    "reset_embedding_optimizer: loading the weights only; the fused embedding "
+                    "optimizer starts with fresh state"
+                )
         skeleton: dict[str, Any] = {"model": module.sharded_state_dict()}
-        if resuming and module.fused_optimizer is not None:
+        if resuming and not reset and module.fused_optimizer is not None:
             skeleton["fused_optimizer"] = module.fused_optimizer.state_dict()
         ckpt.load_sharded(checkpoint_path, skeleton, state)
         state["state_dict"] = skeleton["model"]
         if "fused_optimizer" in skeleton:
             state["fused_optimizer"] = skeleton["fused_optimizer"]
-        rank_zero_info(
+        self._info(
             f"loaded sharded checkpoint {checkpoint_path} (written by {meta['world_size']} rank(s))"
         )
         return state

@@ -167,6 +167,8 @@ class TwoTowerModule(ShardedRecommenderModule):
         return loss
 
     def prepare_evaluation(self) -> None:
+        if self._item_scoring is not None:
+            return  # item-chunked or item-sharded: the base class embeds this rank's rows
         # Every rank embeds the whole catalogue (collective lookups: all ranks call it).
         with torch.no_grad():
             ids = torch.arange(1, self.config.num_items + 1, device=self.device)
@@ -179,6 +181,12 @@ class TwoTowerModule(ShardedRecommenderModule):
         return self.model.score_all(
             batch["features"], self._user_dense(batch), catalog=self._catalog
         )  # (B, N + 1)
+
+    def eval_user_vectors(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model.user_vectors(batch["features"], self._user_dense(batch))  # (B, D)
+
+    def eval_item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.item_vectors(ids)  # item tower outputs (n, D)
 
     def prepare_for_export(self, network: TwoTower, dm: Any) -> None:
         """Give a network whose meta tensors were just materialised (``recforge export``) what

@@ -162,6 +162,13 @@ def test_two_process_fit_is_one_complete_run(server: str, tracked_run: dict) -> 
     assert params["model.init_args.model.dim"] == "32"
     assert params["mlflow.registered_model_name"] == MODEL_NAME
 
+    # The UI opens the experiment in its model-training view, not the GenAI one.
+    experiment_tags = {t["key"]: t["value"] for t in tracked_run["experiment"].get("tags", [])}
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+    # Quiet by default: no fbgemm library lines, no MLflow progress bars.
+    assert "Successfully loaded" not in tracked_run["stderr"]
+    assert "Downloading artifacts" not in tracked_run["stderr"]
+
     tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
     manifest = json.loads((tracked_run["tmp"] / "data" / "manifest.json").read_text())
     assert tags["dataset.fingerprint"] == manifest["fingerprint"]

@@ -1,6 +1,7 @@
 """Export and serving for real: `recforge export` of a trained tiny SASRec (parity gate), the
-artifact's sha256 checks, `recforge serve` over HTTP (bad requests, KServe v2, hot reload under
-concurrent load), and the serving library never importing torch."""
+artifact's sha256 checks, `recforge serve` over HTTP (bad requests and the one error shape,
+content types, KServe v2 through Triton's own HTTP client, the OpenAPI contract fuzzed by
+schemathesis, hot reload under concurrent load), and the serving library never importing torch."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from serve_contract import fuzz_openapi, triton_session
 from serve_fixtures import run, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -249,26 +251,89 @@ def test_http_routes(server: dict, artifacts: dict[str, Path]) -> None:
     assert out["shape"] == [2, manifest["dim"]]
     assert np.allclose(np.array(out["data"]).reshape(2, -1), expected, atol=1e-5)
     assert requests.get(url + "/v2/health/ready", timeout=10).json()["ready"] is True
+    assert requests.get(url + "/v2/health/live", timeout=10).json()["live"] is True
+
+
+def _error(response: requests.Response, status: int, code: str, field: str | None = None) -> str:
+    """The one error shape: ``{"error": message, "code": kind, "field": path or null}``."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "code", "field"} and body["error"], body
+    assert body["code"] == code and body["field"] == field, body
+    return body["error"]
 
 
 @pytest.mark.parametrize(
-    "body,status",
+    "body,status,code,field",
     [
-        ({"user_id": "nobody", "k": 5}, 404),
-        ({"history": [1], "k": 0}, 422),
-        ({"history": [1], "k": 10**9}, 422),
-        ({"history": [1], "k": "ten"}, 422),
-        ({"history": [{"id": 1}], "k": 3}, 422),
-        ({"history": "1,2,3"}, 422),
-        ({"k": 3}, 422),
-        ({"history": [1], "colour": "red"}, 422),
-        ([1, 2, 3], 422),
+        ({"user_id": "nobody", "k": 5}, 404, "unknown_user", "user_id"),
+        ({"history": [1], "k": 0}, 422, "invalid_request", "k"),
+        ({"history": [1], "k": 10**9}, 422, "invalid_request", "k"),
+        ({"history": [1], "k": "ten"}, 422, "invalid_request", "k"),
+        ({"history": [1], "k": 2.5}, 422, "invalid_request", "k"),
+        ({"history": [{"id": 1}], "k": 3}, 422, "invalid_request", "history.0"),
+        ({"history": "1,2,3"}, 422, "invalid_request", "history"),
+        ({"k": 3}, 422, "invalid_request", None),
+        ({"history": [1], "colour": "red"}, 422, "invalid_request", "colour"),
+        ([1, 2, 3], 422, "invalid_request", None),
     ],
 )
-def test_bad_requests_get_4xx_with_a_message(server: dict, body: object, status: int) -> None:
+def test_bad_requests_get_4xx_with_a_message(
+    server: dict, body: object, status: int, code: str, field: str | None
+) -> None:
     response = requests.post(server["url"] + "/v1/recommend", json=body, timeout=10)
-    assert response.status_code == status, response.text
-    assert response.json()["detail"]
+    _error(response, status, code, field)
+
+
+def test_json_with_any_json_content_type_and_415_otherwise(server: dict) -> None:
+    """Triton's client and ``curl -d`` send JSON without a JSON content type; both are read."""
+    url, body = server["url"] + "/v1/recommend", json.dumps({"history": [1, 2], "k": 2})
+    for content_type in (
+        None,
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/vnd.api+json",
+        "application/x-www-form-urlencoded",  # curl -d without -H
+    ):
+        headers = {"content-type": content_type} if content_type else {}
+        response = requests.post(url, data=body.encode(), headers=headers, timeout=10)
+        assert response.status_code == 200 and len(response.json()["items"]) == 2, response.text
+    for content_type in ("text/xml", "multipart/form-data; boundary=x", "application/octet-stream"):
+        response = requests.post(url, data=body, headers={"content-type": content_type}, timeout=10)
+        message = _error(response, 415, "unsupported_media_type")
+        assert "application/json" in message and "curl -d" in message
+    # 5.0 is JSON Schema's integer 5, as JSON has one number type.
+    response = requests.post(url, json={"history": [1.0], "k": 2.0}, timeout=10)
+    assert response.status_code == 200 and len(response.json()["items"]) == 2
+    # Unknown routes and methods answer in the same shape.
+    _error(requests.get(server["url"] + "/v3/nothing", timeout=10), 404, "not_found")
+    _error(requests.put(url, json={}, timeout=10), 405, "method_not_allowed")
+
+
+def test_triton_http_client_json_and_binary(server: dict, artifacts: dict[str, Path]) -> None:
+    from recforge.serve.recommender import Recommender
+
+    triton_session(server["url"], Recommender.load(artifacts["first"]))
+
+
+def test_openapi_contract_holds_under_fuzzing(server: dict) -> None:
+    """schemathesis, 30 valid and 30 invalid requests per operation, fixed seed."""
+    sent = fuzz_openapi(server["url"])
+    assert sent["POST /v1/recommend [positive]"] >= 20 and len(sent) >= 16
+    spec = requests.get(server["url"] + "/openapi.json", timeout=10).json()
+    request = spec["components"]["schemas"]["RecommendRequest"]
+    assert request["properties"]["k"]["maximum"] == min(1000, spec_items(server))
+    assert request["properties"]["user_features"]["anyOf"][0]["maxProperties"] == 0
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if status.startswith("4"):
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, method)
+
+
+def spec_items(server: dict) -> int:
+    return requests.get(server["url"] + "/healthz", timeout=10).json()["items"]
 
 
 def test_malformed_oversized_and_bad_v2_requests(server: dict) -> None:
@@ -279,9 +344,9 @@ def test_malformed_oversized_and_bad_v2_requests(server: dict) -> None:
         headers={"content-type": "application/json"},
         timeout=10,
     )
-    assert response.status_code == 422
+    assert "not valid JSON" in _error(response, 400, "malformed_body")
     huge = {"history": list(range(300_000))}
-    assert requests.post(url + "/v1/recommend", json=huge, timeout=30).status_code == 413
+    _error(requests.post(url + "/v1/recommend", json=huge, timeout=30), 413, "body_too_large")
     # Chunked bodies (no Content-Length) are capped too, and small ones still reach the route.
     chunks = lambda body: (body[i : i + 4096] for i in range(0, len(body), 4096))  # noqa: E731
     assert (
@@ -303,8 +368,43 @@ def test_malformed_oversized_and_bad_v2_requests(server: dict) -> None:
     bad = {
         "inputs": [{"name": "item_ids", "shape": [1, 2], "datatype": "INT64", "data": [1, 10**9]}]
     }
-    assert requests.post(url + "/v2/models/recforge/infer", json=bad, timeout=10).status_code == 422
-    assert requests.post(url + "/v2/models/other/infer", json=bad, timeout=10).status_code == 404
+    response = requests.post(url + "/v2/models/recforge/infer", json=bad, timeout=10)
+    assert "must lie in" in _error(response, 422, "invalid_request")
+    response = requests.post(url + "/v2/models/other/infer", json=bad, timeout=10)
+    _error(response, 404, "unknown_model")
+    response = requests.post(url + "/v2/models/recforge/versions/7/infer", json=bad, timeout=10)
+    _error(response, 404, "unknown_model")
+    # Binary framing that does not add up is a 400; so is a header longer than the body.
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "item_ids",
+                    "shape": [1, 2],
+                    "datatype": "INT64",
+                    "parameters": {"binary_data_size": 16},
+                }
+            ]
+        }
+    ).encode()
+    for extra, length in ((b"\0" * 8, len(header)), (b"\0" * 24, len(header)), (b"", 10**6)):
+        response = requests.post(
+            url + "/v2/models/recforge/infer",
+            data=header + extra,
+            headers={"Inference-Header-Content-Length": str(length)},
+            timeout=10,
+        )
+        _error(response, 400, "malformed_body")
+    ok = requests.post(
+        url + "/v2/models/recforge/infer",
+        data=header + np.array([1, 2], dtype="<i8").tobytes(),
+        headers={
+            "Inference-Header-Content-Length": str(len(header)),
+            "content-type": "application/octet-stream",
+        },
+        timeout=10,
+    )
+    assert ok.status_code == 200 and ok.headers["content-type"] == "application/json", ok.text
 
 
 def test_reload_under_load_drops_no_request(server: dict, artifacts: dict[str, Path]) -> None:
@@ -348,7 +448,7 @@ def test_reload_under_load_drops_no_request(server: dict, artifacts: dict[str, P
     assert not errors, errors[:5]
     assert counts[0] > 20
     assert shas[0] != before and shas[1] == before
-    assert refused.status_code == 409 and "still serving the old model" in refused.json()["detail"]
+    assert "still serving the old model" in _error(refused, 409, "reload_refused", "source")
     assert requests.get(url + "/healthz", timeout=10).json()["model"]["sha256"] == shas[2]
 
 

@@ -1,6 +1,8 @@
 """Two-tower export and serving for real: `recforge export` of a trained tiny two-tower model
 (user id + user features), the served user vectors equal the training network's on real test
-batches, and `recforge serve` answers by user and by history, and on KServe v2 with every input."""
+batches, and `recforge serve` answers by user and by history, and on KServe v2 with every input
+(Triton's own HTTP client too); its OpenAPI document names the model's user features and holds
+under schema-driven fuzzing."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from serve_contract import fuzz_openapi, triton_session
 from serve_fixtures import run, serving
 
 REPO = Path(__file__).resolve().parents[2]
@@ -230,9 +233,8 @@ def test_http_by_user_history_and_kserve_v2(server: str, artifact: dict[str, Pat
     response = requests.post(
         server + "/v1/recommend", json={"user_features": {"shoe_size": 44}}, timeout=10
     )
-    assert (
-        response.status_code == 422 and "unknown feature 'shoe_size'" in response.json()["detail"]
-    )
+    assert response.status_code == 422 and "unknown feature 'shoe_size'" in response.json()["error"]
+    assert response.json()["code"] == "invalid_request"
 
     meta = requests.get(server + "/v2/models/recforge", timeout=10).json()
     assert [t["name"] for t in meta["inputs"]] == rec.input_names
@@ -258,7 +260,43 @@ def test_http_by_user_history_and_kserve_v2(server: str, artifact: dict[str, Pat
         response = requests.post(
             server + "/v2/models/recforge/infer", json={"inputs": bad}, timeout=10
         )
-        assert response.status_code == 422 and message in response.json()["detail"], response.text
+        assert response.status_code == 422 and message in response.json()["error"], response.text
+
+
+def test_triton_http_client_json_and_binary(server: str, artifact: dict[str, Path]) -> None:
+    import re
+
+    import tritonclient.http as httpclient
+
+    from recforge.serve.recommender import Recommender
+
+    triton_session(server, Recommender.load(artifact["export"]))
+    # The configuration is the one `--triton` wrote for Triton itself.
+    config = httpclient.InferenceServerClient(server.removeprefix("http://")).get_model_config(
+        "recforge"
+    )
+    pbtxt = (artifact["triton"] / "recforge" / "config.pbtxt").read_text()
+    blocks = re.findall(r'name: "(\w+)"\s+data_type: (\w+)\s+dims: \[ ([-\d, ]+) \]', pbtxt)
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"] + config["output"]] == [
+        (name, kind, [int(d) for d in dims.split(",")]) for name, kind, dims in blocks
+    ]
+    sha = json.loads((artifact["export"] / "manifest.json").read_text())["files"]["model.onnx"]
+    assert config["parameters"]["recforge_sha256"]["string_value"] == sha and sha in pbtxt
+
+
+def test_openapi_names_the_features_and_holds_under_fuzzing(server: str) -> None:
+    spec = requests.get(server + "/openapi.json", timeout=10).json()
+    features = spec["components"]["schemas"]["RecommendRequest"]["properties"]["user_features"]
+    assert features["anyOf"][0]["propertyNames"] == {"enum": ["age_bucket", "country"]}
+    infer_input = spec["components"]["schemas"]["InferInput"]["properties"]
+    assert infer_input["name"]["enum"] == [
+        "item_ids",
+        "user_idx",
+        "user_age_bucket",
+        "user_country",
+    ]
+    sent = fuzz_openapi(server)
+    assert sent["POST /v1/recommend [positive]"] >= 20
 
 
 def test_int8_export_is_checked_reported_and_served(artifact: dict[str, Path]) -> None:

@@ -296,7 +296,12 @@ def test_sampler_state_resumes_mid_epoch(random_dir) -> None:
     sampler.set_epoch(3)
     keys = list(iter(sampler))
     assert keys == [(3, g) for g in range(len(loader.dataset))]
-    assert sampler.state_dict() == {"epoch": 3, "batches_consumed": len(keys)}
+    assert sampler.state_dict() == {
+        "epoch": 3,
+        "batches_consumed": len(keys),
+        "world_size": loader.dataset.world_size,
+        "batch_size": loader.dataset.batch_size,
+    }
     fresh = make_loader(directory, "sequence", "train").sampler
     fresh.load_state_dict({"epoch": 3, "batches_consumed": 2})
     fresh.set_epoch(3)  # Lightning calls this at the epoch start; it must keep the offset

@@ -23,7 +23,8 @@ def write_parquet(path: Path, **columns) -> Path:
 
 
 def run_cli(*args: str) -> int:
-    return main(["data", "prepare", *args])
+    # The inputs here are a few rows: most have no evaluation users, which is not the point.
+    return main(["data", "prepare", "--min-eval-users", "0", *args])
 
 
 def read_sequences(out: Path) -> dict[int, list[int]]:
@@ -38,7 +39,7 @@ def test_vocab_order_padding_sequences_and_split(tmp_path: Path) -> None:
         item_id=[30, 10, 20, 30, 20, 10],
         timestamp=[3, 5, 1, 9, 7, 2],
     )
-    m = prepare(PrepareConfig(input=[str(src)], out=str(tmp_path / "out")))
+    m = prepare(PrepareConfig(min_eval_users=0, input=[str(src)], out=str(tmp_path / "out")))
     out = tmp_path / "out"
     users = pq.read_table(out / layout.USERS).to_pydict()
     items = pq.read_table(out / layout.ITEMS).to_pydict()
@@ -66,7 +67,7 @@ def test_duplicates_removed_and_ties_keep_input_order(tmp_path: Path) -> None:
         item_id=[5, 6, 5, 7, 6, 8],
         timestamp=[10, 10, 10, 10, 11, 10],
     )
-    m = prepare(PrepareConfig(input=[str(src)], out=str(tmp_path / "out")))
+    m = prepare(PrepareConfig(min_eval_users=0, input=[str(src)], out=str(tmp_path / "out")))
     # (1,5,10) appears twice (non-adjacent); (1,6,10) and (1,6,11) differ in time.
     assert m["rows_removed"]["exact_duplicates"] == 1
     assert m["interactions"] == 5
@@ -86,7 +87,12 @@ def test_rating_distinguishes_duplicates(tmp_path: Path) -> None:
     from recforge.data.readers import Columns
 
     m = prepare(
-        PrepareConfig(input=[str(src)], out=str(tmp_path / "out"), columns=Columns(rating="rating"))
+        PrepareConfig(
+            min_eval_users=0,
+            input=[str(src)],
+            out=str(tmp_path / "out"),
+            columns=Columns(rating="rating"),
+        )
     )
     assert m["rows_removed"]["exact_duplicates"] == 1 and m["interactions"] == 2
     assert pq.read_table(tmp_path / "out" / layout.SEQUENCES)["rating"].to_pylist() == [[4.0, 5.0]]
@@ -100,7 +106,11 @@ def test_k_core_iterates_to_fixed_point(tmp_path: Path) -> None:
     src = write_parquet(
         tmp_path / "in.parquet", user_id=users, item_id=items, timestamp=list(range(8))
     )
-    m = prepare(PrepareConfig(input=[str(src)], out=str(tmp_path / "out"), min_user=2, min_item=2))
+    m = prepare(
+        PrepareConfig(
+            min_eval_users=0, input=[str(src)], out=str(tmp_path / "out"), min_user=2, min_item=2
+        )
+    )
     assert m["users"] == 2 and m["items"] == 3
     assert m["rows_removed"]["min_item"] + m["rows_removed"]["min_user"] == 2
     assert m["interactions"] + sum(m["rows_removed"].values()) == m["input_rows"] == 8
@@ -115,7 +125,9 @@ def test_k_core_chain_needs_several_passes(tmp_path: Path) -> None:
     i = rng.zipf(1.5, n) % 400
     src = write_parquet(tmp_path / "in.parquet", user_id=u, item_id=i, timestamp=np.arange(n))
     m = prepare(
-        PrepareConfig(input=[str(src)], out=str(tmp_path / "out"), min_user=10, min_item=10)
+        PrepareConfig(
+            min_eval_users=0, input=[str(src)], out=str(tmp_path / "out"), min_user=10, min_item=10
+        )
     )
     seqs = pq.read_table(tmp_path / "out" / layout.SEQUENCES)
     lengths = np.array(seqs["length"].to_pylist())
@@ -129,6 +141,7 @@ def test_time_split(tmp_path: Path) -> None:
     src = write_parquet(tmp_path / "in.parquet", user_id=ts % 5, item_id=ts % 7, timestamp=ts)
     m = prepare(
         PrepareConfig(
+            min_eval_users=0,
             input=[str(src)],
             out=str(tmp_path / "out"),
             split="time",
@@ -202,10 +215,12 @@ def test_csv_and_movielens_and_sasrec_and_globs(tmp_path: Path) -> None:
     parts.mkdir()
     write_parquet(parts / "p0.parquet", user_id=[1, 2], item_id=[1, 1], timestamp=[1, 2])
     write_parquet(parts / "p1.parquet", user_id=[1], item_id=[2], timestamp=[0])
-    m = prepare(PrepareConfig(input=[str(parts / "*.parquet")], out=str(tmp_path / "o5")))
+    m = prepare(
+        PrepareConfig(min_eval_users=0, input=[str(parts / "*.parquet")], out=str(tmp_path / "o5"))
+    )
     assert m["interactions"] == 3 and len(m["source"]["files"]) == 2
     assert read_sequences(tmp_path / "o5")[1] == [2, 1]
-    m = prepare(PrepareConfig(input=[str(parts)], out=str(tmp_path / "o6")))
+    m = prepare(PrepareConfig(min_eval_users=0, input=[str(parts)], out=str(tmp_path / "o6")))
     assert m["interactions"] == 3
 
 
@@ -216,13 +231,20 @@ def test_arrow_timestamps_and_iso_text(tmp_path: Path) -> None:
         item_id=[1, 2],
         timestamp=pa.array([2_000, 1_000], pa.timestamp("ms")),
     )
-    m = prepare(PrepareConfig(input=[str(src)], out=str(tmp_path / "o")))
+    m = prepare(PrepareConfig(min_eval_users=0, input=[str(src)], out=str(tmp_path / "o")))
     assert m["source"]["files"][0]["extra"]["timestamp_unit"] == "ms"
     assert read_sequences(tmp_path / "o")[1] == [2, 1]
     (tmp_path / "t.csv").write_text(
         "user_id,item_id,timestamp\n1,1,2024-01-02T00:00:00\n1,2,2024-01-01T00:00:00\n"
     )
-    prepare(PrepareConfig(input=[str(tmp_path / "t.csv")], format="csv", out=str(tmp_path / "o2")))
+    prepare(
+        PrepareConfig(
+            min_eval_users=0,
+            input=[str(tmp_path / "t.csv")],
+            format="csv",
+            out=str(tmp_path / "o2"),
+        )
+    )
     assert read_sequences(tmp_path / "o2")[1] == [2, 1]
 
 
@@ -240,6 +262,7 @@ def test_item_and_user_features_aligned_and_counted(tmp_path: Path) -> None:
     ufeats = write_parquet(tmp_path / "users.parquet", user_id=[2], country=["de"])
     m = prepare(
         PrepareConfig(
+            min_eval_users=0,
             input=[str(src)],
             out=str(tmp_path / "o"),
             item_features=str(feats),
@@ -262,9 +285,11 @@ def test_item_and_user_features_aligned_and_counted(tmp_path: Path) -> None:
 
 def test_overwrite_replaces_atomically(tmp_path: Path) -> None:
     src = write_parquet(tmp_path / "in.parquet", user_id=[1], item_id=[1], timestamp=[1])
-    prepare(PrepareConfig(input=[str(src)], out=str(tmp_path / "o")))
+    prepare(PrepareConfig(min_eval_users=0, input=[str(src)], out=str(tmp_path / "o")))
     assert run_cli("--input", str(src), "--format", "parquet", "--out", str(tmp_path / "o")) == 2
-    prepare(PrepareConfig(input=[str(src)], out=str(tmp_path / "o"), overwrite=True))
+    prepare(
+        PrepareConfig(min_eval_users=0, input=[str(src)], out=str(tmp_path / "o"), overwrite=True)
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "o"]
 
 
@@ -339,6 +364,24 @@ def bad_input_case(name: str, tmp: Path) -> tuple[list[str], list[str]]:
         p = tmp / "ratings.dat"
         p.write_text("1::10::5::100\n1::x::3::90\n")
         return ["--input", str(p), "--format", "movielens"], [str(p), "MovieLens"]
+    if name == "sasrec_non_integer_id":
+        p = tmp / "seq.txt"
+        p.write_text("1 10\n1 11\n1 abc\n")
+        return ["--input", str(p), "--format", "sasrec-txt"], [
+            str(p),
+            "'item_id'",
+            "line 3",
+            "'abc'",
+            "not an integer",
+        ]
+    if name == "no_evaluation_users":
+        p = write_parquet(tmp / "x.parquet", **good)
+        return ["--input", str(p), "--format", "parquet", "--min-eval-users", "1"], [
+            str(p),
+            "only 0 user(s) have a validation example",
+            "leave-one-out",
+            "2 of 2 users have fewer",
+        ]
     if name == "bad_recbole_header":
         p = tmp / "x.inter"
         p.write_text("user_id\titem_id:token\n1\t2\n")
@@ -379,6 +422,8 @@ BAD_CASES = [
     "missing_file",
     "bad_movielens",
     "bad_recbole_header",
+    "sasrec_non_integer_id",
+    "no_evaluation_users",
     "duplicate_feature_ids",
     "feature_id_type_mismatch",
 ]

@@ -147,7 +147,9 @@ def assert_engines_agree(tmp: Path, **config) -> dict | None:
     results = {}
     for engine in ("memory", "duckdb"):
         outs[engine] = tmp / engine
-        results[engine] = _run(PrepareConfig(out=str(outs[engine]), engine=engine, **config))
+        results[engine] = _run(
+            PrepareConfig(min_eval_users=0, out=str(outs[engine]), engine=engine, **config)
+        )
     (m_mem, err_mem), (m_duck, err_duck) = results["memory"], results["duckdb"]
     assert err_duck == err_mem
     if err_mem is not None:
@@ -185,7 +187,11 @@ def test_duckdb_spill_dir_is_removed_on_failure(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no interactions left"):
         prepare(
             PrepareConfig(
-                input=[str(src)], out=str(tmp_path / "o"), min_user=5, spill_dir=str(spill)
+                min_eval_users=0,
+                input=[str(src)],
+                out=str(tmp_path / "o"),
+                min_user=5,
+                spill_dir=str(spill),
             )
         )
     assert list(spill.iterdir()) == [] and not (tmp_path / "o").exists()
@@ -227,4 +233,4 @@ def test_error_in_a_later_batch_names_the_file_row(
     )
     assert assert_engines_agree(tmp_path, input=[str(src)]) is None
     with pytest.raises(DataError, match="row 5"):
-        prepare(PrepareConfig(input=[str(src)], out=str(tmp_path / "o")))
+        prepare(PrepareConfig(min_eval_users=0, input=[str(src)], out=str(tmp_path / "o")))

@@ -44,7 +44,7 @@ def prev(tmp_path: Path) -> Path:
         item_id=[50, 30, 90, 50],
         timestamp=[1, 2, 3, 4],
     )
-    prepare(PrepareConfig(input=[src], out=str(tmp_path / "prev")))
+    prepare(PrepareConfig(min_eval_users=0, input=[src], out=str(tmp_path / "prev")))
     return tmp_path / "prev"
 
 
@@ -90,7 +90,11 @@ def test_known_ids_keep_their_index_and_new_ids_are_appended_sorted(
 def test_chained_vocab_from_and_features_for_carried_ids(tmp_path: Path, prev: Path) -> None:
     # Day 2 from day 1, day 3 from day 2: PREV's own vocabulary is no longer in sorted order.
     day2 = write(tmp_path / "day2.parquet", user_id=["abe"], item_id=[10], timestamp=[1])
-    prepare(PrepareConfig(input=[day2], out=str(tmp_path / "day2"), vocab_from=str(prev)))
+    prepare(
+        PrepareConfig(
+            min_eval_users=0, input=[day2], out=str(tmp_path / "day2"), vocab_from=str(prev)
+        )
+    )
     day3 = write(
         tmp_path / "day3.parquet", user_id=["aaa", "bob"], item_id=[5, 90], timestamp=[1, 2]
     )
@@ -114,7 +118,7 @@ def test_chained_vocab_from_and_features_for_carried_ids(tmp_path: Path, prev: P
 
 def test_string_vocabulary_meets_integer_looking_ids(tmp_path: Path) -> None:
     first = write(tmp_path / "a.parquet", user_id=["u1", "7"], item_id=[1, 2], timestamp=[1, 2])
-    prepare(PrepareConfig(input=[first], out=str(tmp_path / "prev")))
+    prepare(PrepareConfig(min_eval_users=0, input=[first], out=str(tmp_path / "prev")))
     # All of today's user ids look like integers, so the readers make them integers.
     today = write(tmp_path / "b.parquet", user_id=["7", "10"], item_id=[2, 3], timestamp=[1, 2])
     assert_engines_agree(tmp_path, input=[today], vocab_from=str(tmp_path / "prev"))
@@ -128,7 +132,11 @@ def test_mismatched_id_type_is_a_named_error(tmp_path: Path, prev: Path) -> None
         with pytest.raises(DataError) as info:
             prepare(
                 PrepareConfig(
-                    input=[src], out=str(tmp_path / engine), engine=engine, vocab_from=str(prev)
+                    min_eval_users=0,
+                    input=[src],
+                    out=str(tmp_path / engine),
+                    engine=engine,
+                    vocab_from=str(prev),
                 )
             )
         message = str(info.value)
@@ -140,7 +148,11 @@ def test_mismatched_id_type_is_a_named_error(tmp_path: Path, prev: Path) -> None
 def test_not_a_prepared_directory(tmp_path: Path) -> None:
     src = write(tmp_path / "in.parquet", user_id=[1], item_id=[1], timestamp=[1])
     with pytest.raises(DataError, match="not a prepared directory"):
-        prepare(PrepareConfig(input=[src], out=str(tmp_path / "o"), vocab_from=str(tmp_path)))
+        prepare(
+            PrepareConfig(
+                min_eval_users=0, input=[src], out=str(tmp_path / "o"), vocab_from=str(tmp_path)
+            )
+        )
 
 
 def test_cli_flag(tmp_path: Path, prev: Path) -> None:
@@ -148,7 +160,8 @@ def test_cli_flag(tmp_path: Path, prev: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "recforge", "data", "prepare", "--input", src]
-        + ["--format", "parquet", "--out", str(out), "--vocab-from", str(prev)],
+        + ["--format", "parquet", "--out", str(out), "--vocab-from", str(prev)]
+        + ["--min-eval-users", "0"],
         capture_output=True,
         text=True,
     )
@@ -188,7 +201,11 @@ def test_engines_agree_with_vocab_from(
     before = {k: v for k, v in before.items() if k != "rating"}
     prev_inputs = _write_inputs(tmp / "prev_in", before, "parquet", 1)
     try:
-        prepare(PrepareConfig(input=prev_inputs, out=str(tmp / "prev"), engine="memory"))
+        prepare(
+            PrepareConfig(
+                min_eval_users=0, input=prev_inputs, out=str(tmp / "prev"), engine="memory"
+            )
+        )
     except DataError:
         event("PREV refused")
         return  # PREV itself cannot be prepared (ids read as mixed types)
@@ -266,7 +283,7 @@ def test_corrupt_row_group_is_named_in_one_line(tmp_path: Path, engine: str) -> 
 def test_validate_allows_gaps_only_for_carried_over_ids(tmp_path: Path, prev: Path) -> None:
     src = write(tmp_path / "day2.parquet", user_id=["zed"], item_id=[10], timestamp=[1])
     out = tmp_path / "out"
-    prepare(PrepareConfig(input=[src], out=str(out), vocab_from=str(prev)))
+    prepare(PrepareConfig(min_eval_users=0, input=[src], out=str(out), vocab_from=str(prev)))
     assert validate(out).ok
     manifest = json.loads((out / layout.MANIFEST).read_text())
     manifest["vocab_from"]["users_known"] = 1

@@ -45,16 +45,28 @@ collective (every rank must call it) that all-reduces the weighted sums and the 
 bitmaps when ``torch.distributed`` is initialised, then divides, so any split of the same
 examples over ranks gives the same numbers. Filler rows (``weight`` 0) count nowhere.
 
-Memory: scores are processed in row chunks of about ``max_elements`` entries (temporaries of a
-few int64 copies of a chunk; ~100 MB by default), and the state is ``O(N)`` (coverage bitmaps),
-so a catalogue of a million items works; nothing is ever N x N. This module
-does not import Lightning.
+Item chunks. The ranking is accumulated over chunks of the catalogue, so the ``(B, N + 1)``
+matrix need never exist: :meth:`RankingEvaluator.begin` opens a :class:`RankingPartial` for a
+batch given each target's score, :meth:`RankingPartial.add` takes the scores of one item chunk
+(items ``lo .. lo + c - 1``) and adds, per row, the items ranked before the target (higher key)
+with and without filtering, and merges the chunk's top-K keys into a running top-K; then
+:meth:`RankingEvaluator.finish` turns the partial into metrics. Ranking keys are unique int64
+(score, then reversed item index), so the counts are sums over chunks and the top-K merge is
+exact: every chunking, and every split of the items over ranks (:meth:`RankingPartial.combine`:
+all-reduce the counts, all-gather and merge the top-K keys), gives the same numbers as one
+``(B, N + 1)`` matrix. :meth:`update` is that loop over a given score matrix.
+
+Memory: temporaries are a few int64 copies of ``rows x item_chunk`` scores (rows: a row block of
+about ``max_elements / item_chunk``) plus ``rows x max(ks)`` top-K keys, and the state is
+``O(N)`` (coverage bitmaps), so a catalogue of a million items works; nothing is ever N x N.
+This module does not import Lightning.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +125,7 @@ class RankingEvaluator:
         device: str | torch.device = "cpu",
         segment_k: int | None = None,
         max_elements: int = 1 << 22,
+        item_chunk: int | None = None,
     ) -> None:
         if not 1 <= num_items < 2**31:
             raise ValueError(f"num_items must be in [1, 2**31), got {num_items}")
@@ -129,6 +142,9 @@ class RankingEvaluator:
             raise ValueError(f"segment_k {self.segment_k} must be one of ks {ks}")
         if max_elements < 1:
             raise ValueError(f"max_elements must be >= 1, got {max_elements}")
+        if item_chunk is not None and item_chunk < 1:
+            raise ValueError(f"item_chunk must be >= 1 (or None: all items), got {item_chunk}")
+        self.item_chunk = None if item_chunk is None else int(item_chunk)
         self.num_items, self.ks, self.segments = int(num_items), ks, segments
         self.device = torch.device(device)
         self.max_elements = int(max_elements)
@@ -180,11 +196,52 @@ class RankingEvaluator:
         weight: Tensor | None = None,
     ) -> None:
         """Add one batch: ``scores`` (B, N + 1), ``target`` (B,) in 1..N, the users' histories as
-        flat ``seen_values`` (S,) with ``seen_lengths`` (B,), ``weight`` (B,) (0 = filler row)."""
+        flat ``seen_values`` (S,) with ``seen_lengths`` (B,), ``weight`` (B,) (0 = filler row).
+
+        The matrix is walked in row blocks and ``item_chunk`` column chunks through
+        :meth:`begin`/:meth:`RankingPartial.add`/:meth:`finish`, the path that chunked and
+        item-sharded scoring use too."""
         n1 = self.num_items + 1
         if scores.dim() != 2 or scores.shape[1] != n1:
             raise ValueError(f"scores must be (B, N + 1 = {n1}), got {tuple(scores.shape)}")
         b, dev = scores.shape[0], scores.device
+        target, seen_values, seen_lengths, weight = self._check_batch(
+            b, dev, target, seen_values, seen_lengths, weight
+        )
+        self._last = None
+        if b == 0:
+            return
+        if bool(torch.isnan(scores).any()):
+            raise ValueError("scores contain NaN")
+        step = n1 if self.item_chunk is None else min(n1, self.item_chunk)
+        seen_row = torch.repeat_interleave(torch.arange(b, device=dev), seen_lengths)
+        rows = max(1, self.max_elements // step)
+        for lo in range(0, b, rows):
+            hi = min(b, lo + rows)
+            in_block = (seen_row >= lo) & (seen_row < hi)
+            block = scores[lo:hi]
+            t = target[lo:hi]
+            partial = self._begin(
+                t,
+                block.gather(1, t.unsqueeze(1)).squeeze(1),
+                seen_row[in_block] - lo,
+                seen_values[in_block],
+                seen_lengths[lo:hi],
+                weight[lo:hi],
+            )
+            for c in range(0, n1, step):
+                partial.add(c, block[:, c : c + step])
+            self.finish(partial)
+
+    def _check_batch(
+        self,
+        b: int,
+        dev: torch.device,
+        target: Tensor,
+        seen_values: Tensor,
+        seen_lengths: Tensor,
+        weight: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         target = target.to(dev, torch.int64).flatten()
         seen_values = seen_values.to(dev, torch.int64).flatten()
         seen_lengths = seen_lengths.to(dev, torch.int64).flatten()
@@ -200,58 +257,97 @@ class RankingEvaluator:
             )
         if int(seen_lengths.sum()) != seen_values.numel() or (b and int(seen_lengths.min()) < 0):
             raise ValueError("seen_lengths must be >= 0 and sum to len(seen_values)")
-        self._last = None
-        if b == 0:
-            return
-        if int(target.min()) < 1 or int(target.max()) > self.num_items:
+        if b and (int(target.min()) < 1 or int(target.max()) > self.num_items):
             raise ValueError(f"target items must lie in 1..{self.num_items}")
         if seen_values.numel() and (
             int(seen_values.min()) < 0 or int(seen_values.max()) > self.num_items
         ):
             raise ValueError(f"seen items must lie in 0..{self.num_items}")
-        if bool(torch.isnan(scores).any()):
+        return target, seen_values, seen_lengths, weight
+
+    @torch.no_grad()
+    def begin(
+        self,
+        target: Tensor,
+        target_scores: Tensor,
+        seen_values: Tensor,
+        seen_lengths: Tensor,
+        weight: Tensor | None = None,
+    ) -> RankingPartial:
+        """Open the item-chunked ranking of one batch: ``target_scores`` (B,) is each target's
+        score (what its column of the full matrix would hold); the rest as in :meth:`update`.
+        Feed item chunks to :meth:`RankingPartial.add`, then call :meth:`finish`."""
+        b = target.numel()
+        dev = target_scores.device
+        target, seen_values, seen_lengths, weight = self._check_batch(
+            b, dev, target, seen_values, seen_lengths, weight
+        )
+        target_scores = target_scores.flatten()
+        if target_scores.numel() != b:
+            raise ValueError(f"target_scores need B = {b} entries, got {target_scores.numel()}")
+        if bool(torch.isnan(target_scores).any()):
             raise ValueError("scores contain NaN")
         seen_row = torch.repeat_interleave(torch.arange(b, device=dev), seen_lengths)
-        chunk = max(1, self.max_elements // n1)
-        for lo in range(0, b, chunk):
-            hi = min(b, lo + chunk)
-            in_chunk = (seen_row >= lo) & (seen_row < hi)
-            self._update_rows(
-                scores[lo:hi],
-                target[lo:hi],
-                seen_row[in_chunk] - lo,
-                seen_values[in_chunk],
-                seen_lengths[lo:hi],
-                weight[lo:hi],
-            )
+        return self._begin(target, target_scores, seen_row, seen_values, seen_lengths, weight)
 
-    def _update_rows(
+    def _begin(
         self,
-        scores: Tensor,
         target: Tensor,
+        target_scores: Tensor,
         seen_row: Tensor,
         seen_item: Tensor,
         seen_lengths: Tensor,
         weight: Tensor,
-    ) -> None:
-        b, n1 = scores.shape
-        dev = scores.device
-        # Keys are unique per row, so "key greater" is exactly "ranks before" under the tie rule
-        # and top-k on keys is the stable descending sort, without sorting all N items.
+    ) -> RankingPartial:
+        dev = target_scores.device
         if self._low_bits is None or self._low_bits.device != dev:
-            self._low_bits = (1 << self._index_bits) - 1 - torch.arange(n1, device=dev)
-        keys = _ranking_keys(scores, self._index_bits, self._low_bits)
-        keys[:, 0] = _EXCLUDED
-        rows = torch.arange(b, device=dev)
-        target_key = keys[rows, target].unsqueeze(1)
-        rank = torch.count_nonzero(keys > target_key, dim=1)
+            self._low_bits = (
+                (1 << self._index_bits) - 1 - torch.arange(self.num_items + 1, device=dev)
+            )
+        target_key = _ranking_keys(
+            target_scores.unsqueeze(1), self._index_bits, self._low_bits[target].unsqueeze(1)
+        )
         # Filtering removes seen items except the target (duplicates in a history are harmless).
         drop = seen_item != target[seen_row]
-        keys[seen_row[drop], seen_item[drop]] = _EXCLUDED
-        rank_f = torch.count_nonzero(keys > target_key, dim=1)
-        top_keys, top_items = torch.topk(keys, min(self.ks[-1], n1), dim=1)
-        valid = top_keys != _EXCLUDED  # fewer than K rankable items after filtering
+        return RankingPartial(
+            self,
+            target,
+            target_key,
+            seen_row[drop],
+            seen_item[drop],
+            seen_lengths,
+            weight,
+        )
 
+    @torch.no_grad()
+    def finish(self, partial: RankingPartial, rows: slice | None = None) -> None:
+        """Add a :class:`RankingPartial` whose chunks cover the catalogue (after
+        :meth:`RankingPartial.combine` when ranks scored disjoint item ranges); ``rows``: only
+        these rows of it (each rank adds its own users once)."""
+        self._last = None
+        sel = slice(None) if rows is None else rows
+        top_keys = partial.top_keys[sel]
+        valid = top_keys != _EXCLUDED  # fewer than K rankable items after filtering
+        mask = (1 << self._index_bits) - 1
+        top_items = torch.where(valid, mask - (top_keys & mask), torch.zeros_like(top_keys))
+        self._accumulate(
+            partial.above[sel],
+            partial.above_filtered[sel],
+            top_items,
+            valid,
+            partial.seen_lengths[sel],
+            partial.weight[sel],
+        )
+
+    def _accumulate(
+        self,
+        rank: Tensor,
+        rank_f: Tensor,
+        top_items: Tensor,
+        valid: Tensor,
+        seen_lengths: Tensor,
+        weight: Tensor,
+    ) -> None:
         active = weight > 0
         w = weight.to(self.device)
         rank, rank_f = rank.to(self.device), rank_f.to(self.device)
@@ -339,3 +435,91 @@ class RankingEvaluator:
             }
             for label in self.segment_names
         ]
+
+
+class RankingPartial:
+    """One batch's ranking, accumulated over item chunks (see the module docstring).
+
+    Made by :meth:`RankingEvaluator.begin`. Per row it holds the number of items ranked before
+    the target, unfiltered (``above``) and filtered (``above_filtered``), and the running top-K
+    ranking keys (``top_keys``, descending; ``K = min(max(ks), N + 1)``). Every item of
+    ``0..N`` must be added exactly once, by one chunk on one rank, before
+    :meth:`RankingEvaluator.finish`. The target's own column is given the key of the target
+    score passed to :meth:`RankingEvaluator.begin`, so the target is ranked by that one score.
+    """
+
+    def __init__(
+        self,
+        evaluator: RankingEvaluator,
+        target: Tensor,
+        target_key: Tensor,
+        seen_row: Tensor,
+        seen_item: Tensor,
+        seen_lengths: Tensor,
+        weight: Tensor,
+    ) -> None:
+        ev = evaluator
+        b, dev = target.numel(), target.device
+        self._ev = ev
+        self.target, self.target_key = target, target_key  # (B,), (B, 1)
+        # Seen items to filter (the target already left out), sorted by item for chunk slicing.
+        order = torch.argsort(seen_item, stable=True)
+        self._seen_row, self._seen_item = seen_row[order], seen_item[order]
+        self.seen_lengths, self.weight = seen_lengths, weight
+        self.above = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.above_filtered = torch.zeros(b, dtype=torch.int64, device=dev)
+        width = min(ev.ks[-1], ev.num_items + 1)
+        self.top_keys = torch.full((b, width), _EXCLUDED, dtype=torch.int64, device=dev)
+
+    @torch.no_grad()
+    def add(self, lo: int, scores: Tensor) -> None:
+        """Scores (B, c) of items ``lo .. lo + c - 1`` (item 0, padding, is never ranked)."""
+        ev = self._ev
+        b = self.target.numel()
+        if scores.dim() != 2 or scores.shape[0] != b:
+            raise ValueError(f"chunk scores must be (B = {b}, c), got {tuple(scores.shape)}")
+        c = scores.shape[1]
+        hi = lo + c
+        if lo < 0 or hi > ev.num_items + 1:
+            raise ValueError(f"items {lo}..{hi - 1} outside 0..{ev.num_items}")
+        if c == 0:
+            return
+        if bool(torch.isnan(scores).any()):
+            raise ValueError("scores contain NaN")
+        dev = self.target.device
+        low_bits = ev._low_bits.to(dev)[lo:hi]
+        keys = _ranking_keys(scores.to(dev), ev._index_bits, low_bits)  # (B, c)
+        if lo == 0:
+            keys[:, 0] = _EXCLUDED
+        inside = (self.target >= lo) & (self.target < hi)
+        rows = torch.nonzero(inside).flatten()
+        keys[rows, self.target[rows] - lo] = self.target_key[rows, 0]
+        tk = self.target_key
+        self.above += torch.count_nonzero(keys > tk, dim=1)
+        first, last = (
+            int(x) for x in torch.searchsorted(self._seen_item, torch.tensor([lo, hi], device=dev))
+        )
+        if last > first:
+            keys[self._seen_row[first:last], self._seen_item[first:last] - lo] = _EXCLUDED
+        self.above_filtered += torch.count_nonzero(keys > tk, dim=1)
+        k = min(self.top_keys.shape[1], c)
+        chunk_top = torch.topk(keys, k, dim=1).values
+        self.top_keys = torch.topk(
+            torch.cat([self.top_keys, chunk_top], dim=1), self.top_keys.shape[1], dim=1
+        ).values
+
+    @torch.no_grad()
+    def combine(self, group: Any = None) -> None:
+        """Sum the counts and merge the top-K keys over the ranks of ``group`` (a collective):
+        for ranks that each added a disjoint part of the catalogue for the same rows."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size(group)
+        if world == 1:
+            return
+        counts = torch.stack([self.above, self.above_filtered])
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        self.above, self.above_filtered = counts[0].clone(), counts[1].clone()
+        gathered = [torch.empty_like(self.top_keys) for _ in range(world)]
+        dist.all_gather(gathered, self.top_keys.contiguous(), group=group)
+        self.top_keys = torch.topk(torch.cat(gathered, dim=1), self.top_keys.shape[1], dim=1).values

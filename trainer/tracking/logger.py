@@ -40,6 +40,9 @@ EPOCH_METRIC_KEYS = frozenset(
 )
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be used (unreachable server, unwritable database)."""
 
@@ -198,6 +201,19 @@ class MLflowLogger(MLFlowLogger):
         self.tracking_uri, self.experiment_name = tracking_uri, experiment_name
         self.failures = 0
         self.config_logged = False
+
+    def mark_model_training(self) -> None:
+        """Open the experiment in the MLflow UI's model-training view: MLflow 3 guesses the
+        GenAI view for an experiment without a kind. A kind someone chose is kept."""
+        experiment = self.experiment.get_experiment(self.experiment_id)
+        if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+            self._guard(
+                "setting the experiment kind",
+                self.experiment.set_experiment_tag,
+                self.experiment_id,
+                EXPERIMENT_KIND_TAG,
+                "custom_model_development",
+            )
 
     def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
