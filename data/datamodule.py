@@ -56,7 +56,7 @@ class SequenceDataModule(L.LightningDataModule):
         min_history: int = 1,
         num_workers: int = 0,
         seed: int = 0,
-        shuffle_window: int = 1_000_000,
+        shuffle_window: int = 65_536,
         train_windows: Literal["last", "all"] = "last",
         synthesize: dict[str, Any] | None = None,
         eval_max_users: int | None = None,
@@ -76,7 +76,11 @@ class SequenceDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes per rank (0 reads in the training process).
             seed: Seed of the per-epoch shuffle; the same seed gives the same batches.
             shuffle_window: Examples shuffled together: row groups are read in windows holding at
-                least this many, and each DataLoader worker keeps its current window in memory.
+                least this many, and each DataLoader worker keeps its current window in memory,
+                so a worker's memory is bounded by the window, whatever the dataset's size (a
+                window's users' whole sequences: ~16 row groups at the default for SASRec
+                batches; 100M interactions, 1M users: 0.75 GB peak RSS against 2.5 GB at
+                1M examples). Row groups are permuted every epoch before being windowed.
             train_windows: SASRec training sequences: ``last`` keeps the last ``max_len`` targets
                 of each user's training part (the SASRec paper); ``all`` cuts the whole training
                 part into consecutive windows of ``max_len`` targets, so items beyond the last

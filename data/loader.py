@@ -248,6 +248,32 @@ def _read_bounds(
     return table, lengths, train_end, val_end
 
 
+_SCAN_BYTES = 32 << 20
+
+
+def _scan_groups(pf: pq.ParquetFile, split: dict[str, Any]) -> Iterator[list[int]]:
+    """Runs of consecutive row groups whose scanned columns hold at most ``_SCAN_BYTES``
+    (uncompressed), read together: on object storage one request per run instead of one per
+    row group (memory stays bounded by the run)."""
+    wanted = {"length"} | ({"timestamp"} if split.get("type") == "time" else set())
+    group: list[int] = []
+    size = 0
+    for rg in range(pf.num_row_groups):
+        meta = pf.metadata.row_group(rg)
+        rg_size = sum(
+            meta.column(j).total_uncompressed_size
+            for j in range(meta.num_columns)
+            if meta.column(j).path_in_schema.split(".")[0] in wanted
+        )
+        if group and size + rg_size > _SCAN_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(rg)
+        size += rg_size
+    if group:
+        yield group
+
+
 def scan_examples(
     data_dir: str | Path, split: dict[str, Any], specs: list[ExampleSpec]
 ) -> list[ExampleIndex]:
@@ -256,12 +282,15 @@ def scan_examples(
     pf = storage.parquet_file(path)
     counts = [np.zeros(pf.num_row_groups, np.int64) for _ in specs]
     skipped: list[dict[str, int]] = [{} for _ in specs]
-    for rg in range(pf.num_row_groups):
-        _, lengths, train_end, val_end = _read_bounds(pf, path, [rg], split, with_items=False)
-        for i, spec in enumerate(specs):
-            counts[i][rg] = spec.per_user(lengths, train_end, val_end)[0].sum()
-            for reason, n in spec.skip_reasons(lengths, train_end, val_end).items():
-                skipped[i][reason] = skipped[i].get(reason, 0) + n
+    for group in _scan_groups(pf, split):
+        _, lengths, train_end, val_end = _read_bounds(pf, path, group, split, with_items=False)
+        rows = [pf.metadata.row_group(rg).num_rows for rg in group]
+        for rg, lo, hi in zip(group, np.cumsum([0, *rows[:-1]]), np.cumsum(rows)):
+            part = (lengths[lo:hi], train_end[lo:hi], val_end[lo:hi])
+            for i, spec in enumerate(specs):
+                counts[i][rg] = spec.per_user(*part)[0].sum()
+                for reason, n in spec.skip_reasons(*part).items():
+                    skipped[i][reason] = skipped[i].get(reason, 0) + n
     users = pf.metadata.num_rows
     return [ExampleIndex(s, c, users, k) for s, c, k in zip(specs, counts, skipped)]
 
@@ -479,7 +508,7 @@ class SequenceBatchDataset(Dataset):
         world_size: int = 1,
         seed: int = 0,
         shuffle: bool = True,
-        shuffle_window: int = 1_000_000,
+        shuffle_window: int = 65_536,
         features: FeatureTables | None = None,
     ) -> None:
         for name, value, low in (

@@ -91,7 +91,8 @@ class PrepareConfig:
     """``duckdb``: out of core, spilling to ``spill_dir``; ``memory``: everything in RAM, the
     reference the DuckDB engine is tested against."""
     memory_limit: str = "4GB"
-    """DuckDB engine: its ``memory_limit`` (e.g. ``4GB``); beyond it, work spills to disk."""
+    """DuckDB engine: the whole process's memory limit (e.g. ``4GB``); DuckDB gets about three
+    quarters of it, the rest is kept for Arrow, numpy and Python, and work beyond it spills."""
     spill_dir: str | None = None
     """DuckDB engine: where to spill (default: beside ``out``); a fresh folder in it is used
     and removed afterwards."""

@@ -22,7 +22,7 @@ Memory: ``memory_limit`` (``--memory-limit``) bounds the whole process, and Duck
 ``memory_limit`` covers its buffer manager only. What it does not count comes on top: the
 interpreter and libraries (~0.1 GB), Arrow and numpy buffers (input batches, the flat rows cut
 into lists, Parquet writer buffers, per-user arrays), allocations DuckDB does not track and
-what the allocators keep of freed memory; together 0.3-0.5 GB measured from 20M to 100M
+what the allocators keep of freed memory; together 0.3-0.6 GB measured from 20M to 300M
 interactions. So DuckDB gets three quarters of the limit, at most the limit less 512 MiB, at
 least a quarter (4GB: 3GB to DuckDB, 1GB reserved; 1GB: 0.46GB to DuckDB), and spills the rest.
 Before the final sort (``_write_sequences``) the share shrinks, if need be, to the limit less

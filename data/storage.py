@@ -227,7 +227,8 @@ def parquet_file(location: str | os.PathLike[str]) -> pq.ParquetFile:
         return pq.ParquetFile(location)
     fs, path = filesystem(location)
     try:
-        return pq.ParquetFile(fs.open_input_file(path))
+        # pre_buffer: the column chunks of a read are fetched in a few coalesced requests.
+        return pq.ParquetFile(fs.open_input_file(path), pre_buffer=True)
     except FileNotFoundError:
         raise
     except OSError as exc:

@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--model-name", default="recforge", help="name on the KServe v2 routes")
     serve.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=64,
+        help="recommendation/inference requests in flight at most; more get 503 with "
+        "Retry-After at once (health, metrics, metadata exempt; 0: no limit; default 64)",
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="one log line per request (client, method, path, status; never the body)",
+    )
+    serve.add_argument(
         "--tracking-uri",
         help="MLflow URI for models:/ sources (default: $MLFLOW_TRACKING_URI, "
         "else sqlite:///mlflow.db)",
@@ -120,6 +132,13 @@ def _add_export_parser(sub: Any) -> None:
         type=float,
         default=0.9,
         help="--quantize: least recall@10 of the int8 model against the float one",
+    )
+    parser.add_argument(
+        "--ann",
+        choices=("auto", "hnsw", "none"),
+        default="auto",
+        help="write a faiss HNSW index of the items into the artifact, with its recall@10 vs "
+        "exact search (auto: above 200,000 items), so serving does not build it",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
@@ -178,8 +197,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
         except (CheckpointError, TrackingError) as exc:
-            print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
+            # A collective outcome (e.g. a checkpoint that could not be written) is raised alike
+            # on every rank: rank 0 says it.
+            if not getattr(exc, "every_rank", False) or _rank() == 0:
+                print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
+        except Exception as exc:
+            from recforge.trainer.strategy import peer_failure
+
+            # A collective that failed because a peer rank died: one line naming it.
+            line = peer_failure(exc)
+            if line is None:
+                raise
+            print(f"recforge {argv[0]}: error: {line}", file=sys.stderr)
+            return 1
     if argv and argv[0] == "baselines":
         from recforge.trainer.evaluation.baselines import main as baselines_main
 

@@ -1,4 +1,5 @@
-"""One error shape for every 4xx of `recforge serve` (docs/architecture.md §10).
+"""One error shape for every 4xx (and the 503 of overload) of `recforge serve`
+(docs/architecture.md §10).
 
 Every error answer, on every route (``/v1``, ``/v2`` and an unknown path alike), is::
 
@@ -28,11 +29,25 @@ CODES = {
     413: ("body_too_large", "The request body is over the server's limit."),
     415: ("unsupported_media_type", "The body's Content-Type or Content-Encoding is not accepted."),
     422: ("invalid_request", "The body is JSON but not a valid request."),
+    503: (
+        "overloaded",
+        "Too many requests in flight (--max-concurrency); retry after Retry-After seconds.",
+    ),
+}
+# Headers an error status always carries, as documented in the OpenAPI responses.
+HEADERS = {
+    503: {
+        "Retry-After": {
+            "description": "seconds to wait before retrying",
+            "schema": {"type": "string"},
+            "required": True,
+        }
+    }
 }
 
 
 class ErrorBody(BaseModel):
-    """The answer of every 4xx."""
+    """The answer of every 4xx and of a 503 (overloaded)."""
 
     error: str = Field(..., description="what went wrong, for a person")
     code: str = Field(
@@ -45,7 +60,7 @@ class ErrorBody(BaseModel):
 
 
 class ApiError(Exception):
-    """An answer with a 4xx status in the shape of :class:`ErrorBody`."""
+    """An answer with a 4xx (or 503) status in the shape of :class:`ErrorBody`."""
 
     def __init__(
         self, status: int, message: str, code: str | None = None, field: str | None = None
@@ -65,7 +80,14 @@ class ApiError(Exception):
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` for a route: each status with the shared error schema."""
-    return {s: {"model": ErrorBody, "description": CODES[s][1]} for s in statuses}
+    return {
+        s: {
+            "model": ErrorBody,
+            "description": CODES[s][1],
+            **({"headers": HEADERS[s]} if s in HEADERS else {}),
+        }
+        for s in statuses
+    }
 
 
 # Pydantic's names of union members in an error location: not part of the body's path.

@@ -2,15 +2,17 @@
 (docs/architecture.md §10).
 
 Routes: ``POST /v1/recommend``, ``POST /v1/recommend:batch``, ``GET /healthz``, ``GET /v1/model``
-(the manifest), ``POST /v1/admin/reload`` (also on SIGHUP), OpenAPI docs at ``/docs``, and the
-raw model through the Open Inference Protocol (KServe v2) as Triton speaks it
-(:mod:`recforge.serve.kserve`).
+(the manifest), ``POST /v1/admin/reload`` (also on SIGHUP), ``GET /metrics`` (Prometheus),
+OpenAPI docs at ``/docs``, and the raw model through the Open Inference Protocol (KServe v2) as
+Triton speaks it (:mod:`recforge.serve.kserve`).
 
 Reload swaps one reference: a request takes the current model once at its start and finishes
 on it, so requests in flight during a reload complete on the old model and none fail. Bodies are
 checked before any route (:mod:`recforge.serve.body`: size, content type, coding); every 4xx has
 one shape (:mod:`recforge.serve.errors`); the OpenAPI document states what the loaded model
-accepts and every status each route answers (:mod:`recforge.serve.openapi`).
+accepts and every status each route answers (:mod:`recforge.serve.openapi`). At most
+``max_concurrency`` recommendation/inference requests are in flight; more get 503 at once
+(:mod:`recforge.serve.ops`, which also keeps the metrics).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from recforge.artifact import MODEL, ArtifactError
@@ -29,6 +32,7 @@ from recforge.serve.body import BodyGate
 from recforge.serve.errors import ApiError, error_responses, install_error_handlers
 from recforge.serve.kserve import MAX_BATCH, JsonInt, kserve_router
 from recforge.serve.openapi import install_contract
+from recforge.serve.ops import ConcurrencyLimit, Instrument, ServeMetrics
 from recforge.serve.recommender import MAX_K, Recommender, RequestError, UnknownUserError
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 ItemId = JsonInt | StrictStr
 FeatureValue = StrictStr | StrictInt | StrictFloat | StrictBool | list[ItemId]
 MAX_HISTORY = 10_000
+MAX_CONCURRENCY = 64
 
 
 class RecommendRequest(BaseModel):
@@ -115,7 +120,13 @@ class ModelHolder:
     """The current model; replaced whole on reload."""
 
     def __init__(
-        self, source: str, threads: int, index: str, tracking_uri: str | None, ef_search: int = 512
+        self,
+        source: str,
+        threads: int,
+        index: str,
+        tracking_uri: str | None,
+        ef_search: int = 512,
+        metrics: ServeMetrics | None = None,
     ) -> None:
         self.source, self.threads, self.index, self.tracking_uri = (
             source,
@@ -124,18 +135,33 @@ class ModelHolder:
             tracking_uri,
         )
         self.ef_search = ef_search
+        self.metrics = metrics
         self.lock = threading.Lock()
         self.current = self._load(source)
         self.loaded_at = time.time()
         self.reloads = 0
+        self._served()
 
     def reload(self, source: str | None = None) -> Recommender:
         with self.lock:  # one reload at a time; readers never wait
-            new = self._load(source or self.source)
+            try:
+                new = self._load(source or self.source)
+            except Exception:
+                if self.metrics is not None:
+                    self.metrics.reloads.labels(result="failure").inc()
+                raise
             self.source = source or self.source
             self.current, self.loaded_at = new, time.time()
             self.reloads += 1
+            if self.metrics is not None:
+                self.metrics.reloads.labels(result="success").inc()
+            self._served()
             return new
+
+    def _served(self) -> None:
+        if self.metrics is not None:
+            manifest = self.current.manifest
+            self.metrics.served(manifest, manifest["files"][MODEL], self.source)
 
     def _load(self, source: str) -> Recommender:
         return Recommender.load(
@@ -155,16 +181,24 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     model_name: str = "recforge",
     ef_search: int = 512,
+    max_concurrency: int = MAX_CONCURRENCY,
 ) -> FastAPI:
-    holder = ModelHolder(source, threads, index, tracking_uri, ef_search)
+    if max_concurrency < 0:
+        raise ValueError(f"max_concurrency must be >= 0 (0: no limit), not {max_concurrency}")
+    metrics = ServeMetrics(max_concurrency)
+    holder = ModelHolder(source, threads, index, tracking_uri, ef_search, metrics)
     app = FastAPI(
         title="recforge",
         description="Recommendations from a recforge ONNX artifact. Every 4xx answers "
         '`{"error": message, "code": kind, "field": path or null}`.',
         version="1",
     )
-    app.state.holder = holder
+    app.state.holder, app.state.metrics = holder, metrics
+    # Outermost last: Instrument sees every answer (503s and body errors too); the limit
+    # answers before any body is read.
     app.add_middleware(BodyGate, max_body_bytes=max_body_bytes)
+    app.add_middleware(ConcurrencyLimit, max_concurrency=max_concurrency, metrics=metrics)
+    app.add_middleware(Instrument, router=app.router, metrics=metrics)
     install_error_handlers(app)
 
     def describe(model: Recommender) -> dict[str, Any]:
@@ -181,15 +215,24 @@ def create_app(
             raise ApiError(404, str(exc), "unknown_user", "user_id") from None
         except RequestError as exc:
             raise ApiError(422, str(exc)) from None
+        fallbacks = sum(r.fallback for r in results)
+        if fallbacks:
+            metrics.fallbacks.inc(fallbacks)
         return [{**r.as_dict(), "model": describe(model)} for r in results]
 
     body_errors = error_responses(400, 413, 415, 422)
+    limited = error_responses(503)
 
     @app.post(
         "/v1/recommend",
         summary="Top-k items for one user or history",
         response_model=None,
-        responses={200: {"model": RecommendResponse}, **error_responses(404), **body_errors},
+        responses={
+            200: {"model": RecommendResponse},
+            **error_responses(404),
+            **body_errors,
+            **limited,
+        },
     )
     def recommend(body: RecommendRequest) -> dict[str, Any]:
         return answer(holder.current, [body])[0]
@@ -198,7 +241,7 @@ def create_app(
         "/v1/recommend:batch",
         summary=f"Top-k items for up to {MAX_BATCH} requests",
         response_model=None,
-        responses={200: {"model": BatchResponse}, **error_responses(404), **body_errors},
+        responses={200: {"model": BatchResponse}, **error_responses(404), **body_errors, **limited},
     )
     def recommend_batch(body: BatchRequest) -> dict[str, Any]:
         return {"results": answer(holder.current, body.requests)}
@@ -212,6 +255,15 @@ def create_app(
             "items": model.num_items,
             "reloads": holder.reloads,
         }
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (text exposition format)",
+        response_class=PlainTextResponse,
+    )
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/model", summary="The artifact's manifest")
     def model_manifest() -> dict[str, Any]:
@@ -270,11 +322,21 @@ def main(args: Any) -> int:
             tracking_uri=args.tracking_uri,
             model_name=args.model_name,
             ef_search=args.ef_search,
+            max_concurrency=getattr(args, "max_concurrency", MAX_CONCURRENCY),
         )
     except (ArtifactError, OSError, ValueError) as exc:
         print(f"recforge serve: error: {exc}", file=sys.stderr)
         return 2
     install_sighup(app)
     print(f"serving {args.source} on http://{args.host}:{args.port} (docs: /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", workers=1)
-    return 0
+    # uvicorn's access log, when asked for, is one line per request: client address, method,
+    # path (with query string) and status; never a request body (nor do our own logs carry one).
+    access_log = bool(getattr(args, "access_log", False))
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", access_log=access_log
+    )
+    if access_log:  # after Config set every uvicorn logger to log_level
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1  # e.g. the port is taken (uvicorn logged why)

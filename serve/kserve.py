@@ -483,7 +483,7 @@ def kserve_router(current: Callable[[], Recommender], model_name: str) -> APIRou
             prefix + "/infer",
             summary="Inference on the raw model" + suffix,
             response_model=None,
-            responses={**INFER_OK, **error_responses(400, 404, 413, 415, 422)},
+            responses={**INFER_OK, **error_responses(400, 404, 413, 415, 422, 503)},
             openapi_extra=INFER_BODY,
         )
         async def model_infer(request: Request, name: str = Depends(target)) -> Response:

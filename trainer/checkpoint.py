@@ -54,7 +54,14 @@ SHARDS_PREFIX = "shards-"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, incomplete, corrupt, or from another plan."""
+    """A checkpoint that cannot be used (missing, incomplete, corrupt, or from another plan) or
+    written.
+
+    ``every_rank``: raised alike on every rank (a collective outcome), so one rank says it."""
+
+    def __init__(self, message: str, *, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def _barrier() -> None:
@@ -105,19 +112,72 @@ def save(
     path = Path(path)
     tag = hashlib.sha1(path.name.encode()).hexdigest()[:12]
     tmp = path.with_name(f".partial-{tag}")
+    # A failed write (disk full, quota, file size limit) must reach every rank as the same
+    # CheckpointError: a rank left waiting in a barrier for one that raised would hang (or die
+    # of the lost connection with a traceback). So rank 0's own steps report their outcome in a
+    # broadcast, and DCP already raises its failures on every rank.
+    failure = None
     if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dcp.save(sharded_state, checkpoint_id=str(tmp))
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            failure = _os_failure(exc)
+    _raise_if_failed(path, tmp, _shared_outcome(failure))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(sharded_state, checkpoint_id=str(tmp))
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        failure = _first_failure(exc)
+    else:
+        failure = None
+    if failure is not None:  # every rank has it
+        _raise_if_failed(path, tmp, failure)
     if _rank() == 0:
         rest["recforge"] = meta
-        torch.save(rest, tmp / TRAINER_STATE)
-        (tmp / PLAN_TEXT).write_text(plan_text)
-        # Not atomic_directory: every rank writes into the one temp dir, so its name is derived
-        # from the target (no pid or random part) and only rank 0 creates and renames it.
-        replace_directory(tmp, path, aside=path.with_name(f".old-{tag}"))
-    _barrier()
+        try:
+            # Serialised first, then written with Python's own I/O, so a full disk is an OSError
+            # naming the file and errno rather than torch's "file write failed".
+            buffer = io.BytesIO()
+            torch.save(rest, buffer)
+            (tmp / TRAINER_STATE).write_bytes(buffer.getbuffer())
+            (tmp / PLAN_TEXT).write_text(plan_text)
+            # Not atomic_directory: every rank writes into the one temp dir, so its name is
+            # derived from the target (no pid or random part) and only rank 0 creates and
+            # renames it.
+            replace_directory(tmp, path, aside=path.with_name(f".old-{tag}"))
+        except OSError as exc:
+            failure = _os_failure(exc)
+    _raise_if_failed(path, tmp, _shared_outcome(failure))
+
+
+def _os_failure(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{type(exc).__name__}: [Errno {exc.errno}] {exc.strerror or exc}{where}"
+
+
+def _shared_outcome(failure: str | None) -> str | None:
+    """Rank 0's ``failure`` (None: success) on every rank; also the barrier after its step."""
+    outcome = [failure]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    return outcome[0]
+
+
+def _raise_if_failed(path: Path, tmp: Path, failure: str | None) -> None:
+    """Collective: every rank raises the same CheckpointError, after rank 0 removed the
+    partial directory; the checkpoint at ``path`` (if any) is untouched."""
+    if failure is None:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(
+        f"checkpoint {path} could not be written ({failure}); "
+        + ("the previous one is intact" if path.exists() else "there is no previous one")
+        + " and no partial directory is left",
+        every_rank=True,
+    )
 
 
 def _save_remote(
@@ -140,10 +200,12 @@ def _save_remote(
         dcp.save(sharded_state, storage_writer=writer)
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise CheckpointError(
-            f"checkpoint {uri}: writing the sharded state failed ({_first_failure(exc)})"
+            f"checkpoint {uri}: writing the sharded state failed ({_first_failure(exc)})",
+            every_rank=True,  # DCP raises its failures on every rank
         ) from None
     # Every rank's shards are stored before the commit below can make them visible.
     _barrier()
+    failure = None
     if _rank() == 0:
         rest["recforge"] = {**meta, "shards": generation}
         buffer = io.BytesIO()
@@ -155,13 +217,16 @@ def _save_remote(
                 if name.startswith(SHARDS_PREFIX) and name != generation:
                     storage.delete_directory(storage.join(uri, name))
         except storage.StorageError as exc:
-            raise _storage_failure(uri, exc) from None
+            failure = str(_storage_failure(uri, exc))
         except OSError as exc:  # pyarrow's own, from deleting a replaced generation
-            raise CheckpointError(
+            failure = (
                 f"checkpoint {uri}: written, but a replaced generation could not be deleted "
                 f"({str(exc).strip().splitlines()[0][:300]})"
-            ) from None
-    _barrier()
+            )
+    # Rank 0's outcome reaches every rank (no rank left waiting in a barrier for one that raised).
+    failure = _shared_outcome(failure)
+    if failure is not None:
+        raise CheckpointError(failure, every_rank=True)
 
 
 def _first_failure(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ shuffle, and the data's batch format, ``max_len`` and ``history_len`` come from 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -170,6 +171,7 @@ class RecforgeCLI(LightningCLI):
         self.mlflow_logger = logger
 
     def before_fit(self) -> None:
+        self._resume_after_restart()
         init_from = self._get(self.config, "init_from")
         if init_from:
             from recforge.trainer.checkpoint import CheckpointError
@@ -182,6 +184,47 @@ class RecforgeCLI(LightningCLI):
             if not hasattr(self.model, "init_from"):
                 raise ValueError(f"--init_from: {type(self.model).__name__} cannot warm start")
             self.model.init_from = str(init_from)
+
+    def _resume_after_restart(self) -> None:
+        """Under ``torchrun --max-restarts N`` a restarted attempt (``TORCHELASTIC_RESTART_COUNT``
+        > 0) resumes from ``<checkpoint.dirpath>/last.ckpt``, the last checkpoint of the run.
+
+        The directory must be given: by default checkpoints live in the logger's run directory,
+        and a restarted attempt's logger starts a new ``version_N+1`` that holds none. So with
+        restarts allowed a ``fit`` without ``--checkpoint.dirpath`` is refused on its first
+        attempt, before any training."""
+        max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if max_restarts <= 0 and restart <= 0:
+            return
+        from recforge.data import storage
+        from recforge.trainer.checkpoint import CheckpointError
+
+        callback = self.trainer.checkpoint_callback
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath is None:
+            raise CheckpointError(
+                f"torchrun --max-restarts {max_restarts}: a restarted attempt resumes from the "
+                "last checkpoint of the run, so pass --checkpoint.dirpath DIR (one directory "
+                "every attempt shares; the logger's run directory changes with each attempt)"
+            )
+        if restart <= 0:
+            return
+        last = storage.join(str(dirpath), "last.ckpt")
+        if not storage.exists(last):
+            log.info(
+                "torchrun restart %d: no checkpoint in %s yet, training from the start",
+                restart,
+                dirpath,
+            )
+            return
+        log.info(
+            "torchrun restart %d: resuming from %s (the last checkpoint of this run)", restart, last
+        )
+        for namespace in (self.config, self.config_init):
+            config = namespace[str(self.subcommand)]
+            config["ckpt_path"] = last
+            config["init_from"] = None  # the checkpoint holds a warm-started run's own state
 
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit", True):
