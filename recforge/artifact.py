@@ -34,9 +34,13 @@ USERS = "users.parquet"
 """Known users: ``user_id``, ``user_idx``, ``history`` and each further user input of the model."""
 USER_FEATURES = "user_features.json"
 """Code values of the user features (models that read them), to encode a new user's raw ones."""
+ANN_INDEX = "item_index.hnsw.faiss"
+"""Optional: a faiss HNSW inner-product index over :data:`ITEM_EMBEDDINGS` (faiss
+``write_index`` format, id = catalogue position = item index - 1), built at export so that serving
+a large catalogue does not rebuild it; the manifest's ``ann`` entry describes it."""
 MANIFEST = "manifest.json"
 
-CONTENT_FILES = (MODEL, ITEM_EMBEDDINGS, ITEMS, USERS, USER_FEATURES)
+CONTENT_FILES = (MODEL, ITEM_EMBEDDINGS, ITEMS, USERS, USER_FEATURES, ANN_INDEX)
 """Every file the manifest may list, in the order it lists them."""
 REQUIRED_FILES = (MODEL, ITEM_EMBEDDINGS, ITEMS)
 INT8_MODEL = "model.int8.onnx"
@@ -53,10 +57,26 @@ TRITON_SHA256_PARAMETER = "recforge_sha256"
 # --- versions and kinds ---
 
 FORMAT_VERSION = "1.0"
-"""What the writer puts in ``format``."""
+"""What the writer puts in ``format``. The optional :data:`ANN_INDEX` file and the manifest's
+``ann`` entry came later within 1.0: a reader without them verifies the file's sha256 and ignores
+it, and a reader looks for the index by its name in ``files``, not by the version."""
 SUPPORTED_MAJOR = 1
 KINDS: tuple[str, ...] = tuple(FAMILIES)
 """Artifact kinds served: one per registered model family."""
+
+# --- approximate search (the HNSW index of :data:`ANN_INDEX`) ---
+
+ANN_AUTO_MIN_ITEMS = 200_000
+"""Catalogues larger than this get an HNSW index at export by default (``--ann auto``) and are
+searched through one when served with ``--index auto``; smaller ones are searched exactly."""
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 512
+"""HNSW defaults shared by the export (build, recall measurement) and the server (search)."""
+ANN_RECALL_K = 10
+ANN_RECALL_QUERIES = 1000
+"""The export measures recall@``ANN_RECALL_K`` of the index against exact search on this many
+query vectors."""
 
 # --- MLflow ---
 

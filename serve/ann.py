@@ -10,6 +10,10 @@ efSearch is 512 by default (``recforge serve --ef-search``). On 1M random unit v
 the hard case for any graph index, recall@10 against exact search was 0.51 at efSearch 128
 (1.5 ms per query), 0.89 at 512 (3.6 ms) and 0.997 at 2048 (11.5 ms; exact search: 16 ms), with
 M=32 and efConstruction=80 (build: 352 s on 2 busy cores). `benchmarks/serve_latency.py`.
+
+`recforge export` builds the index once and writes it into the artifact
+(:data:`recforge.artifact.ANN_INDEX`); :meth:`HNSWIndex.load` reads it with its vector storage
+memory-mapped (``IO_FLAG_MMAP_IFC``), so starting a server costs a file read, not a build.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import numpy as np
 
 class HNSWIndex:
     """HNSW (inner product) over item vectors (N, D); ``search`` returns catalogue positions."""
+
+    source = "built"
+    """``"built"`` (here, from the vectors) or the path of the index file it was loaded from."""
 
     def __init__(
         self, vectors: np.ndarray, m: int = 32, ef_construction: int = 80, ef_search: int = 512
@@ -35,6 +42,32 @@ class HNSWIndex:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
         faiss.omp_set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, ef_search: int = 512) -> HNSWIndex:
+        """The index written by ``recforge export --ann`` (faiss ``write_index``), vectors
+        memory-mapped where this faiss can (read-only; queries never write them)."""
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import faiss
+
+        self = cls.__new__(cls)
+        try:
+            self.index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+        except (AttributeError, RuntimeError):  # an older faiss, or a storage it cannot map
+            self.index = faiss.read_index(str(path))
+        if not isinstance(self.index, faiss.IndexHNSW):
+            raise ValueError(f"{path}: a {type(self.index).__name__}, not an HNSW index")
+        if self.index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise ValueError(f"{path}: the HNSW index does not use inner product")
+        self.ef_search = ef_search
+        self.source = str(path)
+        faiss.omp_set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(items, dimension) the index holds."""
+        return int(self.index.ntotal), int(self.index.d)
 
     def search(
         self, vector: np.ndarray, k: int, excluded: np.ndarray | None = None

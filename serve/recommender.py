@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from recforge.artifact import (
+    ANN_AUTO_MIN_ITEMS,
+    ANN_INDEX,
     ITEM_EMBEDDINGS,
     ITEMS,
     MODEL,
@@ -38,7 +41,7 @@ from recforge.serve.user_features import UserFeatureError, UserFeatures
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-EXACT_LIMIT = 200_000
+EXACT_LIMIT = ANN_AUTO_MIN_ITEMS  # 200,000
 """Catalogues up to this size are searched exactly (a (B, N) matrix product is fast there)."""
 
 
@@ -95,7 +98,9 @@ class Recommender:
         self.session = ort.InferenceSession(
             str(directory / MODEL), options, providers=["CPUExecutionProvider"]
         )
-        self.item_embeddings = np.load(directory / ITEM_EMBEDDINGS)  # (N, D) float32
+        # (N, D) float32, memory-mapped read-only: pages are shared by every process serving the
+        # artifact and nothing here writes them (scores are a new array; faiss copies on build).
+        self.item_embeddings = np.load(directory / ITEM_EMBEDDINGS, mmap_mode="r")
         items = pq.read_table(directory / ITEMS).to_pydict()
         self.item_ids: list[Any] = items["item_id"]  # position p <-> item index p + 1
         self.index_of = {item: idx for idx, item in zip(items["item_idx"], items["item_id"])}
@@ -135,7 +140,34 @@ class Recommender:
         if index == "hnsw" or (index == "auto" and num_items > EXACT_LIMIT):
             from recforge.serve.ann import HNSWIndex
 
-            self.ann = HNSWIndex(self.item_embeddings, ef_search=ef_search)
+            self.ann = self._saved_index(ef_search) or HNSWIndex(
+                self.item_embeddings, ef_search=ef_search
+            )
+
+    def _saved_index(self, ef_search: int) -> Any:
+        """The HNSW index `recforge export --ann` wrote into the artifact (sha256 already
+        verified), or None when there is none: the caller builds one then."""
+        if ANN_INDEX not in self.manifest["files"]:
+            return None
+        from recforge.serve.ann import HNSWIndex
+
+        start = time.perf_counter()
+        try:
+            ann = HNSWIndex.load(self.directory / ANN_INDEX, ef_search=ef_search)
+        except (RuntimeError, ValueError) as exc:
+            raise ArtifactError(f"{self.directory}: {ANN_INDEX}: {exc}") from None
+        if ann.shape != self.item_embeddings.shape:
+            raise ArtifactError(
+                f"{self.directory}: {ANN_INDEX} holds {ann.shape} vectors, "
+                f"{ITEM_EMBEDDINGS} has shape {self.item_embeddings.shape}"
+            )
+        log.info(
+            "HNSW index loaded from the artifact (%s, %d items) in %.2f s, not rebuilt",
+            ANN_INDEX,
+            ann.shape[0],
+            time.perf_counter() - start,
+        )
+        return ann
 
     @classmethod
     def load(

@@ -19,6 +19,9 @@ from torch import Tensor, nn
 from recforge.families import ModelFamily, family_of_model
 from recforge.models.towers import hash_user_ids
 
+ITEM_TOWER_CHUNK = 65536
+"""Items per pass of the two-tower item tower when the export computes every item's vector."""
+
 
 def _frozen(weight: Tensor) -> nn.Embedding:
     return nn.Embedding.from_pretrained(weight.detach().clone(), freeze=True)
@@ -81,7 +84,8 @@ class SASRecUserEncoder(nn.Module):
 
     @torch.no_grad()
     def item_vectors(self) -> np.ndarray:
-        return self.items.weight[1:].numpy().astype(np.float32)  # (N, D), row i - 1 = item i
+        # A view of the encoder's own table (no copy): (N, D), row i - 1 = item i. Read-only use.
+        return self.items.weight[1:].numpy().astype(np.float32, copy=False)
 
 
 class TwoTowerUserEncoder(nn.Module):
@@ -123,13 +127,18 @@ class TwoTowerUserEncoder(nn.Module):
             + list(c.user_feature_keys)
             + (["user_dense"] if c.user_numeric_features else [])
         )
-        # The item tower over every item, once, in eval mode (not part of the exported graph).
+        # The item tower over every item, once, in eval mode (not part of the exported graph),
+        # ITEM_TOWER_CHUNK items at a time into one (N, out_dim) array: the tower's activations
+        # for a million items at once would be several times the result.
         training = model.training
         model.eval()
+        self._item_vectors = np.empty((c.num_items, c.out_dim), dtype=np.float32)
         with torch.no_grad():
-            self._item_vectors = (
-                model.item_vectors(torch.arange(1, c.num_items + 1)).numpy().astype(np.float32)
-            )
+            for start in range(0, c.num_items, ITEM_TOWER_CHUNK):
+                stop = min(start + ITEM_TOWER_CHUNK, c.num_items)
+                self._item_vectors[start:stop] = model.item_vectors(
+                    torch.arange(start + 1, stop + 1)
+                ).numpy()
         model.train(training)
 
     @property

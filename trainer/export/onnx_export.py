@@ -18,8 +18,11 @@ must keep ``--min-recall`` (:mod:`.quantize`). The artifact directory (the contr
   model, so known users can be served by id;
 - ``user_features.json`` (two-tower models that read user features): each feature's code values
   and the numeric feature names, so a new user's raw features can be encoded when served;
+- ``item_index.hnsw.faiss`` (``--ann hnsw``, or ``--ann auto`` above 200,000 items): the faiss
+  HNSW index over ``item_embeddings.npy``, so the server loads it instead of building it
+  (:mod:`.ann`; its recall@10 against exact search is the manifest's ``ann`` entry);
 - ``manifest.json``: format version, kind, dims, opset, inputs/outputs (names, dtypes, shapes),
-  sha256 of every other file, run id, metrics, dataset fingerprint, parity figures.
+  sha256 of every other file, run id, metrics, dataset fingerprint, parity figures, ``ann``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from recforge import artifact
 from recforge.atomic import TargetExistsError, atomic_directory
 from recforge.data import storage
 from recforge.trainer.checkpoint import CheckpointError
+from recforge.trainer.export.ann import ANN_CHOICES, wants_index, write_index
 from recforge.trainer.export.encoders import user_encoder
 from recforge.trainer.export.errors import ExportError
 from recforge.trainer.export.loading import load_checkpoint
@@ -62,12 +66,22 @@ def export(
     overwrite: bool = False,
     quantize: str | None = None,
     min_recall: float = 0.9,
+    ann: str = "auto",
+    ann_m: int = artifact.HNSW_M,
+    ann_ef_construction: int = artifact.HNSW_EF_CONSTRUCTION,
+    ann_ef_search: int = artifact.HNSW_EF_SEARCH,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` into the artifact directory ``out``; returns the manifest.
 
     ``quantize="int8"``: ``model.onnx`` is the dynamically int8-quantized graph of the float one
     that passed the parity gate (see :mod:`recforge.trainer.export.quantize`; ``min_recall``
-    gates it)."""
+    gates it).
+
+    ``ann``: ``"hnsw"`` builds the HNSW index into the artifact, ``"auto"`` does so above
+    :data:`recforge.artifact.ANN_AUTO_MIN_ITEMS` items, ``"none"`` never (see
+    :mod:`recforge.trainer.export.ann`)."""
+    if ann not in ANN_CHOICES:
+        raise ExportError(f"ann={ann!r}: expected one of {ANN_CHOICES}")
     if quantize not in (None, "int8"):
         raise ExportError(f"quantize={quantize!r}: expected 'int8' or none")
     if not 0.0 <= min_recall <= 1.0:
@@ -85,7 +99,7 @@ def export(
         # Old artifact aside, new one in, old one deleted: never a moment without a complete one.
         with atomic_directory(out, overwrite=overwrite) as tmp:
             encoder = user_encoder(loaded.family, loaded.network)
-            item_embeddings = encoder.item_vectors()  # (N, D)
+            item_embeddings = encoder.item_vectors()  # (N, D): the encoder's array, not a copy
             if not np.isfinite(item_embeddings).all():
                 raise ExportError(
                     f"checkpoint {checkpoint}: item vectors hold NaN or inf (a diverged model?)"
@@ -105,7 +119,8 @@ def export(
                 storage.join(dm.data_dir, ITEMS), columns=["item_idx", "item_id", "count"]
             )
             pq.write_table(items.sort_by("item_idx"), tmp / artifact.ITEMS)
-            pq.write_table(users_table(dm, encoder), tmp / artifact.USERS)
+            users = users_table(dm, encoder)
+            pq.write_table(users, tmp / artifact.USERS)
             features = user_feature_spec(dm, encoder)
             if features is not None:
                 spec = json.dumps(features, indent=1, default=str)
@@ -124,10 +139,23 @@ def export(
                     "fingerprint": dm.manifest.get("fingerprint"),
                 },
             }
+            ann_entry = None
+            if wants_index(ann, item_embeddings.shape[0]):
+                ann_entry = write_index(
+                    tmp,
+                    item_embeddings,
+                    users,
+                    encoder.input_specs(),
+                    encoder.max_length,
+                    m=ann_m,
+                    ef_construction=ann_ef_construction,
+                    ef_search=ann_ef_search,
+                )
             checks = {
                 "parity": check,
                 "quantization": quantization,
                 "export_seconds": round(export_seconds, 2),
+                "ann": ann_entry,
             }
             manifest = write_manifest(
                 tmp,
@@ -202,6 +230,7 @@ def run_cli(args: Any) -> int:
             overwrite=args.overwrite,
             quantize=args.quantize,
             min_recall=args.min_recall,
+            ann=getattr(args, "ann", "auto"),
         )
         print(
             f"exported {checkpoint} -> {args.out} "
@@ -213,6 +242,13 @@ def run_cli(args: Any) -> int:
                 f"int8: recall@10 vs float {q['recall@10_vs_float']:.3f}, max |diff| vs PyTorch "
                 f"{q['max_abs_diff_vs_pytorch']:.2e}, {q['bytes_float']} -> {q['bytes_int8']} "
                 "bytes"
+            )
+        a = manifest.get("ann")
+        if a:
+            print(
+                f"HNSW index (M {a['m']}, efConstruction {a['ef_construction']}): built in "
+                f"{a['build_seconds']:.1f} s, recall@10 vs exact {a['recall@10_vs_exact']:.3f} at "
+                f"efSearch {a['ef_search']} ({a['queries']} {a['query_source']} queries)"
             )
         if args.triton:
             from recforge.trainer.export.triton import write_triton_repository
