@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.states import TrainerFn
@@ -263,6 +264,38 @@ class TorchRecStrategy(DDPStrategy):
             self._launcher = _WatchedLauncher(
                 self.cluster_environment, self.num_processes, self.num_nodes
             )
+
+    def setup_distributed(self) -> None:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        if restart <= 0 or not agent_store or dist.is_initialized():
+            super().setup_distributed()
+            return
+        # torchrun's static rendezvous (--master_port) keeps one TCPStore across restarts, so a
+        # restarted attempt would read the failed attempt's gloo addresses under the same keys
+        # and connect to dead sockets (measured: "connection refused" both ways). A prefix per
+        # attempt gives each one a clean key space; c10d rendezvous makes a new store anyway.
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        store = dist.PrefixStore(
+            f"recforge/attempt-{restart}/",
+            dist.TCPStore(
+                self.cluster_environment.main_address,
+                self.cluster_environment.main_port,
+                world_size=self.world_size,
+                is_master=False,
+                timeout=self._timeout,
+            ),
+        )
+        dist.init_process_group(
+            self._process_group_backend,
+            store=store,
+            rank=self.global_rank,
+            world_size=self.world_size,
+            timeout=self._timeout,
+        )
 
     def setup_environment(self) -> None:
         WATCH.grace_s = self.peer_timeout_seconds

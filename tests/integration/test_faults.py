@@ -140,7 +140,6 @@ def test_a_killed_rank_ends_the_other_naming_it(reference: dict[str, Path], vict
     assert any(dead in line and "died" in line for line in errors), stderr[-3000:]
 
 
-@pytest.mark.slow  # passes alone; in the full suite the restarted workers' gloo mesh timed out
 def test_torchrun_restart_resumes_from_the_last_checkpoint(
     reference: dict[str, Path],
 ) -> None:
