@@ -23,8 +23,10 @@ Per size N (the synthetic catalogue; the prepared one keeps the items that occur
    the command (process start, model build and checkpoint load included);
 4. ``recforge export --ann hnsw``: wall seconds, peak RSS, artifact bytes, and from the manifest
    the HNSW build seconds and recall@10 against exact search (1000 known users' vectors);
-5. ``Recommender.load(artifact, index="hnsw")``: seconds to load for serving (the saved index,
-   not a rebuild).
+5. serving: ``Recommender.load`` seconds with exact search and with the saved HNSW index (not a
+   rebuild), then ``--serve-requests`` single requests (50-item histories of sampled users, k=10)
+   timed per index: p50/p99 ms and HNSW's recall@10 against exact on them
+   (``benchmarks/serve_ann.py``, which also runs alone on any artifact).
 
 Prints a table and writes JSON (``--json``). The machine's load matters: the figures are wall
 clock on whatever cores are free.
@@ -46,6 +48,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 RECFORGE = str(Path(sys.executable).with_name("recforge"))
 CONFIGS = {
     "sasrec": REPO / "configs" / "sasrec" / "tiny.yaml",
@@ -323,21 +326,23 @@ def run_size(n: int, args: argparse.Namespace, work: Path, log: Path) -> dict[st
     ann = json.loads((out / "manifest.json").read_text())["ann"]
     result["ann"] = ann
 
+    from serve_ann import histories, measure
+
     from recforge.serve.recommender import Recommender
 
-    Recommender.load(out, index="exact")  # imports and file cache warm: time the index alone
-    start = time.perf_counter()
-    rec = Recommender.load(out, index="exact")
-    result["serve_load_exact_seconds"] = time.perf_counter() - start
-    start = time.perf_counter()
-    rec = Recommender.load(out, index="hnsw")
-    result["serve_load_seconds"] = time.perf_counter() - start
-    result["serve_index_source"] = "artifact" if rec.ann.source != "built" else "built"
-    user = next(iter(rec.histories))
-    start = time.perf_counter()
-    for _ in range(20):
-        rec.recommend(user_id=user, k=10)
-    result["serve_ms_per_request"] = (time.perf_counter() - start) / 20 * 1000
+    requests = histories(data, args.serve_requests, 50)
+    answers = {}
+    for index in ("exact", "hnsw"):
+        start = time.perf_counter()
+        rec = Recommender.load(out, index=index)
+        result[f"serve_load_{index}_seconds"] = time.perf_counter() - start
+        if index == "hnsw":
+            result["serve_index_source"] = "artifact" if rec.ann.source != "built" else "built"
+        result[f"serve_{index}"], answers[index] = measure(rec, requests)
+        del rec
+    result["serve_hnsw"]["recall@10_vs_exact"] = sum(
+        len(set(a) & set(b)) / 10 for a, b in zip(answers["exact"], answers["hnsw"])
+    ) / len(requests)
     return result
 
 
@@ -350,6 +355,10 @@ def _metric(path: Path, name: str) -> float | None:
             if row.get(name):
                 value = float(row[name])
     return value
+
+
+def _pcts(stats: dict[str, float]) -> str:
+    return f"{stats['p50_ms']:.1f}/{stats['p99_ms']:.1f}"
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -380,8 +389,10 @@ def table(results: list[dict[str, Any]]) -> str:
         ("HNSW build s", lambda r: f"{r['ann']['build_seconds']:.1f}"),
         ("HNSW recall@10 vs exact", lambda r: f"{r['ann']['recall@10_vs_exact']:.3f}"),
         ("serve load s, exact", lambda r: f"{r['serve_load_exact_seconds']:.1f}"),
-        ("serve load s, saved HNSW", lambda r: f"{r['serve_load_seconds']:.1f}"),
-        ("serve ms/request (HNSW)", lambda r: f"{r['serve_ms_per_request']:.1f}"),
+        ("serve load s, saved HNSW", lambda r: f"{r['serve_load_hnsw_seconds']:.1f}"),
+        ("serve p50/p99 ms, exact", lambda r: _pcts(r["serve_exact"])),
+        ("serve p50/p99 ms, HNSW", lambda r: _pcts(r["serve_hnsw"])),
+        ("serve recall@10 HNSW/exact", lambda r: f"{r['serve_hnsw']['recall@10_vs_exact']:.3f}"),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{'':<{width}}  " + "  ".join(f"{r['catalogue']:>14,}" for r in results)]
@@ -406,6 +417,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="per rank")
     parser.add_argument("--negatives", type=int, default=1024, help="uniform negatives per step")
     parser.add_argument("--eval-users", type=int, default=10000)
+    parser.add_argument(
+        "--serve-requests", type=int, default=500, help="single requests timed per index"
+    )
     parser.add_argument("--interactions-per-item", type=int, default=20)
     parser.add_argument("--workdir", default=str(REPO / "runs" / "scale"))
     parser.add_argument("--json", default=None, help="default: WORKDIR/scale-<family>.json")
