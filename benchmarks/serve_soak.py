@@ -141,12 +141,14 @@ def soak(artifact: Path, bodies: list[bytes], args: argparse.Namespace) -> None:
     load = Load(server.url, bodies)
     reloads: list[int] = []
     peak = [rss_start]
+    trace: list[float] = []  # RSS right after each reload: a leak grows it reload after reload
 
     async def reload(session) -> None:
         peak[0] = max(peak[0], rss_mb(pid))
         async with session.post(server.url + "/v1/admin/reload", json={}) as response:
             reloads.append(response.status)
-        peak[0] = max(peak[0], rss_mb(pid))
+        trace.append(rss_mb(pid))
+        peak[0] = max(peak[0], trace[-1])
 
     wall = asyncio.run(load.run(args.clients, args.duration, args.reload_interval, reload))
     rss_end = rss_mb(pid)
@@ -182,6 +184,13 @@ def soak(artifact: Path, bodies: list[bytes], args: argparse.Namespace) -> None:
         f"{rss_start:.0f}, end {rss_end:.0f} (idle 1 s later {rss_idle:.0f}), "
         f"peak seen {max(peak[0], rss_end):.0f}"
     )
+    if trace:
+        half = trace[len(trace) // 2 :]
+        print(
+            "RSS MB after each reload: " + " ".join(f"{v:.0f}" for v in trace) + f"\n"
+            f"  second half of the soak: {min(half):.0f}..{max(half):.0f} MB, "
+            f"{(half[-1] - half[0]) / max(1, len(half) - 1):+.2f} MB per reload"
+        )
     print("/metrics:\n  " + "\n  ".join(counters))
 
 

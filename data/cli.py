@@ -113,7 +113,47 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="keep the user/item indices of a previous prepared directory (for warm starts); "
         "ids it does not know are appended after them in sorted order",
     )
+    p.add_argument(
+        "--opt-out",
+        default=None,
+        metavar="FILE",
+        help="users to leave out: ids one per line, or Parquet with a --user-col/user_id column; "
+        "the manifest counts them and records the list's sha256, never the ids",
+    )
+    p.add_argument(
+        "--consent-col",
+        default=None,
+        metavar="COL",
+        help="interaction column of true/false (or 1/0): rows with false are left out",
+    )
+    p.add_argument(
+        "--erasure-ledger",
+        default=None,
+        metavar="PATH",
+        help="erasure ledger of this input (default: erasures.jsonl beside the first --input); "
+        "its users are left out and the dataset records where it is, for `data forget` and fit",
+    )
     p.set_defaults(func=_prepare)
+
+    f = sub.add_parser(
+        "forget",
+        help="remove users from a prepared dataset and record it in the erasure ledger",
+        description="Rewrite PREPARED_DIR without the users listed in --users (and without "
+        "those of ledger entries it lacks), atomically; append a salted-hash entry (no raw id) "
+        "to the erasure ledger the dataset was prepared with. Trained models still hold what "
+        "they learnt from these users: retrain on the result (docs/architecture.md, Personal "
+        "data).",
+    )
+    f.add_argument(
+        "--users",
+        default=None,
+        metavar="FILE",
+        help="ids one per line, or Parquet with a user_id column; without it, only the "
+        "ledger's entries this dataset lacks are applied",
+    )
+    f.add_argument("--ledger", default=None, help="ledger (default: the one the manifest names)")
+    f.add_argument("prepared_dir", metavar="PREPARED_DIR")
+    f.set_defaults(func=_forget)
 
     s = sub.add_parser(
         "synth", help="deterministic synthetic interactions with learnable structure"
@@ -180,6 +220,7 @@ def _prepare(args: argparse.Namespace) -> int:
             timestamp=args.time_col,
             rating=args.rating_col,
             delimiter=args.delimiter,
+            consent=args.consent_col,
         ),
         item_features=args.item_features,
         user_features=args.user_features,
@@ -200,6 +241,8 @@ def _prepare(args: argparse.Namespace) -> int:
         memory_limit=args.memory_limit,
         spill_dir=args.spill_dir,
         vocab_from=args.vocab_from,
+        opt_out=args.opt_out,
+        erasure_ledger=args.erasure_ledger,
     )
     manifest = prepare(config)
     summary = {
@@ -214,7 +257,18 @@ def _prepare(args: argparse.Namespace) -> int:
             "split_counts",
         )
     }
+    if "consent" in manifest:
+        summary["consent"] = manifest["consent"]
     print(f"prepared {args.out}")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from recforge.data.erasure import forget
+
+    summary = forget(args.prepared_dir, args.users, args.ledger)
+    print(f"forgot {summary['users_removed']} user(s) in {args.prepared_dir}")
     print(json.dumps(summary, indent=2))
     return 0
 

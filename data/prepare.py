@@ -8,7 +8,8 @@ All work is vectorised over Arrow/numpy arrays (no Python loop per row). The out
 to a temporary directory beside ``out`` and renamed into place, so a failure leaves nothing.
 
 Order of operations, each counted in the manifest:
-1. read and validate every input file (errors name file, column and row);
+1. read and validate every input file (errors name file, column and row), and leave out the
+   rows of opted-out and erased users and rows without consent (:mod:`recforge.data.consent`);
 2. sort each user's interactions by timestamp; ties keep input order (``rows_out_of_time_order``
    counts rows that came in the input before an earlier-timestamped row of the same user);
 3. drop exact duplicate rows (same user, item, timestamp and rating; the first one stays);
@@ -26,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recforge.atomic import TargetExistsError, atomic_directory
-from recforge.data import layout, vocab
+from recforge.data import consent, erasure, layout, vocab
 from recforge.data.errors import DataError
 from recforge.data.features import EncodedFeatures, encode_features, read_feature_table
 from recforge.data.readers import FORMATS, Columns, SourceFile, read_interactions
@@ -99,6 +100,12 @@ class PrepareConfig:
     vocab_from: str | None = None
     """A previous prepared directory whose user/item indices are kept; ids it does not know
     are appended after them (see :mod:`recforge.data.vocab`)."""
+    opt_out: str | None = None
+    """User ids whose rows are left out: text, one per line, or Parquet with a user id column
+    (:mod:`recforge.data.consent`). Consent column: ``columns.consent``."""
+    erasure_ledger: str | None = None
+    """The erasure ledger of this input (default: ``erasures.jsonl`` beside the first input,
+    :mod:`recforge.data.erasure`); its users are left out and its location recorded."""
 
     def validate(self) -> None:
         if not self.input:
@@ -126,6 +133,11 @@ class PrepareConfig:
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Prepare a dataset directory; returns its manifest."""
     config.validate()
+    consent.check_options(config.format, config.columns.consent)
+    consent.opt_out_path_exists(config.opt_out)
+    if config.erasure_ledger is None:
+        # Fixed before staging, so the manifest names the ledger beside the original input.
+        config = replace(config, erasure_ledger=erasure.default_ledger_path(config.input))
     if involves_remote(config):
         return prepare_staged(config, prepare)
     out = Path(config.out)
@@ -138,9 +150,19 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
         return prepare_duckdb(config)
     started = time.perf_counter()
+    exclusion = consent.Exclusion.of(config)
     table, sources = read_interactions(config.input, config.format, config.columns)
     n_input = table.num_rows
     log.info("read %d interactions from %d file(s)", n_input, len(sources))
+    # Consent first: no later step (duplicates, k-core, vocabularies) sees an excluded row.
+    table, removed, exclusion.counts = consent.filter_table(
+        table, exclusion.opt_out, config.columns.consent, exclusion.ledger
+    )
+    if table.num_rows == 0:
+        raise DataError(
+            f"no interactions left after consent and opt-out ({removed})",
+            path=", ".join(s.path for s in sources),
+        )
 
     user_code, user_dict = _sorted_codes(table["user_id"])
     item_code, item_dict = _sorted_codes(table["item_id"])
@@ -155,7 +177,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     del order
 
     dup = _exact_duplicates(user_code, item_code, ts, rating)
-    removed: dict[str, int] = {"exact_duplicates": int(dup.sum())}
+    removed["exact_duplicates"] = int(dup.sum())
     keep = ~dup
     kcore = _k_core(user_code, item_code, keep, config.min_user, config.min_item)
     removed["min_user"] = kcore["rows_removed_min_user"]
@@ -208,6 +230,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         item_feats,
         user_feats,
         vocab_from,
+        exclusion,
     )
     assert sum(removed.values()) + manifest["interactions"] == n_input
 
@@ -259,6 +282,7 @@ def build_manifest(
     item_feats: EncodedFeatures | None,
     user_feats: EncodedFeatures | None,
     vocab_from: dict[str, Any] | None = None,
+    exclusion: consent.Exclusion | None = None,
 ) -> dict[str, Any]:
     """The manifest both engines write; one builder so their fields cannot drift apart.
 
@@ -307,6 +331,8 @@ def build_manifest(
     }
     if vocab_from is not None:
         manifest["vocab_from"] = vocab_from
+    if exclusion is not None:
+        manifest.update(exclusion.manifest_entries(config))
     return manifest
 
 
@@ -625,16 +651,21 @@ def write_tables_and_manifest(
     }
     with open(tmp / layout.FEATURE_VOCABS, "w") as f:
         json.dump(vocabs, f)
-    digest = hashlib.sha256()
-    for name in (layout.SEQUENCES, layout.ITEMS, layout.USERS, layout.FEATURE_VOCABS):
-        digest.update(name.encode())
-        with open(tmp / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    manifest["fingerprint"] = digest.hexdigest()
+    manifest["fingerprint"] = data_fingerprint(tmp)
     with open(tmp / layout.MANIFEST, "w") as f:
         json.dump(manifest, f, indent=2, default=_json_default)
         f.write("\n")
+
+
+def data_fingerprint(directory: Path) -> str:
+    """The manifest's ``fingerprint``: sha256 over the data files' names and bytes."""
+    digest = hashlib.sha256()
+    for name in (layout.SEQUENCES, layout.ITEMS, layout.USERS, layout.FEATURE_VOCABS):
+        digest.update(name.encode())
+        with open(directory / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _json_default(value: Any) -> Any:

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recforge.artifact import file_sha256
-from recforge.data import layout, vocab
+from recforge.data import consent, layout, vocab
 from recforge.data.errors import DataError
 from recforge.data.prepare import (
     PrepareConfig,
@@ -88,6 +88,7 @@ def prepare_duckdb(config: PrepareConfig) -> dict[str, Any]:
     import duckdb
 
     started = time.perf_counter()
+    exclusion = consent.Exclusion.of(config)
     out = Path(config.out).absolute()
     if config.spill_dir:
         spill_parent = Path(config.spill_dir)
@@ -121,7 +122,9 @@ def prepare_duckdb(config: PrepareConfig) -> dict[str, Any]:
         con.execute("SET preserve_insertion_order = false")
         sources, n_input, has_rating = _load_inputs(con, config)
         log.info("read %d interactions from %d file(s)", n_input, len(sources))
+        excluded = consent.exclude_in_duckdb(con, config, exclusion)
         manifest_parts = _transform(con, config, has_rating)
+        manifest_parts["excluded"], manifest_parts["exclusion"] = excluded, exclusion
         return _finish(con, config, out, sources, n_input, has_rating, started, manifest_parts)
     finally:
         if con is not None:
@@ -192,7 +195,8 @@ def _stream_parquet(
     file's do) and integer, timestamp or date times. Returns (rows, timestamp unit), or None
     for the whole-file path (which also gives a bad value its file-wide row number). A row
     group that cannot be read is a DataError naming it, as the whole-file path would give."""
-    wanted = [c for c in (columns.user, columns.item, columns.timestamp, columns.rating) if c]
+    names = (columns.user, columns.item, columns.timestamp, columns.rating, columns.consent)
+    wanted = [c for c in names if c]
     try:
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
@@ -328,8 +332,10 @@ def _finish(
     parts: dict[str, Any],
 ) -> dict[str, Any]:
     kcore = parts["kcore"]
+    excluded = parts["excluded"]
     removed = {
-        "exact_duplicates": n_input - parts["after_dedupe"],
+        **excluded,
+        "exact_duplicates": n_input - sum(excluded.values()) - parts["after_dedupe"],
         "min_user": kcore["rows_removed_min_user"],
         "min_item": kcore["rows_removed_min_item"],
     }
@@ -396,6 +402,7 @@ def _finish(
         item_feats,
         user_feats,
         vocab_from,
+        parts["exclusion"],
     )
     assert sum(removed.values()) + manifest["interactions"] == n_input
 

@@ -43,6 +43,9 @@ class Columns:
     """Optional rating/weight column; kept as float32 when given."""
     delimiter: str | None = None
     """CSV delimiter; default ',' (tab for .tsv)."""
+    consent: str | None = None
+    """Optional consent column (true/false or 1/0): read as ``consent`` so that prepare can drop
+    the rows without consent (:mod:`recforge.data.consent`)."""
 
 
 @dataclass
@@ -333,6 +336,10 @@ def normalise(table: pa.Table, path: str, columns: Columns) -> tuple[pa.Table, s
     }
     if columns.rating:
         out["rating"] = _numeric_column(table[columns.rating], path, columns.rating)
+    if columns.consent:
+        from recforge.data.consent import consent_values
+
+        out["consent"] = consent_values(table[columns.consent], path, columns.consent)
     return pa.table(out), unit
 
 
@@ -459,7 +466,8 @@ def _first_true(mask: pa.ChunkedArray | pa.Array) -> int:
 
 
 def _wanted(columns: Columns) -> list[str]:
-    return [c for c in (columns.user, columns.item, columns.timestamp, columns.rating) if c]
+    names = (columns.user, columns.item, columns.timestamp, columns.rating, columns.consent)
+    return [c for c in names if c]
 
 
 def _require(have: list[str], wanted: list[str], path: str) -> None:
@@ -468,7 +476,7 @@ def _require(have: list[str], wanted: list[str], path: str) -> None:
         raise DataError(
             f"missing column(s) {', '.join(repr(m) for m in missing)}; the file has "
             f"{', '.join(repr(h) for h in have)} (set the names with --user-col/--item-col/"
-            f"--time-col/--rating-col)",
+            f"--time-col/--rating-col/--consent-col)",
             path=path,
             column=missing[0],
         )

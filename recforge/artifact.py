@@ -31,7 +31,9 @@ ITEM_EMBEDDINGS = "item_embeddings.npy"
 ITEMS = "items.parquet"
 """``item_idx`` (1..N), original ``item_id``, training ``count``."""
 USERS = "users.parquet"
-"""Known users: ``user_id``, ``user_idx``, ``history`` and each further user input of the model."""
+"""Known users: ``user_id``, ``user_idx``, ``history`` and each further user input of the model.
+Present only with a user store (:data:`USER_STORES`); with ``hashed`` the ``user_id`` column
+holds :func:`user_key` values, not ids, and ``history`` only what the model reads."""
 USER_FEATURES = "user_features.json"
 """Code values of the user features (models that read them), to encode a new user's raw ones."""
 ANN_INDEX = "item_index.hnsw.faiss"
@@ -40,7 +42,10 @@ ANN_INDEX = "item_index.hnsw.faiss"
 a large catalogue does not rebuild it; the manifest's ``ann`` entry describes it."""
 MANIFEST = "manifest.json"
 
-CONTENT_FILES = (MODEL, ITEM_EMBEDDINGS, ITEMS, USERS, USER_FEATURES, ANN_INDEX)
+MODEL_CARD = "MODEL_CARD.md"
+"""What the model is, its data, configuration, metrics overall and per group, popularity bias and
+known limits (``recforge.trainer.export.model_card``); hashed and logged like the other files."""
+CONTENT_FILES = (MODEL, ITEM_EMBEDDINGS, ITEMS, USERS, USER_FEATURES, ANN_INDEX, MODEL_CARD)
 """Every file the manifest may list, in the order it lists them."""
 REQUIRED_FILES = (MODEL, ITEM_EMBEDDINGS, ITEMS)
 INT8_MODEL = "model.int8.onnx"
@@ -56,10 +61,12 @@ TRITON_SHA256_PARAMETER = "recforge_sha256"
 
 # --- versions and kinds ---
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
 """What the writer puts in ``format``. The optional :data:`ANN_INDEX` file and the manifest's
 ``ann`` entry came later within 1.0: a reader without them verifies the file's sha256 and ignores
-it, and a reader looks for the index by its name in ``files``, not by the version."""
+it, and a reader looks for the index by its name in ``files``, not by the version. 1.1 adds the
+manifest's ``user_store`` (:func:`user_store`); a 1.0 reader serves such an artifact by history,
+and answers a raw ``user_id`` as unknown (a hashed store's keys are not ids)."""
 SUPPORTED_MAJOR = 1
 KINDS: tuple[str, ...] = tuple(FAMILIES)
 """Artifact kinds served: one per registered model family."""
@@ -93,6 +100,49 @@ LAST_CHECKPOINT_TAG = "recforge.last_checkpoint"
 MODEL_METADATA_KIND = "recforge_kind"
 MODEL_METADATA_FILES = "recforge_files"
 """Keys of the logged MLflow model's metadata."""
+
+
+# --- the user store: what an artifact keeps of each known user (docs/architecture.md §9) ---
+
+USER_STORES = ("none", "hashed", "full")
+"""``none``: no :data:`USERS` file, requests carry the history; ``hashed`` (the default): user
+keys are salted hashes (:func:`user_key`, the salt in the manifest) and histories are capped to
+what the model reads; ``full``: raw ids and whole histories (the only layout before 1.1)."""
+DEFAULT_USER_STORE = "hashed"
+
+
+def canonical_user_id(value: Any) -> str:
+    """One text form per user id whatever type a file or a request gave it: text that is a
+    whole number is that number (the data readers' rule), anything else its trimmed text."""
+    text = str(value).strip()
+    if text.lstrip("-").isdigit() and text.isascii() and len(text.lstrip("-")) <= 18:
+        return str(int(text))
+    return text
+
+
+def user_key(salt: str, user_id: Any) -> str:
+    """Salted sha256 of a user id (hex): the key of a ``hashed`` user store, and of the data
+    layer's erasure ledger. Without the salt the key does not reveal the id; with it, a given
+    id can be checked (what serving does), so the salt travels with the artifact only."""
+    return hashlib.sha256(f"{salt}\x00{canonical_user_id(user_id)}".encode()).hexdigest()
+
+
+def user_store(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``user_store`` (``mode``, and ``salt``/``history_cap`` for ``hashed``);
+    artifacts of format 1.0 have a ``full`` store when they have :data:`USERS`."""
+    store = manifest.get("user_store")
+    if store is None:
+        return {"mode": "full" if USERS in manifest.get("files", {}) else "none"}
+    if not isinstance(store, dict) or store.get("mode") not in USER_STORES:
+        raise ArtifactError(f"user_store {store!r}: 'mode' must be one of {USER_STORES}")
+    if store["mode"] == "hashed" and not isinstance(store.get("salt"), str):
+        raise ArtifactError("user_store: a hashed store needs its 'salt'")
+    if (store["mode"] == "none") == (USERS in manifest.get("files", {})):
+        raise ArtifactError(
+            f"user_store {store['mode']!r} and the files disagree: {USERS} is "
+            + ("listed" if store["mode"] == "none" else "missing")
+        )
+    return store
 
 
 class ArtifactError(RuntimeError):
@@ -171,6 +221,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     for name in files:
         if Path(name).name != name:
             raise ArtifactError(f"{path}: file name {name!r} is not a plain name")
+    try:
+        user_store(manifest)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
     return manifest
 
 

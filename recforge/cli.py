@@ -88,6 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
         "else sqlite:///mlflow.db)",
     )
     serve.set_defaults(func=_serve)
+    forget = sub.add_parser(
+        "forget-artifacts",
+        help="remove users from an exported artifact's user store, or from every one in MLflow",
+        description="Rewrite users.parquet without the listed users (and the manifest's sha256) "
+        "in an artifact directory, or in every run export and registered model version of an "
+        "MLflow tracking server. The weights keep what they learnt: retrain on data erased with "
+        "`recforge data forget` to complete an erasure.",
+    )
+    forget.add_argument(
+        "--users", required=True, metavar="FILE", help="ids one per line, or Parquet"
+    )
+    where = forget.add_mutually_exclusive_group(required=True)
+    where.add_argument("artifact_dir", nargs="?", help="an artifact directory")
+    where.add_argument("--mlflow-tracking-uri", help="rewrite every copy this server holds")
+    forget.add_argument("--model", help="with --mlflow-tracking-uri: only this registered model")
+    forget.set_defaults(func=_forget_artifacts)
     demo = sub.add_parser("demo", help="the whole path on synthetic data, offline, on CPU")
     demo.add_argument("--workdir", default="demo", help="where the demo writes its data and runs")
     demo.set_defaults(func=_demo)
@@ -140,6 +156,13 @@ def _add_export_parser(sub: Any) -> None:
         help="write a faiss HNSW index of the items into the artifact, with its recall@10 vs "
         "exact search (auto: above 200,000 items), so serving does not build it",
     )
+    parser.add_argument(
+        "--user-store",
+        choices=("none", "hashed", "full"),
+        default="hashed",
+        help="per-user data in the artifact: hashed (default: salted-hash keys, histories cut to "
+        "what the model reads), none (requests carry the history), full (raw ids and histories)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
         "--triton", metavar="DIR", help="also write a Triton model repository (onnxruntime backend)"
@@ -152,6 +175,12 @@ def _add_export_parser(sub: Any) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from recforge.trainer.export.onnx_export import run_cli
+
+    return run_cli(args)
+
+
+def _forget_artifacts(args: argparse.Namespace) -> int:
+    from recforge.trainer.export.forget import run_cli
 
     return run_cli(args)
 
@@ -181,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[1:] if verbose else argv
     _configure_logging(verbose or os.environ.get("RECFORGE_VERBOSE", "") not in ("", "0"))
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from recforge.data.erasure import StaleDatasetError
         from recforge.trainer.checkpoint import CheckpointError
         from recforge.trainer.export.callback import ExportAndRegister
         from recforge.trainer.host_memory import keep_freed_memory
@@ -196,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             if _rank() == 0:
                 print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
             return 2
-        except (CheckpointError, TrackingError) as exc:
+        except (CheckpointError, TrackingError, StaleDatasetError) as exc:
             # A collective outcome (e.g. a checkpoint that could not be written) is raised alike
             # on every rank: rank 0 says it.
             if not getattr(exc, "every_rank", False) or _rank() == 0:

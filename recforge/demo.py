@@ -159,11 +159,15 @@ def _serve_and_ask(source: str, tracking: str) -> None:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url + "/healthz", timeout_s=30)
+    # The export keeps salted-hash user keys by default (--user-store hashed), not ids: the
+    # demo asks with a stored history, as a client of a user it knows would.
     user = next(iter(rec.histories))
     history = [rec.item_ids[i - 1] for i in rec.histories[user]]
-    answer = requests.post(url + "/v1/recommend", json={"user_id": user, "k": 5}, timeout=10).json()
-    print(f'      {source} ({rec.kind}): POST {url}/v1/recommend {{"user_id": {user!r}, "k": 5}}')
-    print(f"      user {user!r} (last items {history[-5:]}) ->")
+    answer = requests.post(
+        url + "/v1/recommend", json={"history": history, "k": 5}, timeout=10
+    ).json()
+    print(f'      {source} ({rec.kind}): POST {url}/v1/recommend {{"history": [...], "k": 5}}')
+    print(f"      history (last items {history[-5:]}) ->")
     for item in answer["items"]:
         print(f"        item {item['item_id']!r}  score {item['score']:.3f}")
     cold = requests.post(

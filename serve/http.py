@@ -21,7 +21,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
@@ -30,10 +30,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from recforge.artifact import MODEL, ArtifactError
 from recforge.serve.body import BodyGate
 from recforge.serve.errors import ApiError, error_responses, install_error_handlers
+from recforge.serve.explain import EXPLAIN_TOP
 from recforge.serve.kserve import MAX_BATCH, JsonInt, kserve_router
 from recforge.serve.openapi import install_contract
 from recforge.serve.ops import ConcurrencyLimit, Instrument, ServeMetrics
-from recforge.serve.recommender import MAX_K, Recommender, RequestError, UnknownUserError
+from recforge.serve.recommender import (
+    MAX_K,
+    NoUserStoreError,
+    Recommender,
+    RequestError,
+    UnknownUserError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,26 @@ class RecommendRequest(BaseModel):
         "(one value per categorical feature, a list per list feature, a number per numeric one), "
         "e.g. for a new user; unknown values are treated as missing and reported",
     )
+    exclude_categories: (
+        dict[StrictStr, Annotated[list[ItemId], Field(max_length=MAX_HISTORY)]] | None
+    ) = Field(
+        None,
+        max_length=64,
+        description="leave out items whose value of an item categorical/list feature is one of "
+        "these (`{feature: [values]}`, compared as text; unknown values exclude nothing)",
+    )
+    diversity: StrictFloat = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="MMR re-ranking over item embeddings among the top max(50, 5k): "
+        "0 = the plain ranking, 1 = most diverse; scores stay the model's",
+    )
+    explain: StrictBool = Field(
+        False,
+        description=f"add to each item `because`: up to {EXPLAIN_TOP} history items that most "
+        "support it, with the score it would lose without each (leave-one-out)",
+    )
 
 
 class BatchRequest(BaseModel):
@@ -80,9 +107,17 @@ class ReloadRequest(BaseModel):
     )
 
 
+class Support(BaseModel):
+    item_id: int | str
+    score: float = Field(..., description="score the item loses without this history item")
+
+
 class ScoredItem(BaseModel):
     item_id: int | str
     score: float = Field(..., description="model score, or the training count for a fallback")
+    because: list[Support] | None = Field(
+        None, description="`explain`: the most supporting history items, strongest first"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -208,13 +243,17 @@ def create_app(
             "sha256": model.manifest["files"][MODEL][:12],
         }
 
-    def answer(model: Recommender, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
+    def answer(
+        model: Recommender, requests: list[RecommendRequest], batch: bool = False
+    ) -> list[dict[str, Any]]:
         try:
             results = model.recommend_batch([r.model_dump() for r in requests])
         except UnknownUserError as exc:
             raise ApiError(404, str(exc), "unknown_user", "user_id") from None
+        except NoUserStoreError as exc:
+            raise ApiError(422, str(exc), field="user_id") from None
         except RequestError as exc:
-            raise ApiError(422, str(exc)) from None
+            raise ApiError(422, str(exc), field=_field(exc, batch)) from None
         fallbacks = sum(r.fallback for r in results)
         if fallbacks:
             metrics.fallbacks.inc(fallbacks)
@@ -244,7 +283,7 @@ def create_app(
         responses={200: {"model": BatchResponse}, **error_responses(404), **body_errors, **limited},
     )
     def recommend_batch(body: BatchRequest) -> dict[str, Any]:
-        return {"results": answer(holder.current, body.requests)}
+        return {"results": answer(holder.current, body.requests, batch=True)}
 
     @app.get("/healthz", summary="Status, model and reloads", response_model=HealthResponse)
     def healthz() -> dict[str, Any]:
@@ -289,6 +328,14 @@ def create_app(
     app.include_router(kserve_router(lambda: holder.current, model_name))
     install_contract(app, lambda: holder.current)
     return app
+
+
+def _field(exc: RequestError, batch: bool) -> str | None:
+    """The body path of a user-control error (serve/rerank.py names its field), else None."""
+    field = getattr(exc, "field", None)
+    if field is None or not batch:
+        return field
+    return f"requests.{exc.request}.{field}"
 
 
 def install_sighup(app: FastAPI) -> None:

@@ -2,12 +2,13 @@
 (docs/architecture.md §10).
 
 FastAPI's document describes the pydantic models; on top of it, per loaded model (rebuilt after a
-reload): ``k``'s ``maximum`` is ``min(1000, number of items)``; ``user_features`` lists the
-model's feature names (``propertyNames`` enum, one typed property each, nothing else; an empty
-object for a model without user features); a request must carry a non-null ``user_id``, a
-``history`` or a non-empty ``user_features``; the v2 input and output names and datatypes are
-enums. Every operation lists the statuses it can answer, all 4xx in the one error shape of
-:mod:`recforge.serve.errors`; FastAPI's own 422 schema is not used anywhere.
+reload): ``k``'s ``maximum`` is ``min(1000, number of items)``; ``exclude_categories`` lists the
+item features the artifact carries; ``user_features`` lists the model's feature names
+(``propertyNames`` enum, one typed property each, nothing else; an empty object for a model
+without user features); a request must carry a non-null ``user_id``, a ``history`` or a non-empty
+``user_features``; the v2 input and output names and datatypes are enums. Every operation lists
+the statuses it can answer, all 4xx in the one error shape of :mod:`recforge.serve.errors`;
+FastAPI's own 422 schema is not used anywhere.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def _patch(schema: dict[str, Any], model: Recommender) -> None:
             ],
             "description": described + f"; this model reads {names}",
         }
+    _patch_categories(props, model)
     grounds: list[dict[str, Any]] = [
         {"required": ["user_id"], "properties": {"user_id": {"not": {"type": "null"}}}},
         {"required": ["history"], "properties": {"history": {"type": "array"}}},
@@ -122,3 +124,29 @@ def _patch(schema: dict[str, Any], model: Recommender) -> None:
         + (" or non-empty user_features" if names else "")
         + " is needed."
     )
+
+
+def _patch_categories(props: dict[str, Any], model: Recommender) -> None:
+    """``exclude_categories`` names exactly the item features the artifact carries (an empty
+    object or null for a model without any), each a list of values (serve/rerank.py)."""
+    names = model.categories.names
+    if not names:
+        props["exclude_categories"] = {
+            "anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}],
+            "description": "this model's artifact holds no item categories: leave out (or empty)",
+        }
+        return
+    values = {"type": "array", "items": _ITEM_ID, "maxItems": 10_000}
+    props["exclude_categories"] = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {name: values for name in names},
+                "propertyNames": {"enum": names},
+                "additionalProperties": False,
+            },
+            {"type": "null"},
+        ],
+        "description": props["exclude_categories"].get("description", "")
+        + f"; this model's item features: {names}",
+    }

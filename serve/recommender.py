@@ -33,6 +33,8 @@ from recforge.artifact import (
     USERS,
     ArtifactError,
     read_verified_manifest,
+    user_key,
+    user_store,
 )
 from recforge.serve.artifact import resolve_source
 from recforge.serve.topk import top_k_rows
@@ -54,6 +56,10 @@ class UnknownUserError(RequestError):
     """A ``user_id`` the model has no history for (HTTP 404)."""
 
 
+class NoUserStoreError(RequestError):
+    """A ``user_id`` sent to an artifact exported with ``--user-store none`` (HTTP 422)."""
+
+
 @dataclass
 class Recommendation:
     items: list[Any]
@@ -64,10 +70,15 @@ class Recommendation:
     """History items that are not in the catalogue (ignored)."""
     unknown_user_features: list[str] = field(default_factory=list)
     """``name=value`` of user feature values the model has no code for (treated as missing)."""
+    because: list[list[dict[str, Any]]] | None = None
+    """``explain``: per item, the history items that most support it (serve/explain.py)."""
 
     def as_dict(self) -> dict[str, Any]:
+        items = [{"item_id": i, "score": s} for i, s in zip(self.items, self.scores)]
+        for item, why in zip(items, self.because or ()):
+            item["because"] = why
         return {
-            "items": [{"item_id": i, "score": s} for i, s in zip(self.items, self.scores)],
+            "items": items,
             "fallback": self.fallback,
             "unknown_history_items": self.unknown_history_items,
             "unknown_user_features": self.unknown_user_features,
@@ -107,6 +118,9 @@ class Recommender:
         counts = np.asarray(items["count"], dtype=np.int64)
         self.counts = counts
         self.popular = np.argsort(-counts, kind="stable")  # positions, most popular first
+        from recforge.serve.rerank import ItemCategories  # (rerank imports this module)
+
+        self.categories = ItemCategories(items)  # for exclude_categories
         self.max_len = int(manifest["max_len"])
         self.kind = manifest["kind"]  # read_manifest checked it is a registered family
         self.inputs: list[dict[str, Any]] = manifest["inputs"]
@@ -115,6 +129,10 @@ class Recommender:
         self.user_rows: dict[Any, int] = {}
         self.user_inputs: dict[str, list[Any]] = {}
         """Per user input of the model other than ``item_ids``: its value for each known user."""
+        # Hashed stores key users by user_key(salt, id): requests are looked up by _key(user_id).
+        store = user_store(manifest)
+        self.user_store: str = store["mode"]
+        self._salt: str | None = store.get("salt")
         if (directory / USERS).is_file():
             users = pq.read_table(directory / USERS).to_pydict()
             self.histories = dict(zip(users["user_id"], users["history"]))
@@ -198,11 +216,17 @@ class Recommender:
         self, user_id: Any, history: Sequence[Any] | None
     ) -> tuple[list[int], list[Any]]:
         if user_id is not None:
-            if user_id not in self.user_rows:
-                raise UnknownUserError(
-                    f"user_id {user_id!r} is unknown to this model (pass 'history' instead)"
+            if self.user_store == "none":
+                raise NoUserStoreError(
+                    "this model was exported without a user store (--user-store none): it keeps "
+                    "no user ids or histories, so send 'history' (and 'user_features') instead "
+                    "of 'user_id'"
                 )
-            indexes = list(self.histories[user_id])
+            key = self._key(user_id)
+            if key not in self.user_rows:
+                # The id is not echoed: answers and logs never carry a raw user id.
+                raise UnknownUserError("user_id is unknown to this model (pass 'history' instead)")
+            indexes = list(self.histories[key])
         else:
             indexes = []
         unknown = []
@@ -222,10 +246,16 @@ class Recommender:
         exclude_seen: bool = True,
         exclude: Sequence[Any] = (),
         user_features: dict[str, Any] | None = None,
+        exclude_categories: dict[str, Sequence[Any]] | None = None,
+        diversity: float = 0.0,
+        explain: bool = False,
     ) -> Recommendation:
         """Top-``k`` original item ids and scores for a known user or an explicit history (or both:
         the history then extends the user's); a two-tower model with user features also takes
-        ``user_features`` (raw values, e.g. for a user it never saw)."""
+        ``user_features`` (raw values, e.g. for a user it never saw). ``exclude_categories``
+        (``{item feature: [values]}``) and ``diversity`` (MMR, 0 = plain ranking) shape the list
+        (serve/rerank.py); ``explain`` adds each item's supporting history items
+        (serve/explain.py)."""
         return self.recommend_batch(
             [
                 {
@@ -235,13 +265,20 @@ class Recommender:
                     "exclude_seen": exclude_seen,
                     "exclude": exclude,
                     "user_features": user_features,
+                    "exclude_categories": exclude_categories,
+                    "diversity": diversity,
+                    "explain": explain,
                 }
             ]
         )[0]
 
     def recommend_batch(self, requests: Sequence[dict[str, Any]]) -> list[Recommendation]:
-        """Several requests, encoded in one onnxruntime call."""
-        parsed = []
+        """Several requests, encoded in one onnxruntime call; ``exclude_categories``,
+        ``diversity`` and ``explain`` are applied by serve/rerank.py and serve/explain.py."""
+        from recforge.serve.explain import explanations
+        from recforge.serve.rerank import parse_control, rerank
+
+        parsed, controls = [], []
         for i, request in enumerate(requests):
             k = request.get("k", 10)
             if (
@@ -267,8 +304,11 @@ class Recommender:
             }
             if request.get("exclude_seen", True):
                 excluded.update(indexes)
+            controls.append(parse_control(request, i, k, self.categories))
+            excluded |= controls[-1].excluded
+            k = min(controls[-1].fetch, self.num_items)  # more than k only for diversity
             user_values = self._user_values(
-                self.user_rows.get(request.get("user_id"))
+                self.user_rows.get(self._key(request.get("user_id")))
                 if request.get("user_id") is not None
                 else None
             )
@@ -306,18 +346,22 @@ class Recommender:
             exact = top_k_rows(scores, max(parsed[j][0] for j in with_history))
         out: list[Recommendation] = []
         row = {j: r for r, j in enumerate(with_history)}
-        for j, (k, _indexes, unknown, excluded, _, unknown_features, encoded) in enumerate(parsed):
+        for j, (k, window, unknown, excluded, user, unknown_features, encoded) in enumerate(parsed):
             if not encoded:
                 positions = list(
-                    itertools.islice((p for p in self.popular if p + 1 not in excluded), k)
+                    itertools.islice(
+                        (p for p in self.popular if p + 1 not in excluded), controls[j].k
+                    )
                 )
-                # Fallback scores are training interaction counts, not model scores.
+                # Fallback scores are training interaction counts, not model scores; no history,
+                # so nothing to explain, and popularity is not re-ranked for diversity.
                 out.append(
                     Recommendation(
                         [self.item_ids[p] for p in positions],
                         [float(self.counts[p]) for p in positions],
                         fallback=True,
                         unknown_history_items=unknown,
+                        because=[[] for _ in positions] if controls[j].explain else None,
                     )
                 )
                 continue
@@ -326,15 +370,28 @@ class Recommender:
             else:
                 keep = exact[1][row[j]] > -np.inf  # excluded items score -inf
                 positions, top = exact[0][row[j]][keep][:k].tolist(), exact[1][row[j]][keep][:k]
+            control = controls[j]
+            positions, top = rerank(control, positions, top, self.item_embeddings)
             out.append(
                 Recommendation(
                     [self.item_ids[p] for p in positions],
                     [float(s) for s in top],
                     unknown_history_items=unknown,
                     unknown_user_features=unknown_features,
+                    because=explanations(
+                        self._encode, window, user, positions, self.item_embeddings, self.item_ids
+                    )
+                    if control.explain
+                    else None,
                 )
             )
         return out
+
+    def _key(self, user_id: Any) -> Any:
+        """The user store's key of a requested ``user_id``."""
+        if self.user_store == "hashed" and user_id is not None:
+            return user_key(self._salt or "", user_id)
+        return user_id
 
     def _user_values(self, row: int | None) -> dict[str, Any]:
         """The user inputs (other than ``item_ids``) of a known user's row, or of an unknown user:

@@ -171,6 +171,10 @@ class RecforgeCLI(LightningCLI):
         self.mlflow_logger = logger
 
     def before_fit(self) -> None:
+        from recforge.data.erasure import check_current
+
+        # Before anything is built: a dataset missing an erasure of its ledger is refused.
+        check_current(str(self.datamodule.data_dir), self.datamodule.manifest)
         self._resume_after_restart()
         init_from = self._get(self.config, "init_from")
         if init_from:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from recforge.families import ModelFamily, family_of_module
+from recforge.trainer.evaluation.bias import BiasAccumulator, from_data
 from recforge.trainer.evaluation.metrics import RankingEvaluator
 from recforge.trainer.sharding import (
     EmbeddingOptimizerConfig,
@@ -71,6 +72,15 @@ class EvalConfig:
     combined exactly. ``auto``: when the item table is sharded row-wise over all ranks;
     ``true``: whenever there are several ranks (rows split evenly if the table is not row-wise);
     ``false``: each rank scores the whole catalogue for its own users."""
+    group_by: list[str] = field(default_factory=list)
+    """Categorical user features to report HR/NDCG@K (smallest K, filtered) per value of, with
+    the max/min ratio between values (the bias report, docs/architecture.md §7)."""
+    category: str | None = "auto"
+    """Item feature whose values are the categories of intra-list diversity and calibration;
+    ``auto``: the categorical/list item feature with the fewest values; ``null`` (or no such
+    feature): diversity by item embeddings and no calibration."""
+    calibration_alpha: float = 0.01
+    """Smoothing of the recommended category distribution in calibration KL."""
 
     def __post_init__(self) -> None:
         if self.item_chunk < 1:
@@ -114,6 +124,7 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         self.net: torch.nn.Module | None = None
         self._plan: Any = None
         self._evaluator: RankingEvaluator | None = None
+        self._bias: BiasAccumulator | None = None
         self._item_scoring: _ItemScoring | None = None
         self.last_evaluation: dict[str, Any] | None = None
         """Metrics and segment table of the last test epoch (for reports)."""
@@ -279,6 +290,7 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         metrics = self._log_eval("test")
         out = self._out_dir()  # a collective (broadcast): every rank asks
         self.last_evaluation = {"metrics": metrics, "segments": self._evaluator.segment_table()}
+        self.last_evaluation["bias"] = self._bias.details()
         users = getattr(self.trainer.datamodule, "evaluation_users", None)
         if users is not None:
             self.last_evaluation.update(users("test"))
@@ -288,19 +300,38 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
     # --- helpers ---
 
     def _new_evaluator(self) -> RankingEvaluator:
-        dm = self.trainer.datamodule
-        return RankingEvaluator(
+        dm, cfg = self.trainer.datamodule, self.eval_config
+        evaluator = RankingEvaluator(
             num_items=dm.num_items,
             item_popularity=torch.as_tensor(dm.item_counts),
-            ks=tuple(self.eval_config.ks),
-            segments=tuple(self.eval_config.segments),
+            ks=tuple(cfg.ks),
+            segments=tuple(cfg.segments),
             device=self.device,
         )
+        if self._bias is None:  # reads the feature tables once, not every epoch
+            self._bias = from_data(
+                dm.data_dir,
+                dm.manifest,
+                dm.item_counts,
+                evaluator.segment_k,
+                cfg.category,
+                cfg.group_by,
+                cfg.calibration_alpha,
+                self.device,
+            )
+        self._bias.reset()
+        self._bias.attach(evaluator)
+        return evaluator
 
     def _start_evaluation(self) -> None:
         self._evaluator = self._new_evaluator()
         with torch.no_grad():
             self._item_scoring = self._plan_item_scoring()
+            if self._bias.needs_item_vectors:  # ILD by embeddings: a collective lookup
+                n, step = int(self.trainer.datamodule.num_items), self.eval_config.item_chunk
+                ids = [torch.arange(lo, min(n + 1, lo + step)) for lo in range(1, n + 1, step)]
+                vectors = [self.eval_item_vectors(i.to(self.device)).float() for i in ids]
+                self._bias.set_item_vectors(torch.cat(vectors))
         self.prepare_evaluation()
 
     def _shard_items(self, world: int) -> bool:
@@ -359,6 +390,7 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
             self._eval_step_chunked(batch, self._item_scoring)
             return
         scores = self.score_batch(batch)  # (B, N + 1)
+        self._bias.batch(batch["seen_values"], batch["seen_lengths"], batch.get("user_idx"))
         self._evaluator.update(
             scores.float(),
             batch["target"],
@@ -375,6 +407,8 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         seen_values = batch["seen_values"].to(self.device, torch.int64)
         seen_lengths = batch["seen_lengths"].to(self.device, torch.int64)
         weight = batch["weight"].to(self.device, torch.float64)
+        # This rank's own rows, which finish() hands the bias report (also when item-sharded).
+        self._bias.batch(seen_values, seen_lengths, batch.get("user_idx"))
         rows = None
         if sc.sharded:
             sizes = _all_gather_sizes(users.shape[0], self.device)
@@ -400,6 +434,7 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
 
     def _log_eval(self, prefix: str) -> dict[str, float]:
         metrics = self._evaluator.compute()  # all-reduced: identical on every rank
+        metrics.update(self._bias.compute())  # all-reduced too
         flat = {
             f"{prefix}/{k}": float(v) for k, v in metrics.items() if not k.startswith("segment/")
         }

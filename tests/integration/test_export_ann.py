@@ -46,10 +46,24 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = str(root / "sasrec-tiny" / "version_0" / "checkpoints" / "last.ckpt")
-    proc = run("export", "--checkpoint", ckpt, "--out", str(tmp / "hnsw"), "--ann", "hnsw", cwd=tmp)
+    # "full": the recall test requests users by the raw ids it reads from users.parquet.
+    proc = run(
+        "export",
+        "--checkpoint",
+        ckpt,
+        "--out",
+        str(tmp / "hnsw"),
+        "--ann",
+        "hnsw",
+        "--user-store",
+        "full",
+        cwd=tmp,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "HNSW index (M 32, efConstruction 80)" in proc.stdout, proc.stdout
-    proc = run("export", "--checkpoint", ckpt, "--out", str(tmp / "auto"), cwd=tmp)
+    proc = run(
+        "export", "--checkpoint", ckpt, "--out", str(tmp / "auto"), "--user-store", "full", cwd=tmp
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"tmp": tmp, "hnsw": tmp / "hnsw", "auto": tmp / "auto"}
 

@@ -219,8 +219,19 @@ def test_two_process_fit_is_one_complete_run(server: str, tracked_run: dict) -> 
         "export/manifest.json",
         "export/item_embeddings.npy",
         "export/items.parquet",
+        "export/MODEL_CARD.md",
+        "eval/bias.png",
     ):
         assert name in files, (name, sorted(files))
+    # The model card, in the artifact beside the checkpoints: every section, the data's
+    # fingerprint and the bias report that fit's test wrote (issue 17 item 4).
+    card = next((tracked_run["tmp"] / "run").rglob("export/MODEL_CARD.md")).read_text()
+    for section in ("## Model", "## Data", "## Training configuration", "## Evaluation"):
+        assert section in card, section
+    for part in ("### By history length", "gini@10", "popularity_lift@10", "## Known limits"):
+        assert part in card, part
+    data_manifest = json.loads((tracked_run["tmp"] / "data" / "manifest.json").read_text())
+    assert data_manifest["fingerprint"] in card
     plan = requests.get(
         f"{server}/get-artifact",
         params={"path": "sharding/sharding_plan.txt", "run_uuid": run_id},

@@ -52,7 +52,17 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         ckpt = root / "sasrec-tiny" / "version_0" / "checkpoints" / "last.ckpt"
-        proc = run("export", "--checkpoint", str(ckpt), "--out", str(tmp / name), cwd=tmp)
+        # "full": these tests request users by the raw ids they read from users.parquet.
+        proc = run(
+            "export",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp / name),
+            "--user-store",
+            "full",
+            cwd=tmp,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = tmp / name
         out[f"{name}-ckpt"] = ckpt
@@ -91,6 +101,7 @@ def test_export_writes_a_verified_artifact_and_passes_parity(artifacts: dict[str
         "item_embeddings.npy",
         "items.parquet",
         "users.parquet",
+        "MODEL_CARD.md",
     }
     assert manifest["parity"]["max_abs_diff"] <= 1e-4
     assert {(c["batch"], c["length"]) for c in manifest["parity"]["cases"]} >= {(1, 1), (64, 20)}

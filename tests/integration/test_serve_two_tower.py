@@ -57,6 +57,8 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         str(tmp / "export"),
         "--triton",
         str(tmp / "triton"),
+        "--user-store",
+        "full",  # the tests request users by the raw ids they read from users.parquet
         cwd=tmp,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -371,3 +373,74 @@ def test_checkpoint_of_the_previous_version_still_loads(
     assert loaded.family is family and loaded.datamodule.batch_format == family.batch_format
     fresh = load_checkpoint(artifact["ckpt"]).network.state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in loaded.network.state_dict().items())
+
+
+def test_explanations_reproduce_a_numpy_hand_computation(artifact: dict[str, Path]) -> None:
+    """``explain``: each history item's score is score(full window) - score(window without it),
+    recomputed here from the checkpoint's weights in numpy (two_tower_reference.py)."""
+    from two_tower_reference import NumpyUserTower
+
+    from recforge.serve.explain import EXPLAIN_TOP
+    from recforge.serve.recommender import Recommender
+    from recforge.trainer.export.loading import load_checkpoint
+
+    rec = Recommender.load(artifact["export"])
+    missing = {spec["name"]: spec.get("missing", []) for spec in rec.inputs[2:]}
+    tower = NumpyUserTower(load_checkpoint(artifact["ckpt"]).network, missing)
+    history = [3, 17, 42, 17, 8, 120, 55]  # item indexes; 17 twice: removed together
+    result = rec.recommend(history=[rec.item_ids[i - 1] for i in history], k=4, explain=True)
+    items = rec.item_embeddings.astype(np.float64)
+    full = tower(history)
+    assert np.allclose([full @ items[rec.index_of[i] - 1] for i in result.items], result.scores)
+    for item, because in zip(result.items, result.because):
+        v = items[rec.index_of[item] - 1]
+        expected = {
+            h: full @ v - tower([x for x in history if x != h]) @ v for h in dict.fromkeys(history)
+        }
+        top = sorted(expected, key=lambda h: -expected[h])[:EXPLAIN_TOP]
+        assert [b["item_id"] for b in because] == [rec.item_ids[h - 1] for h in top]
+        assert np.allclose([b["score"] for b in because], [expected[h] for h in top], atol=2e-5)
+    # Longer histories list EXPLAIN_TOP items; no history, nothing to explain.
+    long = rec.recommend(history=rec.item_ids[:12], explain=True)
+    assert all(len(b) == EXPLAIN_TOP for b in long.because)
+    cold = rec.recommend(user_features={"country": "Atlantis"}, k=3, explain=True)
+    assert cold.because == [[], [], []]
+    assert rec.recommend(history=[rec.item_ids[2]], k=3).because is None
+
+
+def test_diversity_zero_is_the_plain_ranking_and_exclusions(artifact: dict[str, Path]) -> None:
+    import pyarrow.parquet as pq
+
+    from recforge.serve.recommender import Recommender, RequestError
+
+    rec = Recommender.load(artifact["export"])
+    users = [rec.item_ids[7 * u : 7 * u + 8] for u in range(20)]  # histories, by original id
+    plain = rec.recommend_batch([{"history": h, "k": 10} for h in users])
+    zero = rec.recommend_batch([{"history": h, "k": 10, "diversity": 0.0} for h in users])
+    assert [(r.items, r.scores) for r in zero] == [(r.items, r.scores) for r in plain]
+    for u, base in zip(users, plain):
+        mixed = rec.recommend(history=u, k=10, diversity=0.7)
+        assert mixed.items[0] == base.items[0] and len(set(mixed.items)) == 10
+        pool = rec.recommend(history=u, k=50).items  # the MMR candidates: top max(50, 5k)
+        assert set(mixed.items) <= set(pool) and mixed.items != base.items
+    # exclude_categories equals excluding the same items by id; the artifact's values are the
+    # prepared data's, decoded.
+    items = pq.read_table(artifact["export"] / "items.parquet").to_pydict()
+    assert {"category", "tags"} <= set(items)
+    category = items["category"][rec.index_of[plain[0].items[0]] - 1][0]
+    members = [i for i, c in zip(items["item_id"], items["category"]) if category in c]
+    by_category = rec.recommend(history=users[0], k=10, exclude_categories={"category": [category]})
+    by_id = rec.recommend(history=users[0], k=10, exclude=members)
+    assert by_category.items == by_id.items and not set(by_category.items) & set(members)
+    tag = items["tags"][0][0]
+    tagged = rec.recommend(history=users[0], k=20, exclude_categories={"tags": [tag, "no-such"]})
+    assert not any(tag in items["tags"][rec.index_of[i] - 1] for i in tagged.items)
+    for bad, field in (
+        ({"exclude_categories": {"colour": ["red"]}}, "exclude_categories.colour"),
+        ({"diversity": 1.5}, "diversity"),
+        ({"diversity": True}, "diversity"),
+        ({"explain": "yes"}, "explain"),
+    ):
+        with pytest.raises(RequestError) as err:
+            rec.recommend_batch([{"history": users[0], **bad}])
+        assert err.value.field == field, err.value

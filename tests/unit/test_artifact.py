@@ -34,7 +34,9 @@ def test_a_fresh_artifact_reads_and_verifies(tmp_path: Path) -> None:
     art = _artifact(tmp_path / "a")
     manifest = read_verified_manifest(art)
     assert set(manifest["files"]) == set(artifact.REQUIRED_FILES)
-    assert artifact.check_format(manifest, art) == (artifact.SUPPORTED_MAJOR, 0)
+    assert artifact.check_format(manifest, art) == artifact.format_version(
+        artifact.FORMAT_VERSION, art
+    )
 
 
 def test_unknown_major_is_refused_naming_both_versions(tmp_path: Path) -> None:

@@ -172,6 +172,7 @@ class RankingEvaluator:
             + [f"popularity@{k}" for k in ks]
         )
         self._bounds = torch.tensor(segments, dtype=torch.int64, device=self.device)
+        self.listener: Any = None  # called with each finished row block (see finish)
         self.reset()
 
     def reset(self) -> None:
@@ -231,7 +232,7 @@ class RankingEvaluator:
             )
             for c in range(0, n1, step):
                 partial.add(c, block[:, c : c + step])
-            self.finish(partial)
+            self.finish(partial, first_row=lo)
 
     def _check_batch(
         self,
@@ -245,11 +246,8 @@ class RankingEvaluator:
         target = target.to(dev, torch.int64).flatten()
         seen_values = seen_values.to(dev, torch.int64).flatten()
         seen_lengths = seen_lengths.to(dev, torch.int64).flatten()
-        weight = (
-            (torch.ones(b, device=dev) if weight is None else weight.to(dev))
-            .to(torch.float64)
-            .flatten()
-        )
+        weight = torch.ones(b, device=dev) if weight is None else weight.to(dev)
+        weight = weight.to(torch.float64).flatten()
         if target.numel() != b or seen_lengths.numel() != b or weight.numel() != b:
             raise ValueError(
                 f"target, seen_lengths and weight need B = {b} entries, got "
@@ -320,10 +318,13 @@ class RankingEvaluator:
         )
 
     @torch.no_grad()
-    def finish(self, partial: RankingPartial, rows: slice | None = None) -> None:
+    def finish(
+        self, partial: RankingPartial, rows: slice | None = None, first_row: int = 0
+    ) -> None:
         """Add a :class:`RankingPartial` whose chunks cover the catalogue (after
         :meth:`RankingPartial.combine` when ranks scored disjoint item ranges); ``rows``: only
-        these rows of it (each rank adds its own users once)."""
+        these rows of it (each rank adds its own users once). A ``listener`` (:mod:`.bias`) then
+        gets these rows' top items, as rows ``first_row..`` of the batch it was told about."""
         self._last = None
         sel = slice(None) if rows is None else rows
         top_keys = partial.top_keys[sel]
@@ -338,6 +339,10 @@ class RankingEvaluator:
             partial.seen_lengths[sel],
             partial.weight[sel],
         )
+        if self.listener is not None:
+            self.listener(
+                first_row, top_items, valid, partial.above_filtered[sel], partial.weight[sel]
+            )
 
     def _accumulate(
         self,
@@ -351,11 +356,7 @@ class RankingEvaluator:
         active = weight > 0
         w = weight.to(self.device)
         rank, rank_f = rank.to(self.device), rank_f.to(self.device)
-        top_items, valid, active = (
-            top_items.to(self.device),
-            valid.to(self.device),
-            active.to(self.device),
-        )
+        top_items, valid, active = (t.to(self.device) for t in (top_items, valid, active))
         per_example: list[Tensor] = []
         for r in (rank, rank_f):
             rf = r.to(torch.float64)

@@ -4,8 +4,11 @@
 Files, written into one directory: ``report.md`` (every metric, and the per-segment table),
 ``metrics.json``, ``segments.csv``, ``segments.png`` (filtered HR/NDCG by history length, with
 the example count per segment) and ``popularity.png`` (mean training count of the recommended
-items at each cut-off against the catalogue mean and maximum, and coverage@K). Matplotlib runs
-headless (Agg); nothing here imports torch.
+items at each cut-off against the catalogue mean and maximum, and coverage@K); with a bias
+report (:mod:`.bias`), also ``groups.csv`` (HR/NDCG per user-group value) and ``bias.png`` (the
+Lorenz curve of recommendation counts, and the shares of training interactions, histories and
+recommendations per item-popularity bin). Matplotlib runs headless (Agg); nothing here imports
+torch.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ def write_report(
     segments: Sequence[dict[str, Any]],
     item_counts: Sequence[float],
     title: str,
+    bias: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Write the report files into ``out``; returns their paths."""
+    """Write the report files into ``out``; returns their paths. ``bias``: the bias report's
+    plot data (``BiasAccumulator.details()``); its metrics are in ``metrics``."""
     out.mkdir(parents=True, exist_ok=True)
     ks = sorted({int(k.split("@")[1].split("_")[0]) for k in metrics if k.startswith("coverage@")})
     files = [
@@ -40,10 +45,65 @@ def write_report(
         writer = csv.DictWriter(f, fieldnames=list(segments[0]) if segments else ["segment"])
         writer.writeheader()
         writer.writerows(segments)
-    files[2].write_text(_markdown(metrics, segments, ks, title))
+    groups = group_rows(metrics, (bias or {}).get("group_by", []))
+    text = _markdown(metrics, segments, ks, title)
+    files[2].write_text(text + (bias_markdown(metrics, bias, groups) if bias else ""))
     _plot_segments(files[3], segments, title)
     _plot_popularity(files[4], metrics, ks, item_counts, title)
+    if bias:
+        files.append(out / "bias.png")
+        _plot_bias(files[-1], metrics, bias, title)
+    if groups:
+        files.append(out / "groups.csv")
+        with open(files[-1], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(groups[0]))
+            writer.writeheader()
+            writer.writerows(groups)
     return files
+
+
+def group_rows(metrics: dict[str, float], features: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per (user feature, value) from the ``group/<feature>/<value>/...`` metrics."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, value in metrics.items():
+        parts = name.split("/")
+        if len(parts) == 4 and parts[0] == "group" and parts[1] in features:
+            row = rows.setdefault((parts[1], parts[2]), {"feature": parts[1], "value": parts[2]})
+            row[parts[3]] = value
+    return list(rows.values())
+
+
+def bias_markdown(
+    metrics: dict[str, float], bias: dict[str, Any], groups: Sequence[dict[str, Any]]
+) -> str:
+    """The bias section of ``report.md`` (and of an export's model card)."""
+    k = bias["k"]
+    names = [f"gini@{k}", f"coverage@{k}", f"novelty@{k}", f"ild@{k}", f"calibration_kl@{k}"]
+    names += [f"popularity_lift@{k}", "history_popularity"]
+    lines = [
+        "",
+        f"Popularity bias and filter bubble (top-{k}, filtered; diversity by "
+        f"{bias['diversity_basis']}):",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {n} | {metrics[n]:.4f} |" for n in names if n in metrics]
+    if groups:
+        keys = [key for key in groups[0] if key not in ("feature", "value")]
+        lines += ["", "Quality per user group:", "", "| feature | value | " + " | ".join(keys)]
+        lines[-1] += " |"
+        lines.append("|" + "---|" * (len(keys) + 2))
+        for row in groups:
+            cells = [f"{row.get(key, float('nan')):.4g}" for key in keys]
+            lines.append(f"| {row['feature']} | {row['value']} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for feature in bias.get("group_by", []):
+            for m in ("hr", "ndcg"):
+                name = f"group/{feature}/{m}@{k}_filtered_max_min_ratio"
+                if name in metrics:
+                    lines.append(f"- {feature}: max/min {m}@{k}_filtered = {metrics[name]:.3f}")
+    return "\n".join(lines) + "\n"
 
 
 def _num(value: float) -> float | None:
@@ -147,6 +207,42 @@ def _plot_popularity(
     right.set_ylim(0, 1)
     right.set_xlabel("K")
     right.set_title("catalogue coverage@K")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_bias(path: Path, metrics: dict[str, float], bias: dict[str, Any], title: str) -> None:
+    plt = _figure()
+    k = bias["k"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    xs, ys = zip(*bias["lorenz"]) if bias["lorenz"] else ((0.0, 1.0), (0.0, 1.0))
+    left.plot(xs, ys, color="tab:red", label="recommendations")
+    left.plot([0, 1], [0, 1], color="grey", linestyle="--", label="equal exposure")
+    left.set_xlabel("share of items (least recommended first)")
+    left.set_ylabel("share of recommendations")
+    left.set_title(f"Lorenz curve, gini@{k} = {metrics.get(f'gini@{k}', float('nan')):.3f}")
+    left.legend()
+    bins = bias["popularity_bins"]
+    width = 0.27
+    for i, (name, color) in enumerate(
+        (("train", "tab:blue"), ("history", "tab:green"), ("recommended", "tab:orange"))
+    ):
+        values = bins[name]
+        right.bar(
+            [x + (i - 1) * width for x in range(len(values))],
+            values,
+            width,
+            color=color,
+            label=name,
+        )
+    right.set_xlabel("item popularity bin (0 = most popular 10% of items)")
+    right.set_ylabel("share")
+    right.set_title(
+        f"popularity lift@{k} = {metrics.get(f'popularity_lift@{k}', float('nan')):.2f}"
+    )
+    right.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

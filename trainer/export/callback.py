@@ -57,7 +57,14 @@ class ExportAndRegister(Callback):
             if not k.startswith("segment/")
         }
         try:
-            export(path, out, run_id=logger.run_id, metrics=metrics, overwrite=True)
+            export(
+                path,
+                out,
+                run_id=logger.run_id,
+                metrics=metrics,
+                overwrite=True,
+                user_store=getattr(tracking, "export_user_store", "hashed"),
+            )
             log_and_register(
                 out,
                 logger.tracking_uri,

@@ -12,10 +12,12 @@ must keep ``--min-recall`` (:mod:`.quantize`). The artifact directory (the contr
   unit rows;
 - ``item_embeddings.npy``: (N, D) float32, row i - 1 = item index i (padding row dropped): the
   SASRec item table, or the two-tower item tower's output for every item (its features baked in);
-- ``items.parquet``: ``item_idx`` (1..N), original ``item_id``, training ``count``;
-- ``users.parquet``: ``user_id``, ``user_idx`` and ``history`` (all item indexes, oldest first:
-  the encoder reads the last L or H, ``exclude_seen`` all), plus each user input of a two-tower
-  model, so known users can be served by id;
+- ``items.parquet``: ``item_idx`` (1..N), original ``item_id``, training ``count``, and each
+  categorical/list item feature as a list of its values (:mod:`.item_categories`);
+- ``users.parquet``: ``user_id``, ``user_idx`` and ``history`` (item indexes, oldest first),
+  plus each user input of a two-tower model, so known users can be served by id; how much of it
+  is kept is ``--user-store`` (:mod:`.user_store`: salted-hash keys and the last L or H items by
+  default, nothing, or raw ids and whole histories);
 - ``user_features.json`` (two-tower models that read user features): each feature's code values
   and the numeric feature names, so a new user's raw features can be encoded when served;
 - ``item_index.hnsw.faiss`` (``--ann hnsw``, or ``--ann auto`` above 200,000 items): the faiss
@@ -43,9 +45,11 @@ from recforge.trainer.checkpoint import CheckpointError
 from recforge.trainer.export.ann import ANN_CHOICES, wants_index, write_index
 from recforge.trainer.export.encoders import user_encoder
 from recforge.trainer.export.errors import ExportError
+from recforge.trainer.export.item_categories import item_table
 from recforge.trainer.export.loading import load_checkpoint
 from recforge.trainer.export.parity import PARITY_SHAPES, parity
 from recforge.trainer.export.quantize import RECALL_K, quantize_int8
+from recforge.trainer.export.user_store import minimise
 from recforge.trainer.export.writing import (
     created_now,
     user_feature_kinds,
@@ -70,6 +74,7 @@ def export(
     ann_m: int = artifact.HNSW_M,
     ann_ef_construction: int = artifact.HNSW_EF_CONSTRUCTION,
     ann_ef_search: int = artifact.HNSW_EF_SEARCH,
+    user_store: str = artifact.DEFAULT_USER_STORE,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` into the artifact directory ``out``; returns the manifest.
 
@@ -80,6 +85,8 @@ def export(
     ``ann``: ``"hnsw"`` builds the HNSW index into the artifact, ``"auto"`` does so above
     :data:`recforge.artifact.ANN_AUTO_MIN_ITEMS` items, ``"none"`` never (see
     :mod:`recforge.trainer.export.ann`)."""
+    if user_store not in artifact.USER_STORES:
+        raise ExportError(f"user_store={user_store!r}: expected one of {artifact.USER_STORES}")
     if ann not in ANN_CHOICES:
         raise ExportError(f"ann={ann!r}: expected one of {ANN_CHOICES}")
     if quantize not in (None, "int8"):
@@ -87,8 +94,6 @@ def export(
     if not 0.0 <= min_recall <= 1.0:
         raise ExportError(f"min_recall={min_recall}: expected a recall in [0, 1]")
     import pyarrow.parquet as pq
-
-    from recforge.data.layout import ITEMS
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -115,12 +120,11 @@ def export(
             quantization = None
             if quantize == "int8":
                 quantization = _quantize(tmp, encoder, item_embeddings, min_recall)
-            items = storage.read_table(
-                storage.join(dm.data_dir, ITEMS), columns=["item_idx", "item_id", "count"]
-            )
-            pq.write_table(items.sort_by("item_idx"), tmp / artifact.ITEMS)
-            users = users_table(dm, encoder)
-            pq.write_table(users, tmp / artifact.USERS)
+            # With each item feature's values, for exclude_categories (item_categories.py).
+            pq.write_table(item_table(dm.data_dir), tmp / artifact.ITEMS)
+            users, store = minimise(users_table(dm, encoder), user_store, encoder.max_length)
+            if users is not None:
+                pq.write_table(users, tmp / artifact.USERS)
             features = user_feature_spec(dm, encoder)
             if features is not None:
                 spec = json.dumps(features, indent=1, default=str)
@@ -131,6 +135,7 @@ def export(
                 if storage.is_remote(checkpoint)
                 else str(Path(checkpoint).resolve()),
                 "run_id": run_id,
+                "user_store": store,
                 "metrics": metrics or {},
                 "dataset": {
                     "path": dm.data_dir
@@ -231,6 +236,7 @@ def run_cli(args: Any) -> int:
             quantize=args.quantize,
             min_recall=args.min_recall,
             ann=getattr(args, "ann", "auto"),
+            user_store=getattr(args, "user_store", artifact.DEFAULT_USER_STORE),
         )
         print(
             f"exported {checkpoint} -> {args.out} "

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from recforge import artifact
 from recforge.data import storage
 from recforge.trainer.export.errors import ExportError
+from recforge.trainer.export.model_card import write_model_card
 
 OPSET = 18
 
@@ -78,6 +79,7 @@ def write_manifest(
         **(checks or {}),
         "model_config": _plain(encoder.config),
     }
+    write_model_card(directory, manifest)  # before hashing: the card is one of the files
     manifest["files"] = artifact.hash_files(directory)
     artifact.write_manifest(directory, manifest)
     return manifest

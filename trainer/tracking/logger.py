@@ -70,6 +70,9 @@ class TrackingConfig:
     ``mlflow.onnx`` and register it under this name. ``null``: no export."""
     registered_model_alias: str = "champion"
     """Alias set on the new model version, so ``recforge serve models:/NAME@ALIAS`` finds it."""
+    export_user_store: str = "hashed"
+    """Per-user data in that export (``recforge export --user-store``): ``hashed`` (salted-hash
+    keys, histories cut to what the model reads), ``none`` or ``full``."""
     fallback_to_local: bool = False
     """If the tracking server is unreachable at start: ``false`` stops with an error before
     training; ``true`` logs to the embedded local store instead, saying so."""
@@ -84,6 +87,11 @@ class TrackingConfig:
         if self.system_metrics_interval <= 0:
             raise ValueError(
                 f"mlflow.system_metrics_interval: must be > 0, got {self.system_metrics_interval}"
+            )
+        if self.export_user_store not in ("none", "hashed", "full"):
+            raise ValueError(
+                f"mlflow.export_user_store: {self.export_user_store!r}; expected none, hashed "
+                "or full"
             )
         if self.probe_timeout <= 0:
             raise ValueError(f"mlflow.probe_timeout: must be > 0, got {self.probe_timeout}")

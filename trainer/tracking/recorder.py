@@ -210,7 +210,12 @@ class MLflowRecorder(L.Callback):
         title = f"{self.logger.experiment_name} test"
         with tempfile.TemporaryDirectory() as tmp:
             files = write_report(
-                Path(tmp), result["metrics"], result["segments"], list(dm.item_counts), title
+                Path(tmp),
+                result["metrics"],
+                result["segments"],
+                list(dm.item_counts),
+                title,
+                bias=result.get("bias"),
             )
             for path in files:
                 self.logger.log_artifact(path, "eval")
