@@ -144,6 +144,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--ef-search", default="128,512,2048", help="HNSW efSearch values to sweep")
     parser.add_argument(
+        "--cell-seconds",
+        type=float,
+        default=10.0,
+        help="seconds per HTTP throughput cell (benchmarks/serve_throughput.py; 0: none)",
+    )
+    parser.add_argument(
+        "--only-throughput",
+        action="store_true",
+        help="only the throughput tables (model vs HTTP, batching, workers)",
+    )
+    parser.add_argument(
         "--only-large", action="store_true", help="only the SASRec --large rows (exact, HNSW)"
     )
     args = parser.parse_args()
@@ -159,6 +170,9 @@ def main() -> None:
     big = f"{args.large / 1e6:g}M"
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only_throughput:
+            throughput(Path(tmp), rng, args.cell_seconds)
+            return
         for name, (_network, encoder) in models().items():
             if args.only_large and name != "SASRec":
                 continue
@@ -265,6 +279,23 @@ def main() -> None:
             print(note)
         if not args.only_large:
             load_test(Path(tmp) / "SASRec-float", args.clients, args.load_seconds)
+            if args.cell_seconds > 0:
+                throughput(Path(tmp), rng, args.cell_seconds)
+
+
+def throughput(tmp: Path, rng: np.random.Generator, seconds: float) -> None:
+    """Model vs HTTP throughput per model shape (benchmarks/serve_throughput.py), full-length
+    histories (L 200 for SASRec, H 50 for the two-tower), k 10."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import serve_throughput
+
+    for name, (_network, encoder) in models().items():
+        path = tmp / f"{name}-throughput"
+        if not path.exists():
+            build_artifact(path, encoder, encoder.item_vectors())
+        histories = rng.integers(1, NUM_ITEMS + 1, (256, encoder.max_length))
+        bodies = [{"history": h.tolist(), "k": 10} for h in histories]
+        serve_throughput.report(name, path, bodies, seconds)
 
 
 def load_test(artifact: Path, clients: int, seconds: float) -> None:

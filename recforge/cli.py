@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="most-popular and Markov baselines through the evaluation code",
         add_help=False,
     )
+    sub.add_parser(
+        "tune",
+        help="Optuna hyperparameter search over `recforge fit` runs (--help for its options)",
+        add_help=False,
+    )
     _add_export_parser(sub)
     serve = sub.add_parser(
         "serve", help="HTTP recommendations from an exported artifact (onnxruntime, CPU)"
@@ -76,6 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="recommendation/inference requests in flight at most; more get 503 with "
         "Retry-After at once (health, metrics, metadata exempt; 0: no limit; default 64)",
+    )
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        help="dynamic batching: concurrent recommendation requests answered by one onnxruntime "
+        "call and one top-k, at most this many (1: no batching; default 64)",
+    )
+    serve.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=500,
+        help="how long a batch that is not full waits for more requests (default 500 µs)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes on the one port (SO_REUSEPORT); a reload reaches all (default 1)",
     )
     serve.add_argument(
         "--access-log",
@@ -245,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         from recforge.trainer.evaluation.baselines import main as baselines_main
 
         return baselines_main(argv[1:])
+    if argv and argv[0] == "tune":
+        from recforge.trainer.tuning.study import main as tune_main
+
+        return tune_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "data":
         from recforge.data import cli as data_cli

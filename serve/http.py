@@ -17,17 +17,21 @@ accepts and every status each route answers (:mod:`recforge.serve.openapi`). At 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import threading
 import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from recforge.artifact import MODEL, ArtifactError
+from recforge.serve.batcher import Batcher
 from recforge.serve.body import BodyGate
 from recforge.serve.errors import ApiError, error_responses, install_error_handlers
 from recforge.serve.explain import EXPLAIN_TOP
@@ -41,6 +45,24 @@ from recforge.serve.recommender import (
     RequestError,
     UnknownUserError,
 )
+from recforge.serve.workers import Cluster, listening_socket, serve_workers
+
+try:  # a pinned serve dependency; the standard library's encoder if an install lacks it
+    import orjson
+
+    def _dumps(payload: Any) -> bytes:
+        try:
+            return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError:
+            # Echoed unknown history ids orjson refuses (integers beyond 64 bits, lone
+            # surrogates): the standard library escapes them into valid JSON.
+            return json.dumps(payload, separators=(",", ":")).encode()
+
+except ImportError:  # pragma: no cover
+
+    def _dumps(payload: Any) -> bytes:
+        return json.dumps(payload, separators=(",", ":")).encode()
+
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +71,9 @@ ItemId = JsonInt | StrictStr
 FeatureValue = StrictStr | StrictInt | StrictFloat | StrictBool | list[ItemId]
 MAX_HISTORY = 10_000
 MAX_CONCURRENCY = 64
+MAX_BATCH_SIZE = 64  # dynamic batching: requests per onnxruntime call at most (1: off)
+MAX_QUEUE_DELAY_US = 500  # how long a batch that is not full waits for more requests
+JSON = "application/json"
 
 
 class RecommendRequest(BaseModel):
@@ -143,6 +168,7 @@ class HealthResponse(BaseModel):
     model: ModelInfo
     items: int
     reloads: int
+    worker: int = Field(..., description="process id of the worker that answered (--workers)")
 
 
 class ReloadResponse(BaseModel):
@@ -217,6 +243,9 @@ def create_app(
     model_name: str = "recforge",
     ef_search: int = 512,
     max_concurrency: int = MAX_CONCURRENCY,
+    max_batch_size: int = MAX_BATCH_SIZE,
+    max_queue_delay_us: int = MAX_QUEUE_DELAY_US,
+    cluster: Cluster | None = None,
 ) -> FastAPI:
     if max_concurrency < 0:
         raise ValueError(f"max_concurrency must be >= 0 (0: no limit), not {max_concurrency}")
@@ -228,7 +257,15 @@ def create_app(
         '`{"error": message, "code": kind, "field": path or null}`.',
         version="1",
     )
-    app.state.holder, app.state.metrics = holder, metrics
+    # Batching off (1) keeps the route thread pool: one recommend_batch call per HTTP request.
+    batcher = (
+        Batcher(max_batch_size, max_queue_delay_us, lambda: metrics.active)
+        if max_batch_size > 1
+        else None
+    )
+    app.state.holder, app.state.metrics, app.state.batcher = holder, metrics, batcher
+    if cluster is not None:
+        cluster.start(holder)
     # Outermost last: Instrument sees every answer (503s and body errors too); the limit
     # answers before any body is read.
     app.add_middleware(BodyGate, max_body_bytes=max_body_bytes)
@@ -243,11 +280,15 @@ def create_app(
             "sha256": model.manifest["files"][MODEL][:12],
         }
 
-    def answer(
+    async def answer(
         model: Recommender, requests: list[RecommendRequest], batch: bool = False
     ) -> list[dict[str, Any]]:
+        dumped = [r.model_dump() for r in requests]
         try:
-            results = model.recommend_batch([r.model_dump() for r in requests])
+            if batcher is None:
+                results = await run_in_threadpool(model.recommend_batch, dumped)
+            else:
+                results = await batcher.submit(model, dumped)
         except UnknownUserError as exc:
             raise ApiError(404, str(exc), "unknown_user", "user_id") from None
         except NoUserStoreError as exc:
@@ -257,7 +298,8 @@ def create_app(
         fallbacks = sum(r.fallback for r in results)
         if fallbacks:
             metrics.fallbacks.inc(fallbacks)
-        return [{**r.as_dict(), "model": describe(model)} for r in results]
+        info = describe(model)
+        return [{**r.as_dict(), "model": info} for r in results]
 
     body_errors = error_responses(400, 413, 415, 422)
     limited = error_responses(503)
@@ -273,8 +315,8 @@ def create_app(
             **limited,
         },
     )
-    def recommend(body: RecommendRequest) -> dict[str, Any]:
-        return answer(holder.current, [body])[0]
+    async def recommend(body: RecommendRequest) -> Response:
+        return Response(_dumps((await answer(holder.current, [body]))[0]), media_type=JSON)
 
     @app.post(
         "/v1/recommend:batch",
@@ -282,8 +324,9 @@ def create_app(
         response_model=None,
         responses={200: {"model": BatchResponse}, **error_responses(404), **body_errors, **limited},
     )
-    def recommend_batch(body: BatchRequest) -> dict[str, Any]:
-        return {"results": answer(holder.current, body.requests, batch=True)}
+    async def recommend_batch(body: BatchRequest) -> Response:
+        results = await answer(holder.current, body.requests, batch=True)
+        return Response(_dumps({"results": results}), media_type=JSON)
 
     @app.get("/healthz", summary="Status, model and reloads", response_model=HealthResponse)
     def healthz() -> dict[str, Any]:
@@ -293,6 +336,7 @@ def create_app(
             "model": describe(model),
             "items": model.num_items,
             "reloads": holder.reloads,
+            "worker": os.getpid(),
         }
 
     @app.get(
@@ -316,7 +360,8 @@ def create_app(
     )
     def reload(body: ReloadRequest | None = None) -> dict[str, Any]:
         try:
-            model = holder.reload(body.source if body else None)
+            source = body.source if body else None
+            model = cluster.reload(holder, source) if cluster else holder.reload(source)
         except (ArtifactError, OSError, ValueError) as exc:
             raise ApiError(
                 409,
@@ -338,19 +383,20 @@ def _field(exc: RequestError, batch: bool) -> str | None:
     return f"requests.{exc.request}.{field}"
 
 
-def install_sighup(app: FastAPI) -> None:
-    """SIGHUP reloads the model (only from the main thread, where signal handlers may be set)."""
+def install_sighup(app: FastAPI, cluster: Cluster | None = None) -> None:
+    """SIGHUP reloads the model (only from the main thread, where signal handlers may be set);
+    with workers, every worker's."""
     holder: ModelHolder = app.state.holder
 
     def handler(signum: int, frame: Any) -> None:
-        threading.Thread(target=_reload_logged, args=(holder,), daemon=True).start()
+        threading.Thread(target=_reload_logged, args=(holder, cluster), daemon=True).start()
 
     signal.signal(signal.SIGHUP, handler)
 
 
-def _reload_logged(holder: ModelHolder) -> None:
+def _reload_logged(holder: ModelHolder, cluster: Cluster | None) -> None:
     try:
-        holder.reload()
+        cluster.reload(holder, None) if cluster else holder.reload()
         log.info("reloaded %s (SIGHUP)", holder.source)
     except Exception as exc:
         log.error("reload on SIGHUP refused, still serving the old model: %s", exc)
@@ -359,23 +405,50 @@ def _reload_logged(holder: ModelHolder) -> None:
 def main(args: Any) -> int:
     import sys
 
-    import uvicorn
-
+    workers = getattr(args, "workers", 1)
+    if workers > 1:
+        return serve_workers(args, workers, _worker_main)
     try:
-        app = create_app(
-            args.source,
-            threads=args.threads,
-            index=args.index,
-            tracking_uri=args.tracking_uri,
-            model_name=args.model_name,
-            ef_search=args.ef_search,
-            max_concurrency=getattr(args, "max_concurrency", MAX_CONCURRENCY),
-        )
+        app = _app(args)
     except (ArtifactError, OSError, ValueError) as exc:
         print(f"recforge serve: error: {exc}", file=sys.stderr)
         return 2
     install_sighup(app)
     print(f"serving {args.source} on http://{args.host}:{args.port} (docs: /docs)", flush=True)
+    return _run(app, args)
+
+
+def _app(args: Any, cluster: Cluster | None = None) -> FastAPI:
+    return create_app(
+        cluster.state()["source"] if cluster else args.source,
+        threads=args.threads,
+        index=args.index,
+        tracking_uri=args.tracking_uri,
+        model_name=args.model_name,
+        ef_search=args.ef_search,
+        max_concurrency=getattr(args, "max_concurrency", MAX_CONCURRENCY),
+        max_batch_size=getattr(args, "max_batch_size", MAX_BATCH_SIZE),
+        max_queue_delay_us=getattr(args, "max_queue_delay_us", MAX_QUEUE_DELAY_US),
+        cluster=cluster,
+    )
+
+
+def _worker_main(options: dict[str, Any], cluster_dir: str, workers: int) -> None:
+    """One of `--workers N` (a spawned process): the app on its own SO_REUSEPORT socket."""
+    import argparse
+
+    logging.basicConfig(level=logging.WARNING)
+    args = argparse.Namespace(**options)
+    cluster = Cluster(cluster_dir, workers)
+    app = _app(args, cluster)
+    install_sighup(app, cluster)
+    sys_exit = _run(app, args, listening_socket(args.host, args.port))
+    raise SystemExit(sys_exit)
+
+
+def _run(app: FastAPI, args: Any, sock: Any = None) -> int:
+    import uvicorn
+
     # uvicorn's access log, when asked for, is one line per request: client address, method,
     # path (with query string) and status; never a request body (nor do our own logs carry one).
     access_log = bool(getattr(args, "access_log", False))
@@ -385,5 +458,5 @@ def main(args: Any) -> int:
     if access_log:  # after Config set every uvicorn logger to log_level
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 1  # e.g. the port is taken (uvicorn logged why)

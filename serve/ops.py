@@ -18,7 +18,8 @@ lock: nothing awaits between its test and its increment.
 
 :class:`ServeMetrics` holds the collectors in a registry of its own (one per app, so several
 apps in one process do not collide); ``GET /metrics`` exposes it in the Prometheus text format.
-Single process only (no ``PROMETHEUS_MULTIPROC_DIR``): `recforge serve` runs one worker.
+Per process (no ``PROMETHEUS_MULTIPROC_DIR``): with ``--workers N`` each worker
+answers with its own counts.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class ServeMetrics:
             buckets=BUCKETS,
             registry=registry,
         )
+        # The same count as a plain int, read by the batcher's thread (serve/batcher.py) to wait
+        # for more requests only while others are in flight.
+        self.active = 0
         self.in_flight = Gauge(
             "recforge_http_requests_in_flight",
             "requests of the limited (work) routes being served now",
@@ -166,11 +170,13 @@ class ConcurrencyLimit:
             await error.response()(scope, receive, send)
             return
         self.in_flight += 1
+        self.metrics.active += 1
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+            self.metrics.active -= 1
             self.metrics.in_flight.dec()
 
 

@@ -108,6 +108,11 @@ class RecforgeCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(cls() for cls in self.post_fit_callbacks)
+        if os.environ.get("RECFORGE_TUNE_TRIAL"):
+            # A `recforge tune` trial: report the metric per epoch and stop when pruned.
+            from recforge.trainer.tuning.report import reporter_from_env
+
+            trainer.callbacks.append(reporter_from_env())
         if self._get(self.config_init, "reset_embedding_optimizer", False):
             if not hasattr(trainer.strategy, "reset_embedding_optimizer"):
                 raise ValueError(
@@ -145,7 +150,10 @@ class RecforgeCLI(LightningCLI):
             tracking.run_name
             or f"{experiment}-{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         )
-        logger = MLflowLogger(uri, experiment, run_name, artifact_location=artifact_location)
+        tags = {"mlflow.parentRunId": tracking.parent_run_id} if tracking.parent_run_id else None
+        logger = MLflowLogger(
+            uri, experiment, run_name, artifact_location=artifact_location, tags=tags
+        )
         try:
             run_id = logger.run_id  # creates the experiment and the run now, before any training
         except Exception as exc:

@@ -65,6 +65,9 @@ class TrackingConfig:
     artifact store: credentials from the AWS variables, a non-AWS endpoint from
     ``MLFLOW_S3_ENDPOINT_URL``). ``null``: the store's default. An existing experiment keeps its
     own location."""
+    parent_run_id: str | None = None
+    """Make this run a child of that MLflow run (tag ``mlflow.parentRunId``): ``recforge tune``
+    nests each trial under its study's run. ``null``: a top-level run."""
     registered_model_name: str | None = None
     """After ``fit`` (and its test), export the best checkpoint to ONNX, log it with
     ``mlflow.onnx`` and register it under this name. ``null``: no export."""

@@ -1,0 +1,188 @@
+"""Serving throughput features for real: dynamic batching answers exactly what unbatched serving
+answers (in process through the batcher, and over HTTP under concurrency, errors included), and
+`--workers 2` serves one port from two processes that a hot reload (HTTP, or SIGHUP to the
+parent) reaches both of. Artifacts: random-weight SASRecs of the ml1m shape, built as
+`benchmarks/serve_latency.py` builds them (no training)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+from serve_fixtures import ENV, RECFORGE
+from test_serve_ops import NUM_ITEMS, artifacts  # noqa: F401  (the module fixture)
+
+from recforge.serve.local import free_port, wait_healthy
+
+
+def mixed_requests(n: int, seed: int = 0) -> list[dict]:
+    """Known users, histories of every length (empty: the fallback), k, exclusions, diversity,
+    explanations (short histories: explaining costs a model run per history item)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        request: dict = {"k": int(rng.integers(1, 40))}
+        if i % 7 == 0:
+            request["user_id"] = 1
+        else:
+            request["history"] = rng.integers(1, NUM_ITEMS + 1, int(rng.integers(0, 201))).tolist()
+        if i % 3 == 0:
+            request["exclude"] = rng.integers(1, NUM_ITEMS + 1, 20).tolist()
+        if i % 4 == 0:
+            request["exclude_seen"] = False
+        if i % 5 == 0:
+            request["diversity"] = 0.5
+        if i % 11 == 0:
+            request["history"] = rng.integers(1, NUM_ITEMS + 1, 5).tolist()
+            request["explain"] = True
+        out.append(request)
+    return out
+
+
+def same(batched, alone) -> None:
+    assert batched.items == alone.items
+    np.testing.assert_allclose(batched.scores, alone.scores, rtol=1e-5, atol=1e-5)
+    assert batched.fallback == alone.fallback
+    assert batched.unknown_history_items == alone.unknown_history_items
+    assert (batched.because is None) == (alone.because is None)
+
+
+def test_batcher_answers_equal_each_request_alone(artifacts: dict[str, Path]) -> None:  # noqa: F811
+    from recforge.serve.batcher import Batcher
+    from recforge.serve.recommender import Recommender, RequestError, UnknownUserError
+
+    model = Recommender.load(artifacts["first"])
+    batcher = Batcher(max_batch_size=16, max_queue_delay_us=20_000)
+    requests_ = mixed_requests(60)
+    bad = [{"history": [1], "k": 0}, {"user_id": 999_999}]  # 422 and 404 amid good ones
+
+    async def fire() -> list:
+        jobs = [batcher.submit(model, [r]) for r in requests_]
+        jobs += [batcher.submit(model, [r]) for r in bad]
+        jobs.append(batcher.submit(model, requests_[:5]))  # a :batch body is one job
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    try:
+        answers = asyncio.run(fire())
+    finally:
+        batcher.close()
+    assert batcher.batches > 0 and batcher.batched_requests > batcher.batches  # merged calls
+    for request, answer in zip(requests_, answers):
+        same(answer[0], model.recommend(**request))
+    assert isinstance(answers[len(requests_)], RequestError)
+    assert isinstance(answers[len(requests_) + 1], UnknownUserError)
+    for request, answer in zip(requests_[:5], answers[-1]):
+        same(answer, model.recommend(**request))
+
+
+def _serve(source: Path, cwd: Path, *args: str) -> tuple[str, subprocess.Popen, Path]:
+    port = free_port()
+    log = cwd / f"serve-{port}.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [RECFORGE, "serve", str(source), "--port", str(port), *args],
+            cwd=cwd,
+            env=ENV,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url + "/healthz", timeout_s=90, proc=proc)
+    except RuntimeError as exc:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise RuntimeError(f"{exc}: {log.read_text()[-3000:]}") from None
+    return url, proc, log
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_http_batched_equals_unbatched_under_concurrency(artifacts: dict[str, Path]) -> None:  # noqa: F811
+    from recforge.serve.recommender import Recommender
+
+    model = Recommender.load(artifacts["first"])
+    bodies = mixed_requests(80, seed=1) + [{"history": [1], "k": 0}, {"user_id": 424242}]
+    url, proc, log = _serve(artifacts["first"], artifacts["tmp"], "--max-queue-delay-us", "5000")
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(
+                pool.map(lambda b: requests.post(url + "/v1/recommend", json=b, timeout=60), bodies)
+            )
+    finally:
+        _stop(proc)
+    for body, answer in zip(bodies[:-2], answers):
+        assert answer.status_code == 200, answer.text
+        alone = model.recommend(**body)
+        got = answer.json()
+        assert [i["item_id"] for i in got["items"]] == alone.items
+        np.testing.assert_allclose([i["score"] for i in got["items"]], alone.scores, rtol=1e-5)
+        assert got["fallback"] == alone.fallback
+    assert answers[-2].status_code == 422 and answers[-2].json()["field"] == "k"
+    assert answers[-1].status_code == 404 and answers[-1].json()["code"] == "unknown_user"
+
+
+def test_two_workers_reload_reaches_both(artifacts: dict[str, Path]) -> None:  # noqa: F811
+    sha = {
+        name: requests_sha(artifacts[name]) for name in ("first", "second")
+    }  # manifest sha256[:12]
+    url, proc, log = _serve(artifacts["first"], artifacts["tmp"], "--workers", "2")
+    try:
+        deadline = time.monotonic() + 60
+        workers: set[int] = set()
+        while len(workers) < 2 and time.monotonic() < deadline:  # both up (each its own load)
+            health = requests.get(url + "/healthz", timeout=10).json()
+            workers.add(health["worker"])
+        assert len(workers) == 2, log.read_text()[-2000:]
+        body = {"history": list(range(1, 150)), "k": 10}
+        with ThreadPoolExecutor(8) as pool:
+            load = [
+                pool.submit(
+                    lambda: [
+                        requests.post(url + "/v1/recommend", json=body, timeout=60).status_code
+                        for _ in range(15)
+                    ]
+                )
+                for _ in range(6)
+            ]
+            reload = requests.post(
+                url + "/v1/admin/reload", json={"source": str(artifacts["second"])}, timeout=120
+            )
+            statuses = [s for f in load for s in f.result()]
+        assert reload.status_code == 200, reload.text
+        assert reload.json()["model"]["sha256"] == sha["second"]
+        assert statuses and set(statuses) == {200}
+        seen = [requests.get(url + "/healthz", timeout=10).json() for _ in range(40)]
+        assert {h["worker"] for h in seen} == workers
+        assert {h["model"]["sha256"] for h in seen} == {sha["second"]}
+        # SIGHUP to the parent: every worker reloads (the source is now the second artifact).
+        os.kill(proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen = [requests.get(url + "/healthz", timeout=10).json() for _ in range(20)]
+            if {h["worker"] for h in seen} == workers and all(h["reloads"] == 2 for h in seen):
+                break
+            time.sleep(0.2)
+        assert all(h["reloads"] == 2 for h in seen), seen
+        assert {h["model"]["sha256"] for h in seen} == {sha["second"]}
+    finally:
+        _stop(proc)
+    assert "Traceback" not in log.read_text()
+
+
+def requests_sha(directory: Path) -> str:
+    import json
+
+    from recforge.artifact import MODEL
+
+    return json.loads((directory / "manifest.json").read_text())["files"][MODEL][:12]

@@ -1,0 +1,491 @@
+"""``recforge tune``: an Optuna study whose trials are ``recforge fit`` runs.
+
+Each trial is a ``recforge fit`` subprocess of the base config plus the sampled values as dotted
+command-line overrides. A subprocess rather than a fit in this process: a trial's memory, threads
+and global state (seeds, Lightning, TorchRec's process group) end with it, a crashed trial fails
+alone, and ``--jobs J`` is J processes. The trial reports its validation metric per epoch to the
+study and prunes itself (``report.py``); this process samples (TPE, seeded), waits, and tells
+the study the trial's best epoch, or that it was pruned or failed.
+
+The study lives in an Optuna storage (default: ``optuna.db`` beside the MLflow sqlite store), so a
+tuner that is killed and started again with the same study name continues: COMPLETE and PRUNED
+trials count towards ``--trials``. One MLflow parent run per study (its id is kept in the study,
+so a restart reopens it) holds every trial as a child run, the best config as YAML and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from recforge.trainer.tuning.report import ENV, PRUNED_ATTR, RUN_ATTR
+from recforge.trainer.tuning.space import Param, SpaceError, cli_value, load_space, set_dotted
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRIC = "val/ndcg@10_filtered"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class TrialFailed(RuntimeError):
+    """A trial's ``recforge fit`` exited with an error or reported nothing."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recforge tune",
+        description="Optuna search (TPE, pruning on the validation metric per epoch) over "
+        "`recforge fit` runs. Arguments it does not know (e.g. --trainer.max_epochs 5) are "
+        "passed to every trial's fit.",
+    )
+    parser.add_argument("--config", required=True, help="the base `recforge fit` config")
+    parser.add_argument("--space", required=True, help="search-space YAML (README)")
+    parser.add_argument(
+        "--trials", type=int, required=True, help="COMPLETE + PRUNED trials the study ends with"
+    )
+    parser.add_argument(
+        "--storage",
+        help="Optuna storage URL (default: sqlite:///<dir of the MLflow sqlite db, else runs>/"
+        "optuna.db)",
+    )
+    parser.add_argument(
+        "--study-name", help="default: <experiment>-<space file name>; same name: continue"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="trials run at once (processes)")
+    parser.add_argument("--timeout", type=float, help="seconds; no new trial starts after it")
+    parser.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    parser.add_argument(
+        "--pruner-startup-trials",
+        type=int,
+        default=5,
+        help="median: no pruning until this many trials completed (default 5)",
+    )
+    parser.add_argument(
+        "--pruner-warmup-epochs",
+        type=int,
+        default=0,
+        help="median: a trial is not pruned in its first N epochs (default 0)",
+    )
+    parser.add_argument("--seed", type=int, help="TPE seed (default: the config's seed_everything)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"default {DEFAULT_METRIC}")
+    parser.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args, fit_args = build_parser().parse_known_args(argv)
+    if args.trials < 1 or args.jobs < 1:
+        print("recforge tune: error: --trials and --jobs must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        space = load_space(args.space)
+        base = _read_yaml(args.config)
+    except SpaceError as exc:
+        print(f"recforge tune: error: {exc}", file=sys.stderr)
+        return 2
+    return Tuner(args, fit_args, space, base).run()
+
+
+def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
+    """The pruner ``spec`` describes; the tuner and every trial build the same one."""
+    if spec["name"] == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=spec["n_startup_trials"], n_warmup_steps=spec["n_warmup_steps"]
+        )
+    if spec["name"] == "hyperband":
+        # Resource = epochs; max_resource "auto" is the epochs of the first finished trial.
+        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def make_storage(url: str, heartbeat: bool = True) -> Any:
+    """An RDB storage for SQLAlchemy URLs (heartbeats, so trials of a killed tuner are failed
+    instead of staying RUNNING forever), anything else as Optuna reads it (e.g. journal)."""
+    if not url.startswith(("sqlite:", "postgresql", "mysql")):
+        return url
+    # Parallel trials write to one sqlite file: wait for its lock instead of failing at 5 s.
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
+    extra = {"heartbeat_interval": 10, "grace_period": 60} if heartbeat else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
+
+
+class Tuner:
+    def __init__(
+        self, args: argparse.Namespace, fit_args: list[str], space: list[Param], base: dict
+    ) -> None:
+        from recforge.trainer.tracking.logger import TrackingConfig, resolve_tracking
+
+        self.args, self.fit_args, self.space, self.base = args, fit_args, space, base
+        mlflow_section = base.get("mlflow") or {}
+        uri = _passed(fit_args, "--mlflow.tracking_uri") or mlflow_section.get("tracking_uri")
+        self.tracking_uri, self.artifact_location = resolve_tracking(
+            TrackingConfig(
+                tracking_uri=uri, artifact_location=mlflow_section.get("artifact_location")
+            )
+        )
+        self.experiment = (
+            _passed(fit_args, "--mlflow.experiment_name")
+            or mlflow_section.get("experiment_name")
+            or _default_experiment(base, fit_args)
+        )
+        self.study_name = args.study_name or f"{self.experiment}-{Path(args.space).stem}"
+        if args.storage:
+            self.storage_url = args.storage
+        else:
+            # Beside the MLflow sqlite store (one place to back up), else under runs/.
+            where = (
+                Path(self.tracking_uri[len("sqlite:///") :]).parent
+                if self.tracking_uri.startswith("sqlite:///")
+                else Path("runs").resolve()
+            )
+            where.mkdir(parents=True, exist_ok=True)
+            self.storage_url = f"sqlite:///{where / 'optuna.db'}"
+        seed = args.seed if args.seed is not None else base.get("seed_everything")
+        self.seed = int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else 0
+        self.pruner_spec = {
+            "name": args.pruner,
+            "n_startup_trials": args.pruner_startup_trials,
+            "n_warmup_steps": args.pruner_warmup_epochs,
+        }
+        self.out_dir = Path("runs").resolve() / f"tune-{self.study_name}"
+        self.last_failure: str | None = None
+
+    def run(self) -> int:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Heartbeats are marked experimental; the warning is nothing a user acts on.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=make_storage(self.storage_url),
+            pruner=make_pruner(self.pruner_spec),
+            direction=self.args.direction,
+            load_if_exists=True,
+        )
+        # Offset by the trials already in the study: a restarted tuner with the same seed would
+        # otherwise draw its first (random, start-up) trials again. Still reproducible.
+        study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(self.tracking_uri)
+        self.parent = self._parent_run(study)
+        done = len(study.get_trials(deepcopy=False, states=COUNTED))
+        remaining = max(0, self.args.trials - done)
+        log.info(
+            "tune: study %r in %s: %d trial(s) done, %d to run (%d at a time); parent run %s",
+            self.study_name,
+            _redact(self.storage_url),
+            done,
+            remaining,
+            self.args.jobs,
+            self.parent,
+        )
+        status = "FINISHED"
+        try:
+            if remaining:
+                study.optimize(
+                    self._objective,
+                    n_trials=remaining,
+                    n_jobs=self.args.jobs,
+                    timeout=self.args.timeout,
+                    catch=(TrialFailed,),
+                    # Another tuner on the same study counts too: stop at --trials in all.
+                    callbacks=[optuna.study.MaxTrialsCallback(self.args.trials, states=COUNTED)],
+                )
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except Exception:
+            status = "FAILED"
+            raise
+        finally:
+            self._summarise(study)
+            self.client.set_terminated(self.parent, status)
+        if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            print(
+                f"recforge tune: error: no trial completed (trial logs in {self.out_dir})"
+                + (f"; last failure: {self.last_failure}" if self.last_failure else ""),
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+
+    def _parent_run(self, study: optuna.Study) -> str:
+        """The study's MLflow parent run: reopened after a restart, else created."""
+        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        if run_id:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                return run_id
+            except Exception as exc:  # deleted run or another tracking store: start a new one
+                log.warning("tune: parent run %s not reopened (%s); starting one", run_id, exc)
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(
+                self.experiment, artifact_location=self.artifact_location
+            )
+        )
+        run = self.client.create_run(
+            experiment_id,
+            run_name=f"{self.study_name}-tune",
+            tags={"recforge.tune.study": self.study_name, "recforge.tune.role": "parent"},
+        )
+        run_id = run.info.run_id
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        for key, value in {
+            "tune.config": self.args.config,
+            "tune.storage": _redact(self.storage_url),
+            "tune.sampler": f"TPE(seed={self.seed})",
+            "tune.pruner": json.dumps(self.pruner_spec),
+            "tune.metric": self.args.metric,
+            "tune.direction": self.args.direction,
+            "tune.fit_args": " ".join(self.fit_args),
+        }.items():
+            self.client.log_param(run_id, key, value[:6000])
+        self.client.log_artifact(run_id, self.args.space, "tune")
+        self.client.log_artifact(run_id, self.args.config, "tune")
+        return run_id
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        params = {p.key: p.suggest(trial) for p in self.space}
+        name = f"trial-{trial.number}"
+        command = [
+            sys.executable,
+            "-m",
+            "recforge",
+            "fit",
+            "--config",
+            self.args.config,
+            "--mlflow.tracking_uri",
+            self.tracking_uri,
+            "--mlflow.experiment_name",
+            self.experiment,
+            "--mlflow.run_name",
+            f"{self.study_name}-{name}",
+            "--mlflow.parent_run_id",
+            self.parent,
+            # Trials are compared on validation; testing and registering is for the winner.
+            "--mlflow.registered_model_name",
+            "null",
+            "--test_after_fit",
+            "false",
+            # One directory per trial: parallel trials would race for the next version_N.
+            "--trainer.logger.init_args.save_dir",
+            str(self.out_dir.parent),
+            "--trainer.logger.init_args.name",
+            self.out_dir.name,
+            "--trainer.logger.init_args.version",
+            name,
+            *self.fit_args,
+        ]
+        for key, value in params.items():
+            command += [f"--{key}", cli_value(value)]
+        env = {
+            **os.environ,
+            ENV: json.dumps(
+                {
+                    "storage": self.storage_url,
+                    "study_name": self.study_name,
+                    # Optuna has no public id of a trial; the child opens it with Trial(study, id).
+                    "trial_id": trial._trial_id,
+                    "pruner": self.pruner_spec,
+                    "monitor": self.args.metric,
+                }
+            ),
+        }
+        log_path = self.out_dir / f"{name}.log"
+        log.info("tune: %s %s", name, " ".join(f"{k}={v}" for k, v in params.items()))
+        with open(log_path, "w") as out:
+            rc = subprocess.run(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            ).returncode
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        child = frozen.user_attrs.get(RUN_ATTR)
+        if child:
+            self.client.log_artifact(child, str(log_path), "tune")
+        if rc != 0:
+            self._tag(child, "FAIL")
+            tail = log_path.read_text()[-1500:]
+            self.last_failure = f"{name}: recforge fit exited {rc} ({log_path}):\n{tail}"
+            if not trial.study.get_trials(deepcopy=False, states=COUNTED):
+                # Nothing in this study ever ran to the end: most likely the setup (a config key
+                # the CLI does not know, missing data). Fail once, not --trials times.
+                trial.study.stop()
+            raise TrialFailed(self.last_failure)
+        if PRUNED_ATTR in frozen.user_attrs:
+            self._tag(child, "PRUNED")
+            raise optuna.TrialPruned(f"{name} pruned after epoch {frozen.user_attrs[PRUNED_ATTR]}")
+        values = list(frozen.intermediate_values.values())
+        if not values:
+            self._tag(child, "FAIL")
+            raise TrialFailed(f"{name}: no {self.args.metric} was reported ({log_path})")
+        self._tag(child, "COMPLETE")
+        # The trial's best epoch: the one its checkpoint keeps and a re-run would be tested at.
+        return max(values) if self.args.direction == "maximize" else min(values)
+
+    def _tag(self, run_id: str | None, state: str) -> None:
+        if run_id:
+            self.client.set_tag(run_id, "recforge.tune.state", state)
+
+    def _summarise(self, study: optuna.Study) -> None:
+        """Counts, the best config and the plots on the parent run."""
+        trials = study.get_trials(deepcopy=False)
+        counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+        for state in ("complete", "pruned", "fail"):
+            self.client.log_metric(self.parent, f"tune/trials_{state}", counts[state])
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if not complete:
+            return
+        best = study.best_trial
+        config = _read_yaml(self.args.config)
+        # The arguments every trial got, then the best values: `recforge fit --config` on this
+        # file trains the best trial's configuration.
+        for key, value in [*_dotted_pairs(self.fit_args), *best.params.items()]:
+            set_dotted(config, key, value)
+        best_yaml = (
+            f"# recforge tune: best of study {self.study_name!r} (trial {best.number}, "
+            f"{self.args.metric} {best.value:.6f})\n" + yaml.safe_dump(config, sort_keys=False)
+        )
+        (self.out_dir / "best_config.yaml").write_text(best_yaml)
+        self.client.log_text(self.parent, best_yaml, "tune/best_config.yaml")
+        self.client.log_metric(self.parent, "tune/best_value", best.value)
+        self.client.set_tag(self.parent, "recforge.tune.best_trial", str(best.number))
+        if best.user_attrs.get(RUN_ATTR):
+            self.client.set_tag(self.parent, "recforge.tune.best_run", best.user_attrs[RUN_ATTR])
+        self._plots(study, len(complete))
+        print(
+            f"recforge tune: {counts['complete']} complete, {counts['pruned']} pruned, "
+            f"{counts['fail']} failed; best trial {best.number}: {self.args.metric} "
+            f"{best.value:.5f} {best.params}\nbest config: {self.out_dir / 'best_config.yaml'}"
+        )
+
+    def _plots(self, study: optuna.Study, complete: int) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display; the plots are files
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as optuna_plots
+
+        plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
+        if complete >= 2 and len(self.space) >= 1:
+            plots["param_importances.png"] = optuna_plots.plot_param_importances
+        else:
+            self.client.log_text(
+                self.parent,
+                f"Parameter importances need at least 2 complete trials; the study has {complete}.",
+                "tune/param_importances.txt",
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, plot in plots.items():
+                try:
+                    axes = plot(study)
+                    figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+                    figure.savefig(Path(tmp) / name, dpi=100, bbox_inches="tight")
+                    plt.close(figure)
+                except Exception as exc:  # e.g. importances of parameters that never varied
+                    log.warning("tune: %s not drawn (%s: %s)", name, type(exc).__name__, exc)
+                    continue
+                self.client.log_artifact(self.parent, str(Path(tmp) / name), "tune")
+
+
+def _libc_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Resolved here, before any fork: the child between fork and exec should only make the call.
+_PRCTL = _libc_prctl()
+
+
+def _die_with_parent() -> None:
+    """Linux: the trial gets SIGTERM when the tuner dies, so a killed tuner leaves no orphan fit
+    reporting into the study (elsewhere the trial runs to its end). The signal follows the
+    *thread* that started the trial; that thread waits for the trial, so it outlives it."""
+    if _PRCTL is not None:
+        import signal
+
+        _PRCTL(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpaceError(f"--config {path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise SpaceError(f"--config {path}: not a YAML mapping")
+    return data
+
+
+def _passed(fit_args: list[str], flag: str) -> str | None:
+    """The value of ``flag`` among the arguments passed through to fit (last one wins)."""
+    value = None
+    for i, arg in enumerate(fit_args):
+        if arg == flag and i + 1 < len(fit_args):
+            value = fit_args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _dotted_pairs(fit_args: list[str]) -> list[tuple[str, Any]]:
+    """``--a.b VALUE`` / ``--a.b=VALUE`` pairs of the pass-through arguments, values as YAML."""
+    pairs, i = [], 0
+    while i < len(fit_args):
+        arg = fit_args[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif arg.startswith("--") and i + 1 < len(fit_args):
+            key, value = arg[2:], fit_args[i + 1]
+            i += 1
+        else:
+            i += 1
+            continue
+        i += 1
+        try:
+            pairs.append((key, yaml.safe_load(value)))
+        except yaml.YAMLError:
+            pairs.append((key, value))
+    return pairs
+
+
+def _default_experiment(base: dict, fit_args: list[str]) -> str:
+    """``fit``'s default experiment name, ``<family>-<dataset directory>``, so that the parent
+    run and its trials share an experiment."""
+    from recforge.families import UnknownFamilyError, family_of_module
+
+    model = base.get("model") or {}
+    try:
+        family = family_of_module(str(model.get("class_path", ""))).name
+    except UnknownFamilyError:
+        family = "recforge"
+    data_dir = _passed(fit_args, "--data.data_dir") or (base.get("data") or {}).get("data_dir")
+    return f"{family}-{Path(str(data_dir or 'data')).name}"
+
+
+def _redact(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
