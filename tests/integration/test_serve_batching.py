@@ -9,17 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import requests
-from serve_fixtures import ENV, RECFORGE
-from test_serve_ops import NUM_ITEMS, artifacts  # noqa: F401  (the module fixture)
-
-from recforge.serve.local import free_port, wait_healthy
+from test_serve_ops import NUM_ITEMS, artifacts, serving  # noqa: F401  (the module fixture)
 
 
 def mixed_requests(n: int, seed: int = 0) -> list[dict]:
@@ -82,45 +78,20 @@ def test_batcher_answers_equal_each_request_alone(artifacts: dict[str, Path]) ->
         same(answer, model.recommend(**request))
 
 
-def _serve(source: Path, cwd: Path, *args: str) -> tuple[str, subprocess.Popen, Path]:
-    port = free_port()
-    log = cwd / f"serve-{port}.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(
-            [RECFORGE, "serve", str(source), "--port", str(port), *args],
-            cwd=cwd,
-            env=ENV,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url + "/healthz", timeout_s=90, proc=proc)
-    except RuntimeError as exc:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise RuntimeError(f"{exc}: {log.read_text()[-3000:]}") from None
-    return url, proc, log
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
-
-
 def test_http_batched_equals_unbatched_under_concurrency(artifacts: dict[str, Path]) -> None:  # noqa: F811
     from recforge.serve.recommender import Recommender
 
     model = Recommender.load(artifacts["first"])
     bodies = mixed_requests(80, seed=1) + [{"history": [1], "k": 0}, {"user_id": 424242}]
-    url, proc, log = _serve(artifacts["first"], artifacts["tmp"], "--max-queue-delay-us", "5000")
-    try:
+    with serving(artifacts["first"], artifacts["tmp"], "--max-queue-delay-us", "5000") as (
+        url,
+        _,
+        _,
+    ):
         with ThreadPoolExecutor(20) as pool:
             answers = list(
                 pool.map(lambda b: requests.post(url + "/v1/recommend", json=b, timeout=60), bodies)
             )
-    finally:
-        _stop(proc)
     for body, answer in zip(bodies[:-2], answers):
         assert answer.status_code == 200, answer.text
         alone = model.recommend(**body)
@@ -136,8 +107,7 @@ def test_two_workers_reload_reaches_both(artifacts: dict[str, Path]) -> None:  #
     sha = {
         name: requests_sha(artifacts[name]) for name in ("first", "second")
     }  # manifest sha256[:12]
-    url, proc, log = _serve(artifacts["first"], artifacts["tmp"], "--workers", "2")
-    try:
+    with serving(artifacts["first"], artifacts["tmp"], "--workers", "2") as (url, proc, log):
         deadline = time.monotonic() + 60
         workers: set[int] = set()
         while len(workers) < 2 and time.monotonic() < deadline:  # both up (each its own load)
@@ -175,8 +145,6 @@ def test_two_workers_reload_reaches_both(artifacts: dict[str, Path]) -> None:  #
             time.sleep(0.2)
         assert all(h["reloads"] == 2 for h in seen), seen
         assert {h["model"]["sha256"] for h in seen} == {sha["second"]}
-    finally:
-        _stop(proc)
     assert "Traceback" not in log.read_text()
 
 

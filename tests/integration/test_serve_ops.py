@@ -76,15 +76,15 @@ def serving(source: Path, cwd: Path, *args: str) -> Iterator[tuple[str, subproce
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url + "/healthz", timeout_s=60, proc=proc)
+        wait_healthy(url + "/healthz", timeout_s=90, proc=proc)
     except RuntimeError as exc:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the group: --workers starts children
         raise RuntimeError(f"{exc}: {log.read_text()[-3000:]}") from None
     try:
         yield url, proc, log
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
+        proc.wait(timeout=30)
 
 
 def metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
