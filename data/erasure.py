@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 
 from recforge.artifact import user_key
 from recforge.atomic import atomic_directory
-from recforge.data import layout, storage
+from recforge.data import layout, stats, storage
 from recforge.data.consent import canonical_id, read_user_list
 from recforge.data.errors import DataError
 
@@ -258,6 +258,7 @@ def _rewrite(
         "mean": float(lengths.mean()),
         "max": int(lengths.max()),
     }
+    m.update(stats.manifest_entries(train_end, counts))
     # Users are renumbered: the indexes no longer extend a --vocab-from directory's.
     m.pop("vocab_from", None)
     m["erasure_ledger"] = {"path": ledger_path, "applied": applied}

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recforge.atomic import TargetExistsError, atomic_directory
-from recforge.data import consent, erasure, layout, vocab
+from recforge.data import consent, erasure, layout, stats, vocab
 from recforge.data.errors import DataError
 from recforge.data.features import EncodedFeatures, encode_features, read_feature_table
 from recforge.data.readers import FORMATS, Columns, SourceFile, read_interactions
@@ -231,6 +231,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         user_feats,
         vocab_from,
         exclusion,
+        train_lengths=bounds[0],
+        item_counts=item_counts,
     )
     assert sum(removed.values()) + manifest["interactions"] == n_input
 
@@ -283,11 +285,16 @@ def build_manifest(
     user_feats: EncodedFeatures | None,
     vocab_from: dict[str, Any] | None = None,
     exclusion: consent.Exclusion | None = None,
+    *,
+    train_lengths: np.ndarray,
+    item_counts: np.ndarray,
 ) -> dict[str, Any]:
     """The manifest both engines write; one builder so their fields cannot drift apart.
 
     ``n_users``/``n_items`` are the vocabulary sizes; ``lengths`` are those of the users with
-    a sequence (fewer than ``n_users`` only under ``vocab_from``)."""
+    a sequence (fewer than ``n_users`` only under ``vocab_from``), ``train_lengths`` the
+    training part of each (the split's ``train_end``), ``item_counts`` the interactions per
+    item of the vocabulary."""
     manifest = {
         "format_version": layout.FORMAT_VERSION,
         "created_by": "recforge data prepare",
@@ -320,6 +327,7 @@ def build_manifest(
             "mean": float(lengths.mean()),
             "max": int(lengths.max()),
         },
+        **stats.manifest_entries(train_lengths, item_counts),
         "features": {
             "item": item_feats.spec if item_feats else {},
             "user": user_feats.spec if user_feats else {},

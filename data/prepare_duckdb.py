@@ -403,6 +403,8 @@ def _finish(
         user_feats,
         vocab_from,
         parts["exclusion"],
+        train_lengths=train_end,
+        item_counts=item_counts,
     )
     assert sum(removed.values()) + manifest["interactions"] == n_input
 

@@ -25,6 +25,7 @@ __all__ = [
     "sampled_softmax_logits",
     "sampled_softmax",
     "bce_one_negative",
+    "gbce",
 ]
 
 # A sum of weights below this counts as "no weight at all"; the numerator is then 0 too.
@@ -316,6 +317,55 @@ def bce_one_negative(query: Tensor, pos_emb: Tensor, neg_emb: Tensor, weight: Te
     pos = (query * pos_emb).sum(-1).float()  # (T,)
     neg = (query * neg_emb).sum(-1).float()  # (T,)
     return weighted_mean(F.softplus(-pos) + F.softplus(neg), weight)
+
+
+def gbce(
+    query: Tensor,
+    pos_emb: Tensor,
+    target_ids: Tensor,
+    negatives_emb: Tensor,
+    negative_ids: Tensor,
+    *,
+    num_items: int,
+    calibration: float,
+    weight: Tensor,
+) -> Tensor:
+    """Generalised binary cross-entropy of gSASRec (Petrov & Macdonald, RecSys 2023).
+
+    With K uniform negatives shared by all positions out of the N - 1 non-targets, plain BCE
+    learns scores calibrated to the sampled data, which overstates the positive's probability
+    by about 1 / alpha (``alpha = K / (N - 1)``) and so over-confident, popularity-heavy
+    rankings. gBCE raises the positive's sigmoid to the power
+    ``beta = alpha (t (1 - 1 / alpha) + 1 / alpha)``: ``t = 0`` is plain BCE, ``t = 1`` the
+    fully calibrated form. Per position, averaged over its 1 + K terms as in the paper's code::
+
+        l_t = (beta * softplus(-s(t, y_t)) + sum_k softplus(s(t, n_k))) / (1 + K)
+
+    A negative equal to the position's target (an accidental hit) is left out of its sum.
+
+    Args:
+        query, pos_emb: (T, D); target_ids: (T,).
+        negatives_emb: (K, D) shared negatives, K >= 1; negative_ids: (K,).
+        num_items: N, the catalog size the negatives were drawn from.
+        calibration: ``t`` in [0, 1].
+        weight: (T,) per-position weights.
+    """
+    for name, t in (("query", query), ("pos_emb", pos_emb), ("negatives_emb", negatives_emb)):
+        _check_2d(t, name)
+    k = negatives_emb.shape[0]
+    if k < 1 or negative_ids.shape != (k,):
+        raise ValueError(
+            f"negatives: need K >= 1 rows with K ids, got {k} and {tuple(negative_ids.shape)}"
+        )
+    if not 0.0 <= calibration <= 1.0:
+        raise ValueError(f"calibration: must be in [0, 1], got {calibration}")
+    alpha = k / max(num_items - 1, 1)
+    beta = alpha * (calibration * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+    pos = (query * pos_emb).sum(-1).float()  # (T,)
+    neg = (query @ negatives_emb.T).float()  # (T, K)
+    hit = target_ids[:, None] == negative_ids[None, :]
+    per_position = beta * F.softplus(-pos) + F.softplus(neg).masked_fill(hit, 0.0).sum(1)
+    return weighted_mean(per_position / (1 + k), weight)
 
 
 def _check_2d(t: Tensor, name: str) -> None:

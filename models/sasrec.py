@@ -29,13 +29,13 @@ from recforge.models.config_checks import FieldChecks
 from recforge.models.dropout import Dropout, dropout
 from recforge.models.item_table import EC_MODULE as EC_MODULE  # re-exported: its path in this model
 from recforge.models.item_table import ItemTableModel, check_item_table_fields
-from recforge.models.losses import bce_one_negative, full_softmax_ce, sampled_softmax
+from recforge.models.losses import bce_one_negative, full_softmax_ce, gbce, sampled_softmax
 from recforge.models.ragged import pad_ragged
 
-LossKind = Literal["ce", "sampled_softmax", "bce"]
+LossKind = Literal["ce", "sampled_softmax", "bce", "gbce"]
 PositionOrigin = Literal["newest", "oldest"]
 POSITION_ORIGINS: tuple[PositionOrigin, ...] = ("newest", "oldest")
-LOSSES: tuple[LossKind, ...] = ("ce", "sampled_softmax", "bce")
+LOSSES: tuple[LossKind, ...] = ("ce", "sampled_softmax", "bce", "gbce")
 
 
 @dataclass
@@ -65,9 +65,13 @@ class SASRecConfig:
     """Dropout on the attention weights. Off by default: any value > 0 computes attention
     unfused, with a (B, H, L, L) mask per layer (about 6% of a CPU step at L=200)."""
     loss: LossKind = "ce"
-    """``ce`` (full catalog), ``sampled_softmax`` or ``bce`` (one uniform negative per position)."""
+    """``ce`` (full catalog), ``sampled_softmax``, ``bce`` (one uniform negative per position)
+    or ``gbce`` (gSASRec: ``num_negatives`` shared negatives, calibrated BCE)."""
     num_negatives: int = 256
-    """Uniform negatives per step, shared by all positions (``sampled_softmax`` only; may be 0)."""
+    """Uniform negatives per step, shared by all positions (``sampled_softmax``, where it may
+    be 0, and ``gbce``)."""
+    gbce_calibration: float = 0.75
+    """``gbce``: the calibration ``t`` in [0, 1] (0 = plain BCE; gSASRec's default 0.75)."""
     in_batch_negatives: bool = True
     """``sampled_softmax``: also use the targets of all positions in the batch as negatives."""
     logq_correction: bool = True
@@ -89,7 +93,7 @@ class SASRecConfig:
             "position_origin",
             f"must be one of {POSITION_ORIGINS}",
         )
-        check.finite_numbers("dropout", "attention_dropout", "temperature")
+        check.finite_numbers("dropout", "attention_dropout", "temperature", "gbce_calibration")
         check_item_table_fields(check)
         need(self.max_len >= 1, "max_len", "must be >= 1")
         need(self.dim >= 1, "dim", "must be >= 1")
@@ -111,16 +115,21 @@ class SASRecConfig:
                 "num_negatives",
                 "must be > 0 when in_batch_negatives is false (no negatives otherwise)",
             )
+        if self.loss == "gbce":
+            need(self.num_negatives >= 1, "num_negatives", "must be >= 1 with loss='gbce'")
+            need(0.0 <= self.gbce_calibration <= 1.0, "gbce_calibration", "must be in [0, 1]")
+            need(self.num_items != 1, "num_items", "must be >= 2 with loss='gbce'")
+        if self.loss in ("bce", "gbce"):
+            need(
+                self.temperature == 1.0,
+                "temperature",
+                f"must be 1 with loss={self.loss!r} (it uses raw logits)",
+            )
         if self.loss == "bce":
             need(
                 self.num_items != 1,
                 "num_items",
                 "must be >= 2 with loss='bce' (a negative must differ)",
-            )
-            need(
-                self.temperature == 1.0,
-                "temperature",
-                "must be 1 with loss='bce' (it uses raw logits)",
             )
 
 
@@ -346,7 +355,7 @@ class SASRec(ItemTableModel):
         candidate_lengths = None  # shared by the batch: all in row 0
         if c.loss == "ce":
             candidates = torch.arange(1, c.num_items + 1, device=device)
-        elif c.loss == "sampled_softmax":
+        elif c.loss in ("sampled_softmax", "gbce"):
             candidates = self.sample_uniform_items(c.num_negatives, device)
         else:
             # Uniform over the N - 1 items other than the target: draw from 1..N-1 and shift
@@ -383,6 +392,18 @@ class SASRec(ItemTableModel):
             )
             in_batch = num_tokens if c.in_batch_negatives else 0
             stats["negatives"] = torch.tensor(in_batch + c.num_negatives, device=device)
+        elif c.loss == "gbce":
+            loss = gbce(
+                query,
+                emb["target"],
+                targets,
+                emb["candidates"],
+                candidates,
+                num_items=c.num_items,
+                calibration=c.gbce_calibration,
+                weight=position_weight,
+            )
+            stats["negatives"] = torch.tensor(c.num_negatives, device=device)
         else:
             loss = bce_one_negative(query, emb["target"], emb["candidates"], position_weight)
         return loss, stats

@@ -18,15 +18,17 @@ import logging
 import os
 import time
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
 import yaml
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from recforge.data.datamodule import SequenceDataModule
 from recforge.trainer.callbacks import EarlyStopping, ModelCheckpoint, ThroughputMonitor
+from recforge.trainer.presets import Derived
 from recforge.trainer.tracking.logger import TrackingConfig, TrackingError
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,14 @@ class RecforgeCLI(LightningCLI):
             "keep their initialisation; any plan/world size (docs/architecture.md §6). Not with "
             "--ckpt_path, which resumes a run",
         )
+        parser.add_argument(
+            "--preset",
+            type=str | None,
+            default=None,
+            help="derive the settings a config leaves unset from the data's manifest: `auto` "
+            "(SASRec: max_len, num_layers, dropout, early_stopping.patience; explicit values "
+            "win; docs/architecture.md §6)",
+        )
         parser.add_lightning_class_args(ThroughputMonitor, "throughput")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
@@ -104,6 +114,70 @@ class RecforgeCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.seed")
         for name in DATA_LINKS:
             parser.link_arguments(f"model.{name}", f"data.{name}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """With ``preset:`` set, parse twice: once to read the preset and the data directory,
+        then again with the derived values as defaults, so what a config or the command line
+        sets explicitly still wins (and ``--print_config`` shows the resolved values)."""
+        if not isinstance(args, list):
+            super().parse_arguments(parser, args)
+            return
+        first = _without_print_config(args)
+        printing = len(first) < len(args)
+        exit_on_error, parser.exit_on_error = parser.exit_on_error, False
+        try:
+            super().parse_arguments(parser, first)
+        except ArgumentError:
+            # Reported (or, under --print_config, printed regardless) by the full parse.
+            parser.exit_on_error = exit_on_error
+            super().parse_arguments(parser, args)
+            return
+        finally:
+            parser.exit_on_error = exit_on_error
+        derived = self._apply_preset(printing)
+        if derived or printing:
+            super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        for d in derived.values():
+            value = self.config[subcommand].get(d.key)
+            if value == d.value:
+                log.info("preset: %s", d.describe())
+            else:
+                log.info(
+                    "preset: %s = %s, set explicitly (the preset derives %s from %s)",
+                    d.key,
+                    value,
+                    d.value,
+                    d.statistic,
+                )
+
+    def _apply_preset(self, printing: bool) -> dict[str, Derived]:
+        """Set the subcommand parser's defaults to the preset's values; {} without a preset (or
+        under ``--print_config`` with no prepared data to derive them from)."""
+        from recforge.data.stats import with_statistics
+        from recforge.families import UnknownFamilyError
+        from recforge.trainer.presets import PresetError, as_defaults, check_preset
+
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else None
+        name = config.get("preset") if config is not None else None
+        if name is None:
+            return {}
+        parser = self._subcommand_parsers[subcommand]
+        class_path = str(config.get("model.class_path"))
+        try:
+            derive = check_preset(name, class_path)
+            manifest = _preset_manifest(name, config, printing)
+        except PresetError as exc:
+            parser.error(str(exc))
+        except UnknownFamilyError as exc:
+            parser.error(f"preset {name!r}: {exc}")
+        if manifest is None:
+            return {}
+        data_dir = str(config.get("data.data_dir"))
+        derived = derive(with_statistics(data_dir, manifest))
+        parser.set_defaults(as_defaults(derived, class_path))
+        return derived
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -259,6 +333,52 @@ class RecforgeCLI(LightningCLI):
     def _finish(self) -> None:
         if self.recorder is not None:
             self.recorder.stop_system_metrics()
+
+
+def _without_print_config(args: list[str]) -> list[str]:
+    """``args`` less ``--print_config`` (and its flags: ``--print_config=skip_null`` or
+    ``--print_config skip_null``)."""
+    kept: list[str] = []
+    skip_flags = False
+    for arg in args:
+        if arg == "--print_config" or arg.startswith("--print_config="):
+            skip_flags = arg == "--print_config"
+            continue
+        if skip_flags and set(arg.split(",")) <= {"skip_null", "skip_default", "comments"}:
+            skip_flags = False
+            continue
+        skip_flags = False
+        kept.append(arg)
+    return kept
+
+
+def _preset_manifest(name: str, config: Any, printing: bool) -> dict[str, Any] | None:
+    """The manifest a preset derives from. Missing: a ``data.synthesize`` config generates its
+    data now (as the DataModule would); ``--print_config`` prints the unresolved config; else
+    an error saying to prepare the data first."""
+    from recforge.data import storage
+    from recforge.data.layout import MANIFEST, read_manifest
+    from recforge.trainer.presets import PresetError
+
+    data_dir = str(config.get("data.data_dir"))
+    if not storage.exists(storage.join(data_dir, MANIFEST)):
+        synthesize = config.get("data.synthesize")
+        if printing:
+            log.warning(
+                "preset: %s holds no prepared dataset; the printed config is not resolved",
+                data_dir,
+            )
+            return None
+        if synthesize is None or storage.is_remote(data_dir):
+            raise PresetError(
+                f"preset {name!r} derives its settings from the prepared data, and {data_dir} "
+                f"holds none (no {MANIFEST}): run `recforge data prepare ... --out {data_dir}` "
+                "first, or pass --data.data_dir"
+            )
+        from recforge.data.datamodule import ensure_synthetic
+
+        ensure_synthetic(data_dir, dict(synthesize))
+    return read_manifest(data_dir)
 
 
 def _is_rank_zero() -> bool:

@@ -21,6 +21,13 @@ import torch.distributed as dist
 from recforge.families import ModelFamily, family_of_module
 from recforge.trainer.evaluation.bias import BiasAccumulator, from_data
 from recforge.trainer.evaluation.metrics import RankingEvaluator
+from recforge.trainer.optimization import DenseOptimizerConfig as DenseOptimizerConfig
+from recforge.trainer.optimization import (
+    configure_dense,
+    lr_factor,
+    planned_steps,
+    set_embedding_lr,
+)
 from recforge.trainer.sharding import (
     EmbeddingOptimizerConfig,
     ShardingConfig,
@@ -32,26 +39,6 @@ from recforge.trainer.sharding import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DenseOptimizerConfig:
-    """AdamW over the dense (non-embedding) parameters, from ``configure_optimizers``."""
-
-    lr: float = 1e-3
-    """Learning rate."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay."""
-    betas: tuple[float, float] = (0.9, 0.98)
-    """Adam betas."""
-    warmup_steps: int = 0
-    """Linear warm-up steps (0 = none)."""
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optimizer.lr: must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps: must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -126,6 +113,7 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         self._evaluator: RankingEvaluator | None = None
         self._bias: BiasAccumulator | None = None
         self._item_scoring: _ItemScoring | None = None
+        self._total_steps = float("inf")
         self.last_evaluation: dict[str, Any] | None = None
         """Metrics and segment table of the last test epoch (for reports)."""
         self.init_from: str | None = None
@@ -238,16 +226,10 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
             for _, p in in_backward_optimizer_filter(self.net.named_parameters())
             if p.requires_grad
         ]
-        cfg = self.optim_config
-        opt = torch.optim.AdamW(
-            dense, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        self._total_steps = planned_steps(
+            self.optim_config, self.trainer.estimated_stepping_batches
         )
-        if cfg.warmup_steps == 0:
-            return opt
-        warmup = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: min(1.0, (step + 1) / cfg.warmup_steps)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        return configure_dense(dense, self.optim_config, self._total_steps)
 
     # --- hooks ---
 
@@ -261,6 +243,10 @@ class ShardedRecommenderModule(L.LightningModule, ABC):
         torch.manual_seed(
             hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) & (2**63 - 1)
         )
+        cfg = self.optim_config
+        if cfg.scheduled and cfg.schedule_embeddings and self.fused_optimizer is not None:
+            factor = lr_factor(cfg, self.global_step, self._total_steps)
+            set_embedding_lr(self.fused_optimizer, self.embedding_optimizer.lr * factor)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)

@@ -35,11 +35,11 @@ def run_ok(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedPro
     return proc
 
 
-def fit_args(root: Path, data: Path, *extra: str) -> list[str]:
+def fit_args(root: Path, data: Path, *extra: str, config: str = TINY) -> list[str]:
     return [
         "fit",
         "--config",
-        TINY,
+        config,
         "--data.data_dir",
         str(data),
         "--trainer.default_root_dir",
@@ -107,6 +107,44 @@ def test_every_config_parses(tmp_path: Path) -> None:
     for config in configs:
         proc = run_ok("fit", "--config", str(config), "--print_config", cwd=tmp_path, timeout=120)
         assert "class_path: recforge.trainer." in proc.stdout, config
+
+
+def test_auto_preset_derives_from_the_data_and_explicit_values_win(tmp_path: Path) -> None:
+    import yaml
+
+    from recforge.trainer.presets import DROPOUT, MAX_LEN, NUM_LAYERS, PATIENCE, sasrec_auto
+
+    data, root = tmp_path / "data", tmp_path / "run"
+    extra = [
+        "--data.synthesize",
+        "{users: 300, items: 150, mean_length: 12, seed: 0}",
+        "--model.init_args.model.dim",
+        "16",
+        "--model.init_args.model.dropout",
+        "0.3",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_epochs",
+        "1",
+        "--mlflow.enabled",
+        "false",
+    ]
+    auto = str(REPO / "configs" / "sasrec" / "auto.yaml")
+    proc = run_ok(*fit_args(root, data, *extra, config=auto), cwd=tmp_path)
+    derived = sasrec_auto(json.loads((data / "manifest.json").read_text()))
+    config = yaml.safe_load((root / "sasrec-auto" / "version_0" / "config.yaml").read_text())
+    model = config["model"]["init_args"]["model"]
+    assert config["preset"] == "auto"
+    assert model["max_len"] == derived[MAX_LEN].value
+    assert model["num_layers"] == derived[NUM_LAYERS].value
+    assert config["early_stopping"]["patience"] == derived[PATIENCE].value
+    assert model["dropout"] == 0.3 != derived[DROPOUT].value  # the explicit value won
+    for key in (MAX_LEN, NUM_LAYERS, PATIENCE):
+        assert f"preset: {derived[key].describe()}" in proc.stderr
+    assert f"preset: {DROPOUT} = 0.3, set explicitly" in proc.stderr
+    unknown = recforge(*fit_args(root, data, "--preset", "fast", config=auto), cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "error: preset 'fast' is unknown; known presets: auto" in unknown.stderr
 
 
 def test_two_processes_shard_the_item_table_row_wise_and_learn(

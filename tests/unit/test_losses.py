@@ -10,6 +10,7 @@ import torch
 from recforge.models.losses import (
     bce_one_negative,
     full_softmax_ce,
+    gbce,
     sampled_softmax,
     sampled_softmax_logits,
     weighted_mean,
@@ -184,6 +185,35 @@ def test_bce_one_negative_hand_computed() -> None:
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("calibration", [0.0, 0.75, 1.0])
+def test_gbce_hand_computed(calibration: float) -> None:
+    pos, weight = [[1.0, 1.0], [0.0, 2.0]], [2.0, 1.0]
+    negs, neg_ids, target_ids, n = [[-1.0, 0.5], [1.0, 1.0], [0.3, 0.2]], [7, 3, 9], [3, 4], 21
+    k = len(negs)
+    alpha = k / (n - 1)
+    beta = alpha * (calibration * (1 - 1 / alpha) + 1 / alpha)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    rows = []
+    for q, p, y in zip(Q, pos, target_ids):
+        term = -beta * math.log(sigmoid(_dot(q, p)))
+        # Negative 3 is row 0's target: an accidental hit, left out of that row's sum.
+        term -= sum(math.log(1 - sigmoid(_dot(q, e))) for e, i in zip(negs, neg_ids) if i != y)
+        rows.append(term / (1 + k))
+    got = gbce(
+        torch.tensor(Q),
+        torch.tensor(pos),
+        torch.tensor(target_ids),
+        torch.tensor(negs),
+        torch.tensor(neg_ids),
+        num_items=n,
+        calibration=calibration,
+        weight=torch.tensor(weight),
+    )
+    assert got.item() == pytest.approx((2 * rows[0] + rows[1]) / 3, rel=1e-6)
+    if calibration == 0.0:  # t = 0 is plain BCE over the positive and the K negatives
+        assert beta == pytest.approx(1.0)
+
+
 def _all_losses(query, target_emb, target_ids, neg_emb, neg_ids, weight):
     """Each loss on the same inputs (sampled softmax without in-batch: rows stay independent)."""
     catalog = torch.cat([target_emb, neg_emb])
@@ -201,6 +231,16 @@ def _all_losses(query, target_emb, target_ids, neg_emb, neg_ids, weight):
             weight=weight,
         ),
         "bce": bce_one_negative(query, target_emb, neg_emb[: len(query)], weight),
+        "gbce": gbce(
+            query,
+            target_emb,
+            target_ids,
+            neg_emb,
+            neg_ids,
+            num_items=50,
+            calibration=0.75,
+            weight=weight,
+        ),
     }
 
 

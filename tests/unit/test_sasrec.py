@@ -12,7 +12,7 @@ from recforge.models.losses import full_softmax_ce
 from recforge.models.sasrec import EC_MODULE, Packing, SASRec, SASRecConfig
 
 N = 30
-LOSSES = ("ce", "sampled_softmax", "bce")
+LOSSES = ("ce", "sampled_softmax", "bce", "gbce")
 
 
 def _model(loss: str = "ce", seed: int = 0, **overrides) -> SASRec:
@@ -328,7 +328,8 @@ def test_tiny_model_learns_item_cycles(loss: str) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(120):
+    # gBCE weights the positive by beta < 1 (about 0.5 here: 8 negatives out of 29 items).
+    for _ in range(240 if loss == "gbce" else 120):
         inputs, targets, lengths = _cycle_batch(perm, g, 32, 8)
         value, _ = model.training_loss(inputs, targets, lengths, torch.ones(32))
         optimizer.zero_grad()
@@ -336,7 +337,9 @@ def test_tiny_model_learns_item_cycles(loss: str) -> None:
         optimizer.step()
         losses.append(value.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.15 * first, (first, last)
+    # gBCE's negatives term keeps a floor (its sigmoids never reach 0 over 8 negatives), so its
+    # ratio is looser; the accuracy below is the same bar for every loss.
+    assert last < (0.25 if loss == "gbce" else 0.15) * first, (first, last)
     model.eval()
     inputs, targets, lengths = _cycle_batch(perm, g, 64, 8)
     with torch.no_grad():

@@ -1,0 +1,108 @@
+"""The learning-rate schedule: its shape, its refusal without a planned length, and that the
+embedding rate really reaches TorchRec's fused kernel."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from recforge.trainer.optimization import (
+    DenseOptimizerConfig,
+    configure_dense,
+    lr_factor,
+    planned_steps,
+)
+
+
+def test_warmup_then_cosine_reaches_the_floor_at_the_last_step() -> None:
+    cfg = DenseOptimizerConfig(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(cfg, 0, 110) == pytest.approx(0.1)
+    assert lr_factor(cfg, 9, 110) == pytest.approx(1.0)
+    assert lr_factor(cfg, 10, 110) == pytest.approx(1.0)
+    assert lr_factor(cfg, 60, 110) == pytest.approx(0.55)  # halfway: (1 + 0.1) / 2
+    assert lr_factor(cfg, 110, 110) == pytest.approx(0.1)
+    assert lr_factor(cfg, 500, 110) == pytest.approx(0.1)  # past the plan: stays at the floor
+    factors = [lr_factor(cfg, s, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))
+
+
+def test_linear_and_constant() -> None:
+    lin = DenseOptimizerConfig(schedule="linear")
+    assert [lr_factor(lin, s, 4) for s in range(5)] == pytest.approx([1, 0.75, 0.5, 0.25, 0])
+    const = DenseOptimizerConfig()
+    assert not const.scheduled
+    assert lr_factor(const, 1000, math.inf) == 1.0
+
+
+def test_decay_needs_a_planned_length() -> None:
+    with pytest.raises(ValueError, match="trainer.max_epochs or trainer.max_steps"):
+        planned_steps(DenseOptimizerConfig(schedule="cosine"), math.inf)
+    assert planned_steps(DenseOptimizerConfig(warmup_steps=5), math.inf) == math.inf
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("schedule", "step", "optimizer.schedule"),
+        ("min_lr_ratio", 1.5, "optimizer.min_lr_ratio"),
+        ("warmup_steps", -1, "optimizer.warmup_steps"),
+    ],
+)
+def test_bad_fields_are_named(field: str, value: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DenseOptimizerConfig(**{field: value})
+
+
+def test_dense_scheduler_follows_the_factor() -> None:
+    p = torch.nn.Parameter(torch.zeros(2))
+    cfg = DenseOptimizerConfig(lr=0.01, schedule="linear")
+    conf = configure_dense([p], cfg, total_steps=4)
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(4):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.01, 0.0075, 0.005, 0.0025])
+
+
+KERNEL_SCRIPT = textwrap.dedent(
+    """
+    import torch, torch.distributed as dist
+    from torch.distributed import TCPStore
+    store = TCPStore("127.0.0.1", 0, 1, True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    from recforge.models.sasrec import SASRec, SASRecConfig
+    from recforge.trainer.optimization import set_embedding_lr
+    from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig, shard
+    model = SASRec(SASRecConfig(num_items=20, max_len=8, dim=8), device=torch.device("meta"))
+    EmbeddingOptimizerConfig(lr=0.05).apply(
+        list(model.embedding_collection.parameters()), torch.device("cpu")
+    )
+    net, _ = shard(model, ShardingConfig(), torch.device("cpu"), 1)
+
+    def kernel_rates(opt):
+        if hasattr(opt, "_emb_module"):
+            return [opt._emb_module.get_learning_rate()]
+        return [r for _, sub in getattr(opt, "_optims", []) for r in kernel_rates(sub)]
+
+    before = kernel_rates(net.fused_optimizer)
+    set_embedding_lr(net.fused_optimizer, 0.0125)
+    print(before, kernel_rates(net.fused_optimizer))
+    """
+)
+
+
+def test_embedding_rate_reaches_the_fused_kernel() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", KERNEL_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = eval(proc.stdout.strip().splitlines()[-1].replace("] [", "], ["))
+    assert before and all(r == pytest.approx(0.05) for r in before)
+    assert len(after) == len(before) and all(r == pytest.approx(0.0125) for r in after)

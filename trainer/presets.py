@@ -1,0 +1,148 @@
+"""Presets: training settings derived from a prepared dataset's manifest statistics.
+
+``preset: auto`` in a SASRec config (``configs/sasrec/auto.yaml``) fills ``max_len``,
+``num_layers``, ``dropout`` and ``early_stopping.patience`` from the data's manifest statistics
+(:mod:`recforge.data.stats`), so a new dataset gets sensible values without hand-tuning; any
+of them a config or the command line sets explicitly wins. The CLI side is
+``RecforgeCLI.parse_arguments`` (``trainer/lightning_cli.py``).
+
+The rules, with the two reference datasets they were chosen from and why, are one table in
+docs/architecture.md (§6, "Settings derived from the data"); the constants below are its
+numbers. "Dense" means at least ``DENSE_ITEM_INTERACTIONS`` interactions per item on average.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MODEL = "model.init_args.model"
+MAX_LEN = f"{MODEL}.max_len"
+NUM_LAYERS = f"{MODEL}.num_layers"
+DROPOUT = f"{MODEL}.dropout"
+PATIENCE = "early_stopping.patience"
+
+DENSE_ITEM_INTERACTIONS = 50.0
+MAX_LEN_PERCENTILE = "p95"
+MAX_LEN_MULTIPLE = 8
+MAX_LEN_RANGE = (16, 200)
+PATIENCE_TIERS = ((300_000, 30), (3_000_000, 20))
+PATIENCE_LARGE = 10
+
+
+class PresetError(ValueError):
+    """An unknown preset, a preset for another model family, or a manifest it cannot read."""
+
+
+@dataclass(frozen=True)
+class Derived:
+    """One setting a preset derived: the config key, its value, and why."""
+
+    key: str
+    value: int | float
+    statistic: str
+    """The manifest statistic it came from, with its value."""
+    rule: str
+
+    def describe(self) -> str:
+        return f"{self.key} = {self.value} ({self.statistic}; {self.rule})"
+
+
+def _statistic(manifest: Mapping[str, Any], entry: str, field: str) -> float:
+    try:
+        return float(manifest[entry][field])
+    except (KeyError, TypeError):
+        raise PresetError(
+            f"the manifest has no {entry}.{field}: written by an older `recforge data prepare`; "
+            "read it with recforge.data.stats.with_statistics (or re-prepare the data)"
+        ) from None
+
+
+def derive_max_len(p95: float) -> int:
+    low, high = MAX_LEN_RANGE
+    rounded = MAX_LEN_MULTIPLE * math.ceil(p95 / MAX_LEN_MULTIPLE)
+    return min(max(rounded, low), high)
+
+
+def derive_patience(train_interactions: int) -> int:
+    for below, patience in PATIENCE_TIERS:
+        if train_interactions < below:
+            return patience
+    return PATIENCE_LARGE
+
+
+def sasrec_auto(manifest: Mapping[str, Any]) -> dict[str, Derived]:
+    """SASRec's data-dependent settings from a manifest that holds the shape statistics
+    (``train_length``, ``item_interactions``, ``split_counts``), keyed by config key."""
+    p95 = _statistic(manifest, "train_length", MAX_LEN_PERCENTILE)
+    per_item = _statistic(manifest, "item_interactions", "mean")
+    train = int(_statistic(manifest, "split_counts", "train_interactions"))
+    dense = per_item >= DENSE_ITEM_INTERACTIONS
+    density = f"{per_item:.1f} interactions per item"
+    low, high = MAX_LEN_RANGE
+    tiers = ", ".join(f"< {below:,}: {p}" for below, p in PATIENCE_TIERS)
+    derived = [
+        Derived(
+            MAX_LEN,
+            derive_max_len(p95),
+            f"p95 training length {p95:g}",
+            f"p95 rounded up to a multiple of {MAX_LEN_MULTIPLE}, clamped to [{low}, {high}]",
+        ),
+        Derived(
+            NUM_LAYERS,
+            2 if dense else 1,
+            density,
+            f"2 if >= {DENSE_ITEM_INTERACTIONS:g} per item (dense), else 1",
+        ),
+        Derived(
+            DROPOUT,
+            0.2 if dense else 0.5,
+            density,
+            f"0.2 if >= {DENSE_ITEM_INTERACTIONS:g} per item (dense), else 0.5",
+        ),
+        Derived(
+            PATIENCE,
+            derive_patience(train),
+            f"{train:,} training interactions per epoch",
+            f"{tiers}, else {PATIENCE_LARGE}",
+        ),
+    ]
+    return {d.key: d for d in derived}
+
+
+PRESETS: dict[str, tuple[str, Callable[[Mapping[str, Any]], dict[str, Derived]]]] = {
+    "auto": ("recforge.trainer.sasrec_module.SASRecModule", sasrec_auto),
+}
+"""Preset name -> (the LightningModule whose family it is for, the function deriving its
+settings)."""
+
+
+def check_preset(name: str, class_path: str) -> Callable[[Mapping[str, Any]], dict[str, Derived]]:
+    """The preset's derivation function for a config training ``class_path``; a clear error for
+    an unknown name or a module of another family."""
+    from recforge.families import family_of_module
+
+    if name not in PRESETS:
+        raise PresetError(f"preset {name!r} is unknown; known presets: {', '.join(PRESETS)}")
+    module, derive = PRESETS[name]
+    wanted, given = family_of_module(module).name, family_of_module(class_path).name
+    if given != wanted:
+        raise PresetError(f"preset {name!r} derives {wanted} settings; this config trains {given}")
+    return derive
+
+
+def as_defaults(derived: Mapping[str, Derived], class_path: str) -> dict[str, Any]:
+    """The derived values as parser defaults: the model's fields under its ``class_path`` (so
+    a config's own ``init_args`` merge over them), the others by their dotted key."""
+    model_fields: dict[str, Any] = {}
+    defaults: dict[str, Any] = {}
+    for key, d in derived.items():
+        if key.startswith(MODEL + "."):
+            model_fields[key.removeprefix(MODEL + ".")] = d.value
+        else:
+            defaults[key] = d.value
+    if model_fields:
+        defaults["model"] = {"class_path": class_path, "init_args": {"model": model_fields}}
+    return defaults
