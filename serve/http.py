@@ -12,7 +12,8 @@ checked before any route (:mod:`recforge.serve.body`: size, content type, coding
 one shape (:mod:`recforge.serve.errors`); the OpenAPI document states what the loaded model
 accepts and every status each route answers (:mod:`recforge.serve.openapi`). At most
 ``max_concurrency`` recommendation/inference requests are in flight; more get 503 at once
-(:mod:`recforge.serve.ops`, which also keeps the metrics).
+(:mod:`recforge.serve.ops`, which also keeps the metrics). The two recommendation routes are
+answered in front of FastAPI's router, with the same answers (:mod:`recforge.serve.fastpath`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from recforge.serve.batcher import Batcher
 from recforge.serve.body import BodyGate
 from recforge.serve.errors import ApiError, error_responses, install_error_handlers
 from recforge.serve.explain import EXPLAIN_TOP
+from recforge.serve.fastpath import FastRoutes
 from recforge.serve.kserve import MAX_BATCH, JsonInt, kserve_router
 from recforge.serve.openapi import install_contract
 from recforge.serve.ops import ConcurrencyLimit, Instrument, ServeMetrics
@@ -267,7 +269,15 @@ def create_app(
     if cluster is not None:
         cluster.start(holder)
     # Outermost last: Instrument sees every answer (503s and body errors too); the limit
-    # answers before any body is read.
+    # answers before any body is read; the two recommendation routes are answered inside all
+    # three, without FastAPI's per-request work (serve/fastpath.py), by the handlers below.
+    app.add_middleware(
+        FastRoutes,
+        routes={
+            "/v1/recommend": (RecommendRequest, lambda body: one(body)),
+            "/v1/recommend:batch": (BatchRequest, lambda body: many(body)),
+        },
+    )
     app.add_middleware(BodyGate, max_body_bytes=max_body_bytes)
     app.add_middleware(ConcurrencyLimit, max_concurrency=max_concurrency, metrics=metrics)
     app.add_middleware(Instrument, router=app.router, metrics=metrics)
@@ -301,6 +311,12 @@ def create_app(
         info = describe(model)
         return [{**r.as_dict(), "model": info} for r in results]
 
+    async def one(body: RecommendRequest) -> bytes:
+        return _dumps((await answer(holder.current, [body]))[0])
+
+    async def many(body: BatchRequest) -> bytes:
+        return _dumps({"results": await answer(holder.current, body.requests, batch=True)})
+
     body_errors = error_responses(400, 413, 415, 422)
     limited = error_responses(503)
 
@@ -315,8 +331,8 @@ def create_app(
             **limited,
         },
     )
-    async def recommend(body: RecommendRequest) -> Response:
-        return Response(_dumps((await answer(holder.current, [body]))[0]), media_type=JSON)
+    async def recommend(body: RecommendRequest) -> Response:  # the contract; FastRoutes answers
+        return Response(await one(body), media_type=JSON)
 
     @app.post(
         "/v1/recommend:batch",
@@ -324,9 +340,8 @@ def create_app(
         response_model=None,
         responses={200: {"model": BatchResponse}, **error_responses(404), **body_errors, **limited},
     )
-    async def recommend_batch(body: BatchRequest) -> Response:
-        results = await answer(holder.current, body.requests, batch=True)
-        return Response(_dumps({"results": results}), media_type=JSON)
+    async def recommend_batch(body: BatchRequest) -> Response:  # as recommend
+        return Response(await many(body), media_type=JSON)
 
     @app.get("/healthz", summary="Status, model and reloads", response_model=HealthResponse)
     def healthz() -> dict[str, Any]:

@@ -154,3 +154,106 @@ def requests_sha(directory: Path) -> str:
     from recforge.artifact import MODEL
 
     return json.loads((directory / "manifest.json").read_text())["files"][MODEL][:12]
+
+
+def _asgi(app, path: str, chunks: list[bytes], method: str = "POST") -> tuple:
+    """One request through ``app``'s whole middleware stack, in process: (status, headers,
+    body), or the exception's name for what the server answers 500."""
+    sent: list[dict] = []
+    pending = list(chunks)
+
+    async def receive() -> dict:
+        if pending:
+            body = pending.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(pending)}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+    }
+    try:
+        asyncio.run(app(scope, receive, send))
+    except Exception as exc:
+        return ("raised", type(exc).__name__)
+    return sent[0]["status"], sent[0]["headers"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_fast_path_answers_byte_for_byte_as_the_fastapi_routes(artifacts: dict[str, Path]) -> None:  # noqa: F811
+    """serve/fastpath.py answers the recommendation routes as FastAPI's routes would (the same
+    app without it): status, headers and bytes, for good bodies, every kind of bad one and JSON
+    the standard library reads but orjson does not (or reads otherwise)."""
+    import json
+
+    from recforge.serve.fastpath import FastRoutes
+    from recforge.serve.http import create_app
+
+    fast = create_app(str(artifacts["first"]))
+    plain = create_app(str(artifacts["first"]))
+    plain.user_middleware = [m for m in plain.user_middleware if m.cls is not FastRoutes]
+    assert len(plain.user_middleware) == len(fast.user_middleware) - 1
+    good = mixed_requests(12, seed=2)
+    bad = [
+        {"user_id": 424242},
+        {"history": [1], "k": 0},
+        {"history": [1], "k": "ten"},
+        {"history": [1], "k": 2.5},
+        {"history": [{"id": 1}]},
+        {"history": "1,2,3"},
+        {"k": 3},
+        {"history": [1], "colour": "red"},
+        {"history": [1], "diversity": 2.0},
+        {"history": [1], "exclude_categories": {"genre": ["a"]}},
+        {"history": [1], "user_features": {"country": "DE"}},
+        {"history": list(range(10_001))},
+        [1, 2, 3],
+    ]
+    raw = [
+        b"",
+        b"null",
+        b"{not json",
+        b'"\xff"',
+        b'{"history": [1, 2.0], "k": 2.0}',
+        b'{"history": [NaN, 1e400, "\\ud800", 1]}',
+        b'\xef\xbb\xbf{"history": [1, 2]}',
+        '{"history": [1, "\u00e9"]}'.encode("utf-16"),
+        b'{"history": [18446744073709551617, -9223372036854775809, 5], "k": 2}',
+        b'{"user_id": 123456789012345678901234567890}',
+        b'{"history": [1], "history": [2, 3], "k": 2}',
+        b"[" * 990 + b"]" * 990,
+    ]
+    single = [json.dumps(b).encode() for b in good + bad] + raw
+    batch = [
+        json.dumps(b).encode()
+        for b in (
+            {"requests": good[:4]},
+            {"requests": [good[0], {"history": [1], "k": 0}]},
+            {"requests": [good[0], {"user_id": 424242}]},
+            {"requests": []},
+            {"requests": [good[0]] * 257},
+            {},
+        )
+    ] + raw[:4]
+    compared = set()
+    for path, bodies in (("/v1/recommend", single), ("/v1/recommend:batch", batch)):
+        for body in bodies:
+            for chunks in ([body], [body[:3], body[3:]]):
+                got = _asgi(fast, path, chunks)
+                assert got == _asgi(plain, path, chunks), (path, body[:200], got)
+                compared.add(got[0])
+    assert compared == {200, 400, 404, 422}
+    for method, path in (("GET", "/v1/recommend"), ("PUT", "/v1/recommend"), ("POST", "/v1/x")):
+        got = _asgi(fast, path, [b"{}"], method)
+        assert got == _asgi(plain, path, [b"{}"], method) and got[0] in (404, 405)
