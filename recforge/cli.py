@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.add_parser(sub)
     sub.add_parser(
         "baselines",
-        help="most-popular and Markov baselines through the evaluation code",
+        help="most-popular, Markov and EASE baselines through the evaluation code",
         add_help=False,
     )
     sub.add_parser(

@@ -66,6 +66,8 @@ def test_validate_stage_and_main(ml1m: Path, capsys: pytest.CaptureFixture[str])
     assert main([str(ml1m), "--stage", "validate", "--ks", "10", "20"]) == 0
     out = capsys.readouterr().out
     assert "most_popular" in out and "markov" in out and "ndcg@20_filtered" in out and "6-20" in out
+    # `all` includes EASE (default λ), with its fit time on its line.
+    assert "ease, validate stage: 6040 examples in" in out and ", fit " in out
 
 
 def test_markov_scores_order_without_data() -> None:

@@ -17,11 +17,14 @@ could have seen".
 - ``markov``: first-order Markov chain on the last history item ``a``: score = number of
   transitions ``a -> b`` between consecutive items of the counted parts (all users), ties and
   items never seen after ``a`` ordered by popularity, then by the evaluator's tie rule.
+- ``ease``: EASE (Steck 2019), a closed-form item-item model fitted on the binary user x item
+  matrix of the counted parts and applied to each example's history; see
+  :mod:`recforge.trainer.evaluation.ease` for the model, its options and its cost.
 
-Scores are integer ranks rather than raw counts, so that float32 comparisons stay exact
-whatever the counts (see :func:`_markov_scores`).
+Popularity and Markov scores are integer ranks rather than raw counts, so that float32
+comparisons stay exact whatever the counts (see :func:`_markov_scores`).
 
-Everything is vectorised over users, so ML-1M takes a few seconds on CPU.
+Everything is vectorised over users, so ML-1M takes a few seconds on CPU (EASE included).
 """
 
 from __future__ import annotations
@@ -40,10 +43,17 @@ import torch
 from recforge.data import storage
 from recforge.data.layout import SEQUENCES, read_manifest, split_bounds
 from recforge.data.ragged import gather_ragged
+from recforge.trainer.evaluation.ease import (
+    DEFAULT_LAMBDA,
+    DEFAULT_MAX_ITEMS,
+    EaseModel,
+    check_ease_options,
+    fit_ease,
+)
 from recforge.trainer.evaluation.metrics import RankingEvaluator
 
-BaselineName = Literal["most_popular", "markov"]
-BASELINES: tuple[str, ...] = ("most_popular", "markov")
+BaselineName = Literal["most_popular", "markov", "ease"]
+BASELINES: tuple[str, ...] = ("most_popular", "markov", "ease")
 EvalStage = Literal["validate", "test"]
 
 
@@ -151,6 +161,15 @@ def _markov_scores(trans: Transitions, last: np.ndarray, pop_rank: np.ndarray) -
     return scores
 
 
+def _fit_ease(seqs: _Sequences, stage: EvalStage, lam: float, max_items: int) -> EaseModel:
+    """EASE fitted on the binary user x item matrix of the counted parts (every user)."""
+    known, _ = _counted_mask(seqs, stage)
+    owner = np.repeat(np.arange(len(seqs.lengths)), seqs.lengths)
+    return fit_ease(
+        owner[known], seqs.items[known], len(seqs.lengths), seqs.num_items, lam, max_items
+    )
+
+
 def run_baseline(
     data_dir: str | Path,
     name: BaselineName,
@@ -158,9 +177,13 @@ def run_baseline(
     batch_size: int = 1024,
     ks: Sequence[int] = (10, 20, 100),
     segments: Sequence[int] = (5, 20, 50, 200),
+    ease_lambda: float = DEFAULT_LAMBDA,
+    ease_max_items: int = DEFAULT_MAX_ITEMS,
+    timings: dict[str, float] | None = None,
 ) -> RankingEvaluator:
     """Evaluate a baseline; returns the filled evaluator (for :meth:`~RankingEvaluator.compute`
-    and :meth:`~RankingEvaluator.segment_table`)."""
+    and :meth:`~RankingEvaluator.segment_table`). ``ease_*`` are EASE's options (ignored by the
+    others); a given ``timings`` dict receives ``fit_s``, the seconds spent fitting (EASE)."""
     if name not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {name!r}")
     if batch_size < 1:
@@ -172,17 +195,24 @@ def run_baseline(
     # Dense popularity ranks, not raw counts: the same order, and exact in float32 at any count.
     pop_rank = np.unique(pop, return_inverse=True)[1].astype(np.int64)
     trans = transition_counts(seqs, stage) if name == "markov" else None
+    ease = _fit_ease(seqs, stage, ease_lambda, ease_max_items) if name == "ease" else None
+    if timings is not None:
+        timings["fit_s"] = 0.0 if ease is None else ease.fit_seconds
     for lo in range(0, len(users), batch_size):
         u, tt = users[lo : lo + batch_size], t[lo : lo + batch_size]
         starts = seqs.starts[u]
         target = seqs.items[starts + tt]
         seen = gather_ragged(seqs.items, starts, tt)
-        if trans is None:
-            scores = np.broadcast_to(pop_rank.astype(np.float32), (len(u), len(pop_rank)))
+        if ease is not None:
+            scores = ease.scores(seen, tt)
+        elif trans is None:
+            scores = torch.from_numpy(
+                np.broadcast_to(pop_rank.astype(np.float32), (len(u), len(pop_rank))).copy()
+            )
         else:
-            scores = _markov_scores(trans, seqs.items[starts + tt - 1], pop_rank)
+            scores = torch.from_numpy(_markov_scores(trans, seqs.items[starts + tt - 1], pop_rank))
         evaluator.update(
-            torch.from_numpy(np.ascontiguousarray(scores)),
+            scores,
             torch.from_numpy(target),
             torch.from_numpy(seen),
             torch.from_numpy(tt),
@@ -197,10 +227,20 @@ def evaluate_baseline(
     stage: EvalStage = "test",
     batch_size: int = 1024,
     ks: Sequence[int] = (10, 20, 100),
+    ease_lambda: float = DEFAULT_LAMBDA,
+    ease_max_items: int = DEFAULT_MAX_ITEMS,
 ) -> dict[str, float]:
     """Metrics of one baseline on one stage (names as in
     :mod:`recforge.trainer.evaluation.metrics`)."""
-    return run_baseline(data_dir, name, stage, batch_size, ks).compute()
+    return run_baseline(
+        data_dir,
+        name,
+        stage,
+        batch_size,
+        ks,
+        ease_lambda=ease_lambda,
+        ease_max_items=ease_max_items,
+    ).compute()
 
 
 def format_table(results: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
@@ -234,20 +274,57 @@ def main(argv: list[str] | None = None) -> int:
     """`recforge baselines DATA_DIR`: print the baselines' metrics on a prepared directory."""
     parser = argparse.ArgumentParser(prog="recforge baselines", description=__doc__.splitlines()[0])
     parser.add_argument("data_dir", help="a prepared dataset directory")
-    parser.add_argument("--baseline", choices=[*BASELINES, "all"], default="all")
+    parser.add_argument(
+        "--baseline",
+        choices=[*BASELINES, "all"],
+        nargs="+",
+        default=["all"],
+        help="one or more baselines (default: all)",
+    )
     parser.add_argument("--stage", choices=["validate", "test"], default="test")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100])
+    parser.add_argument(
+        "--ease-lambda",
+        type=float,
+        default=DEFAULT_LAMBDA,
+        help=f"EASE's ridge penalty λ, > 0 (default {DEFAULT_LAMBDA})",
+    )
+    parser.add_argument(
+        "--ease-max-items",
+        type=int,
+        default=DEFAULT_MAX_ITEMS,
+        help="largest catalogue EASE accepts: it holds dense N x N float64 matrices "
+        f"(default {DEFAULT_MAX_ITEMS})",
+    )
     args = parser.parse_args(argv)
-    names = list(BASELINES) if args.baseline == "all" else [args.baseline]
+    names = list(BASELINES) if "all" in args.baseline else list(dict.fromkeys(args.baseline))
+    if "ease" in names:
+        try:
+            # Before any work, with the catalogue size from the manifest.
+            num_items = int(read_manifest(args.data_dir)["items"])
+            check_ease_options(num_items, args.ease_lambda, args.ease_max_items)
+        except ValueError as exc:
+            parser.error(str(exc))
     results: dict[str, dict[str, float]] = {}
     for name in names:
         started = time.perf_counter()
-        evaluator = run_baseline(args.data_dir, name, args.stage, args.batch_size, args.ks)
+        timings: dict[str, float] = {}
+        evaluator = run_baseline(
+            args.data_dir,
+            name,
+            args.stage,
+            args.batch_size,
+            args.ks,
+            ease_lambda=args.ease_lambda,
+            ease_max_items=args.ease_max_items,
+            timings=timings,
+        )
         metrics = results[name] = evaluator.compute()
+        fit = f", fit {timings['fit_s']:.1f} s (λ {args.ease_lambda:g})" if name == "ease" else ""
         print(
             f"{name}, {args.stage} stage: {metrics['count']:.0f} examples "
-            f"in {time.perf_counter() - started:.1f} s; by history length (filtered):"
+            f"in {time.perf_counter() - started:.1f} s{fit}; by history length (filtered):"
         )
         for row in evaluator.segment_table(metrics):
             cells = "  ".join(
