@@ -1,6 +1,6 @@
-"""Training callbacks: throughput (samples/s, tokens/s) per epoch and on the progress bar; a
-``last.ckpt`` written after every validation; early stopping whose patience can be raised on
-resume."""
+"""Training callbacks: throughput (samples/s, tokens/s) per epoch and on the progress bar; freed
+heap memory returned to the OS after each epoch; a ``last.ckpt`` written after every
+validation; early stopping whose patience can be raised on resume."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from recforge.data import storage
 from recforge.trainer import checkpoint
+from recforge.trainer.host_memory import release_freed_memory
 
 
 class ThroughputMonitor(L.Callback):
@@ -77,6 +78,20 @@ class ThroughputMonitor(L.Callback):
             batch_size=1,
             sync_dist=False,
         )
+
+
+class ReleaseFreedMemory(L.Callback):
+    """Hands freed heap memory back to the OS after each training epoch and each evaluation
+    (:func:`~trainer.host_memory.release_freed_memory`; why: ``trainer/host_memory.py``)."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        release_freed_memory()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        release_freed_memory()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        release_freed_memory()
 
 
 class EarlyStopping(early_stopping.EarlyStopping):

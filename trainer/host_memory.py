@@ -10,6 +10,14 @@ heap makes the faults disappear after the first step.
 
 The cost is that up to 1 GiB of freed memory stays mapped to the process. Settings already
 given in the environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) win.
+
+Blocks up to 32 MiB from the heap also fragment it: batches of varying lengths free holes that
+the next, differently sized activations do not fit, and glibc only trims the heap's top. Left
+alone, a 20-minute SASRec run on ML-1M grew from 1.8 GB to 6 GB of RSS, nearly all of it free
+memory the process could not give back. :func:`release_freed_memory` (``malloc_trim(0)``, which
+returns every free page of every arena, not only the top) runs after each training epoch and
+each validation (:class:`~trainer.callbacks.ReleaseFreedMemory`); the step after it faults its
+activations in once more, a fraction of a second per epoch.
 """
 
 from __future__ import annotations
@@ -43,3 +51,18 @@ def keep_freed_memory() -> bool:
         mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
         and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     )
+
+
+def release_freed_memory() -> bool:
+    """Return the free pages of every malloc arena to the OS (glibc ``malloc_trim(0)``); False
+    where there is no such call (not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        malloc_trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    malloc_trim(0)
+    return True

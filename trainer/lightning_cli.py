@@ -27,7 +27,12 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from recforge.data.datamodule import SequenceDataModule
-from recforge.trainer.callbacks import EarlyStopping, ModelCheckpoint, ThroughputMonitor
+from recforge.trainer.callbacks import (
+    EarlyStopping,
+    ModelCheckpoint,
+    ReleaseFreedMemory,
+    ThroughputMonitor,
+)
 from recforge.trainer.presets import Derived
 from recforge.trainer.tracking.logger import TrackingConfig, TrackingError
 
@@ -182,6 +187,7 @@ class RecforgeCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(cls() for cls in self.post_fit_callbacks)
+        trainer.callbacks.append(ReleaseFreedMemory())
         if os.environ.get("RECFORGE_TUNE_TRIAL"):
             # A `recforge tune` trial: report the metric per epoch and stop when pruned.
             from recforge.trainer.tuning.report import reporter_from_env

@@ -61,3 +61,30 @@ def test_tuned_malloc_stops_the_page_faults_of_each_step() -> None:
 def test_settings_from_the_environment_win() -> None:
     applied, _ = _faults("tuned", {"MALLOC_TRIM_THRESHOLD_": "131072"})
     assert applied == "False"
+
+
+# Freed blocks below a live one: the heap's top is in use, so glibc's trim threshold never
+# applies and the holes stay resident until malloc_trim returns them.
+TRIM_SCRIPT = """
+import sys, torch
+from recforge.trainer.host_memory import keep_freed_memory, release_freed_memory
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+keep_freed_memory()
+blocks = [torch.ones(256 * 1024) for _ in range(400)]  # 400 x 1 MiB from the heap
+pin = torch.ones(256 * 1024)  # the newest block, at the heap's top
+del blocks
+before = rss_mb()
+print(release_freed_memory(), before, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+def test_release_returns_the_holes_below_a_live_block() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", TRIM_SCRIPT], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    released, before, after = out[0], float(out[1]), float(out[2])
+    assert released == "True"
+    assert before - after > 300, (before, after)  # of the 400 MiB freed

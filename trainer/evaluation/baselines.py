@@ -69,7 +69,7 @@ class _Sequences:
     num_items: int
 
 
-def _load(data_dir: str | Path) -> _Sequences:
+def load_sequences(data_dir: str | Path) -> _Sequences:
     manifest = read_manifest(data_dir)
     split = manifest["split"]
     columns = ["length", "item_idx"] + (["timestamp"] if split.get("type") == "time" else [])
@@ -124,7 +124,7 @@ def transition_counts(seqs: _Sequences, stage: EvalStage) -> Transitions:
     return Transitions(indptr, b, count.astype(np.int64))
 
 
-def _examples(seqs: _Sequences, stage: EvalStage) -> tuple[np.ndarray, np.ndarray]:
+def stage_examples(seqs: _Sequences, stage: EvalStage) -> tuple[np.ndarray, np.ndarray]:
     """``(user rows, t)`` of the stage's examples (target ``seq[t]``, history ``seq[:t]``)."""
     if stage == "validate":
         ok, t = (seqs.val_end > seqs.train_end) & (seqs.train_end >= 1), seqs.train_end
@@ -188,8 +188,8 @@ def run_baseline(
         raise ValueError(f"baseline must be one of {BASELINES}, got {name!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    seqs = _load(data_dir)
-    users, t = _examples(seqs, stage)
+    seqs = load_sequences(data_dir)
+    users, t = stage_examples(seqs, stage)
     pop = popularity_counts(seqs, stage)
     evaluator = RankingEvaluator(seqs.num_items, pop, ks=ks, segments=segments)
     # Dense popularity ranks, not raw counts: the same order, and exact in float32 at any count.
