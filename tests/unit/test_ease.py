@@ -12,12 +12,12 @@ from loader_fixtures import write_prepared
 
 from recforge.data.ragged import gather_ragged
 from recforge.trainer.evaluation.baselines import (
-    _examples,
     _fit_ease,
-    _load,
     evaluate_baseline,
+    load_sequences,
     main,
     popularity_counts,
+    stage_examples,
 )
 from recforge.trainer.evaluation.ease import check_ease_options, fit_ease
 from recforge.trainer.evaluation.metrics import RankingEvaluator
@@ -52,8 +52,8 @@ def test_ease_scores_equal_numpy_closed_form(tmp_path: Path, stage: str, cut: in
     lam = 0.7
     expected = _closed_form([s[:-cut] for s in SEQUENCES], lam)
 
-    seqs = _load(data)
-    users, t = _examples(seqs, stage)  # type: ignore[arg-type]
+    seqs = load_sequences(data)
+    users, t = stage_examples(seqs, stage)  # type: ignore[arg-type]
     assert users.tolist() == list(range(len(SEQUENCES)))
     model = _fit_ease(seqs, stage, lam, 100)  # type: ignore[arg-type]
     scores = model.scores(gather_ragged(seqs.items, seqs.starts[users], t), t)
