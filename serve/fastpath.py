@@ -35,17 +35,10 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from recforge.serve.errors import ApiError, validation_error
-
-try:  # a pinned serve dependency; the standard library alone decides without it
-    import orjson
-
-    _fast_loads: Callable[[bytes], Any] | None = orjson.loads
-    _FastError: type[Exception] = orjson.JSONDecodeError
-except ImportError:  # pragma: no cover
-    _fast_loads, _FastError = None, ValueError
 
 Handler = Callable[[Any], Awaitable[bytes]]
 # Integers orjson cannot hold in 64 bits come back as floats; the standard library keeps them.
@@ -56,14 +49,10 @@ _JSON_HEADER = (b"content-type", b"application/json")
 
 def loads(body: bytes) -> Any:
     """``body`` as FastAPI's ``Request.json()`` reads it, or the ApiError its failure answers."""
-    if (
-        _fast_loads is not None
-        and body.count(b"[") + body.count(b"{") <= _MAX_OPENERS
-        and not _LONG_DIGITS.search(body)
-    ):
+    if body.count(b"[") + body.count(b"{") <= _MAX_OPENERS and not _LONG_DIGITS.search(body):
         try:
-            return _fast_loads(body)
-        except _FastError:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
             pass  # the standard library decides (it accepts more) and words the error
     try:
         return json.loads(body)
