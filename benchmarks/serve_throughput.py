@@ -4,7 +4,12 @@ serve` over loopback with 1, 20 and 100 closed-loop clients, dynamic batching on
 (`--max-batch-size 64` / `1`), 1 and 2 workers. The load generator (aiohttp, one event loop) runs
 in this process on the same cores as the server; its CPU share is this process's CPU time over
 the cell's wall time x cores. Servers run with `--max-concurrency 256`, so the 100-client cells
-measure throughput rather than the overload answer (503)."""
+measure throughput rather than the overload answer (503).
+
+The last row of each table is the ceiling of the HTTP stack itself on these cores: the same
+uvicorn (httptools parser, one worker) serving a pure ASGI app that reads the body and answers a
+constant 10-item response, loaded by the same generator at 20 clients. No server built on this
+stack can beat it, so it says how much of a gap to the model's rate is our request path."""
 
 from __future__ import annotations
 
@@ -86,6 +91,40 @@ async def _load(url: str, payloads: list[bytes], clients: int, seconds: float) -
     }
 
 
+CEILING_APP = """
+import sys, uvicorn
+BODY = b'{"items":[' + b','.join(b'{"item_id":%d,"score":0.5}' % i for i in range(10)) + b']}'
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": BODY})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
+
+
+def ceiling_cell(bodies: list[dict], seconds: float, clients: int = 20) -> dict:
+    """The load generator against a constant-answer ASGI app on the same uvicorn stack."""
+    from recforge.serve.local import free_port, wait_healthy
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", CEILING_APP, str(port)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url + "/healthz", timeout_s=60, proc=server)
+        payloads = [json.dumps(b).encode() for b in bodies]
+        asyncio.run(_load(url, payloads, 4, 1.0))
+        return asyncio.run(_load(url, payloads, clients, seconds))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def http_cells(path: Path, bodies: list[dict], seconds: float) -> list[tuple]:
     from recforge.serve.local import free_port, wait_healthy
 
@@ -141,3 +180,9 @@ def report(name: str, path: Path, bodies: list[dict], seconds: float) -> None:
             f"{100 * c['rps'] / rate:9.0f}% | {c['p50']:7.2f} {c['p99']:7.2f} | "
             f"{c['errors']:6d} | {100 * c['loadgen_cpu']:10.0f}%"
         )
+    c = ceiling_cell(bodies, seconds)
+    print(
+        f"{'ceiling':>8} {'-':>7} {20:>7} | {c['rps']:10.0f} "
+        f"{100 * c['rps'] / rate:9.0f}% | {c['p50']:7.2f} {c['p99']:7.2f} | "
+        f"{c['errors']:6d} | {100 * c['loadgen_cpu']:10.0f}%"
+    )

@@ -7,7 +7,8 @@ OpenAPI docs at ``/docs``, and the raw model through the Open Inference Protocol
 Triton speaks it (:mod:`recforge.serve.kserve`).
 
 Reload swaps one reference: a request takes the current model once at its start and finishes
-on it, so requests in flight during a reload complete on the old model and none fail. Bodies are
+on it, so requests in flight during a reload complete on the old model and none fail; with
+``--workers`` all workers switch at one instant (:mod:`recforge.serve.holder`). Bodies are
 checked before any route (:mod:`recforge.serve.body`: size, content type, coding); every 4xx has
 one shape (:mod:`recforge.serve.errors`); the OpenAPI document states what the loaded model
 accepts and every status each route answers (:mod:`recforge.serve.openapi`). At most
@@ -23,7 +24,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI
@@ -37,6 +37,7 @@ from recforge.serve.body import BodyGate
 from recforge.serve.errors import ApiError, error_responses, install_error_handlers
 from recforge.serve.explain import EXPLAIN_TOP
 from recforge.serve.fastpath import FastRoutes
+from recforge.serve.holder import ModelHolder
 from recforge.serve.kserve import MAX_BATCH, JsonInt, kserve_router
 from recforge.serve.openapi import install_contract
 from recforge.serve.ops import ConcurrencyLimit, Instrument, ServeMetrics
@@ -177,63 +178,6 @@ class ReloadResponse(BaseModel):
     status: str
     model: ModelInfo
     reloads: int
-
-
-class ModelHolder:
-    """The current model; replaced whole on reload."""
-
-    def __init__(
-        self,
-        source: str,
-        threads: int,
-        index: str,
-        tracking_uri: str | None,
-        ef_search: int = 512,
-        metrics: ServeMetrics | None = None,
-    ) -> None:
-        self.source, self.threads, self.index, self.tracking_uri = (
-            source,
-            threads,
-            index,
-            tracking_uri,
-        )
-        self.ef_search = ef_search
-        self.metrics = metrics
-        self.lock = threading.Lock()
-        self.current = self._load(source)
-        self.loaded_at = time.time()
-        self.reloads = 0
-        self._served()
-
-    def reload(self, source: str | None = None) -> Recommender:
-        with self.lock:  # one reload at a time; readers never wait
-            try:
-                new = self._load(source or self.source)
-            except Exception:
-                if self.metrics is not None:
-                    self.metrics.reloads.labels(result="failure").inc()
-                raise
-            self.source = source or self.source
-            self.current, self.loaded_at = new, time.time()
-            self.reloads += 1
-            if self.metrics is not None:
-                self.metrics.reloads.labels(result="success").inc()
-            self._served()
-            return new
-
-    def _served(self) -> None:
-        if self.metrics is not None:
-            manifest = self.current.manifest
-            self.metrics.served(manifest, manifest["files"][MODEL], self.source)
-
-    def _load(self, source: str) -> Recommender:
-        return Recommender.load(
-            source,
-            threads=self.threads,
-            index=self.index,
-            ef_search=self.ef_search,
-            tracking_uri=self.tracking_uri,
-        )
 
 
 def create_app(
@@ -435,7 +379,7 @@ def main(args: Any) -> int:
 
 def _app(args: Any, cluster: Cluster | None = None) -> FastAPI:
     return create_app(
-        cluster.state()["source"] if cluster else args.source,
+        cluster.served_source() if cluster else args.source,
         threads=args.threads,
         index=args.index,
         tracking_uri=args.tracking_uri,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -115,7 +117,21 @@ def test_two_workers_reload_reaches_both(artifacts: dict[str, Path]) -> None:  #
             workers.add(health["worker"])
         assert len(workers) == 2, log.read_text()[-2000:]
         body = {"history": list(range(1, 150)), "k": 10}
+        watching = threading.Event()
+        watching.set()
+
+        def watch() -> list[tuple[float, float, str]]:
+            """(start, end, model) of /healthz after /healthz, each on a new connection (so the
+            kernel spreads them over both workers)."""
+            seen = []
+            while watching.is_set():
+                start = time.monotonic()
+                health = requests.get(url + "/healthz", timeout=30).json()
+                seen.append((start, time.monotonic(), health["model"]["sha256"]))
+            return seen
+
         with ThreadPoolExecutor(8) as pool:
+            watchers = [pool.submit(watch) for _ in range(3)]
             load = [
                 pool.submit(
                     lambda: [
@@ -123,15 +139,39 @@ def test_two_workers_reload_reaches_both(artifacts: dict[str, Path]) -> None:  #
                         for _ in range(15)
                     ]
                 )
-                for _ in range(6)
+                for _ in range(2)
             ]
-            reload = requests.post(
-                url + "/v1/admin/reload", json={"source": str(artifacts["second"])}, timeout=120
-            )
+            # Three reloads (to the second, back to the first, to the second): each a window in
+            # which an unsynchronised switch would show.
+            windows = []
+            for target in ("second", "first", "second"):
+                time.sleep(0.3)
+                start = time.monotonic()
+                reload = requests.post(
+                    url + "/v1/admin/reload", json={"source": str(artifacts[target])}, timeout=120
+                )
+                windows.append((start, time.monotonic(), target, reload))
+            time.sleep(0.3)
+            watching.clear()
             statuses = [s for f in load for s in f.result()]
-        assert reload.status_code == 200, reload.text
-        assert reload.json()["model"]["sha256"] == sha["second"]
+            polls = sorted(p for w in watchers for p in w.result())
         assert statuses and set(statuses) == {200}
+        # Atomic across workers: within a reload, no request that started after one had been
+        # answered by the new model is answered by the old one (the workers switch on one shared
+        # commit); once the reload has answered, every request gets the new model.
+        for i, (start, end, target, reload) in enumerate(windows):
+            assert reload.status_code == 200, reload.text
+            assert reload.json()["model"]["sha256"] == sha[target]
+            until = windows[i + 1][0] if i + 1 < len(windows) else polls[-1][1] + 1
+            during = [p for p in polls if p[0] >= start and p[1] <= until]
+            new = [p for p in during if p[2] == sha[target]]
+            assert new, f"reload {i}: no request saw the new model"
+            first_new = min(p[1] for p in new)
+            late_old = [p for p in during if p[2] != sha[target] and p[0] > first_new]
+            assert not late_old, (
+                f"reload {i}: {len(late_old)} of {len(during)} answered late by the old model"
+            )
+            assert all(p[2] == sha[target] for p in during if p[0] > end), f"reload {i}"
         seen = [requests.get(url + "/healthz", timeout=10).json() for _ in range(40)]
         assert {h["worker"] for h in seen} == workers
         assert {h["model"]["sha256"] for h in seen} == {sha["second"]}
@@ -140,12 +180,57 @@ def test_two_workers_reload_reaches_both(artifacts: dict[str, Path]) -> None:  #
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             seen = [requests.get(url + "/healthz", timeout=10).json() for _ in range(20)]
-            if {h["worker"] for h in seen} == workers and all(h["reloads"] == 2 for h in seen):
+            if {h["worker"] for h in seen} == workers and all(h["reloads"] == 4 for h in seen):
                 break
             time.sleep(0.2)
-        assert all(h["reloads"] == 2 for h in seen), seen
+        assert all(h["reloads"] == 4 for h in seen), seen
         assert {h["model"]["sha256"] for h in seen} == {sha["second"]}
     assert "Traceback" not in log.read_text()
+
+
+def test_a_reload_one_worker_cannot_load_changes_no_worker(artifacts: dict[str, Path]) -> None:  # noqa: F811
+    """Two workers' views of one cluster, in this process: the second cannot load the new
+    artifact (it was corrupted after the first loaded it), so the reload is aborted, the first
+    answers with the error, and both still serve the old model; the next reload commits."""
+    from recforge.serve.holder import ModelHolder
+    from recforge.serve.workers import STATE, Cluster
+
+    new = artifacts["tmp"] / "second-copy"
+    shutil.copytree(artifacts["second"], new)
+    first = Cluster.create(str(artifacts["first"]), workers=2)
+    try:
+        a, b = Cluster(first.directory, 2, "a"), Cluster(first.directory, 2, "b")
+        holders = []
+        for view in (a, b):
+            holders.append(ModelHolder(view.served_source(), 1, "auto", None))
+            view.start(holders[-1])
+        old_sha, new_sha = requests_sha(artifacts["first"]), requests_sha(new)
+
+        def serving() -> set[str]:
+            return {h.current.manifest["files"]["model.onnx"][:12] for h in holders}
+
+        pool = ThreadPoolExecutor(1)
+        with b._lock:  # b cannot stage until we let it
+            reload = pool.submit(a.reload, holders[0], str(new))
+            deadline = time.monotonic() + 60
+            while a.state()["generation"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert a.state()["generation"] == 1, (first.directory / STATE).read_text()
+            assert serving() == {old_sha}  # staged in a, not served: nothing committed
+            (new / "model.onnx").write_bytes(b"not the model the manifest describes")
+        try:
+            reload.result(timeout=120)
+            raise AssertionError("the reload was committed although a worker could not load it")
+        except OSError as exc:
+            pool.shutdown()
+            assert "1 of 2 workers" in str(exc) and "'b'" in str(exc) and "old one" in str(exc)
+        assert a.committed() == 0 and serving() == {old_sha}
+        assert [h.reloads for h in holders] == [0, 0]
+        a.reload(holders[0], str(artifacts["second"]))
+        assert a.committed() == 2 and serving() == {new_sha}
+        assert a.served_source() == str(artifacts["second"])
+    finally:
+        shutil.rmtree(first.directory, ignore_errors=True)
 
 
 def requests_sha(directory: Path) -> str:
