@@ -81,8 +81,20 @@ class ThroughputMonitor(L.Callback):
 
 
 class ReleaseFreedMemory(L.Callback):
-    """Hands freed heap memory back to the OS after each training epoch and each evaluation
-    (:func:`~trainer.host_memory.release_freed_memory`; why: ``trainer/host_memory.py``)."""
+    """Hands freed heap memory back to the OS every ``every_n_steps`` training steps, after each
+    training epoch and after each evaluation (:func:`~trainer.host_memory.release_freed_memory`;
+    why: ``trainer/host_memory.py``). Within an epoch the holes grow too: a 30-epoch ML-1M run
+    trimmed only at epoch ends peaked at 3.1 GB while its epochs started below 1 GB."""
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        self.every_n_steps, self._batches = every_n_steps, 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
+    ) -> None:
+        self._batches += 1
+        if self._batches % self.every_n_steps == 0:
+            release_freed_memory()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         release_freed_memory()

@@ -15,9 +15,9 @@ Blocks up to 32 MiB from the heap also fragment it: batches of varying lengths f
 the next, differently sized activations do not fit, and glibc only trims the heap's top. Left
 alone, a 20-minute SASRec run on ML-1M grew from 1.8 GB to 6 GB of RSS, nearly all of it free
 memory the process could not give back. :func:`release_freed_memory` (``malloc_trim(0)``, which
-returns every free page of every arena, not only the top) runs after each training epoch and
-each validation (:class:`~trainer.callbacks.ReleaseFreedMemory`); the step after it faults its
-activations in once more, a fraction of a second per epoch.
+returns every free page of every arena, not only the top) runs every 100 training steps, after
+each training epoch and after each validation (:class:`~trainer.callbacks.ReleaseFreedMemory`);
+the step after it faults its activations in once more, about a tenth of one step's time.
 """
 
 from __future__ import annotations
