@@ -88,15 +88,18 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
         ps = psutil.Process(proc.pid)
-        peak = 0
+        peak, peak_at, trace = 0, 0.0, []
         seen: dict[str, float] = {}
         evals: list[dict] = []
         metrics_csv: Path | None = None
         test_started: float | None = None
         while proc.poll() is None:
             rss = tree_rss(ps)
-            peak = max(peak, rss)
             now = time.perf_counter() - start
+            if rss > peak:
+                peak, peak_at = rss, now
+            if not trace or now - trace[-1][0] >= 1.0:
+                trace.append((round(now, 1), round(rss / 1e9, 3)))
             if metrics_csv is None:
                 found = sorted(out.glob("*/version_*/metrics.csv"))
                 metrics_csv = found[-1] if found else None
@@ -142,6 +145,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
         "test_wall_s": round(wall - test_started, 1) if test_started is not None else None,
         "total_wall_s": round(wall, 1),
         "peak_rss_gb": round(peak / 1e9, 2),
+        "peak_rss_at_s": round(peak_at, 1),
+        "rss_trace": trace,  # (elapsed s, GB) about once a second: where the peaks fall
         "load_average_start": load_start,
         "load_average_end": os.getloadavg(),
         "metrics_csv": str(metrics_csv),
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         f"test NDCG@10 {result['test_ndcg10']:.4f}  HR@10 {result['test_hr10']:.4f} "
         f"(seen items filtered, full ranking)\n"
         f"fit {result['fit_wall_s']} s (budget {args.budget_minutes:g} min), test "
-        f"{result['test_wall_s']} s, peak RSS {result['peak_rss_gb']} GB, "
+        f"{result['test_wall_s']} s, peak RSS {result['peak_rss_gb']} GB (at "
+        f"{result['peak_rss_at_s']} s), "
         f"{args.threads} threads, load average {result['load_average_start'][0]:.1f} -> "
         f"{result['load_average_end'][0]:.1f}\nwritten {out}"
     )

@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         from recforge.trainer.host_memory import keep_freed_memory
         from recforge.trainer.lightning_cli import run
         from recforge.trainer.sharding import ShardingError
+        from recforge.trainer.strategy import exit_failed_rank
         from recforge.trainer.tracking.logger import TrackingError
 
         keep_freed_memory()
@@ -249,13 +250,13 @@ def main(argv: list[str] | None = None) -> int:
             # Every rank raises the same error (rank 0's plan failure is broadcast): one line.
             if _rank() == 0:
                 print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
-            return 2
+            return exit_failed_rank(2)
         except (CheckpointError, TrackingError, StaleDatasetError) as exc:
             # A collective outcome (e.g. a checkpoint that could not be written) is raised alike
             # on every rank: rank 0 says it.
             if not getattr(exc, "every_rank", False) or _rank() == 0:
                 print(f"recforge {argv[0]}: error: {exc}", file=sys.stderr)
-            return 2
+            return exit_failed_rank(2)
         except Exception as exc:
             from recforge.trainer.strategy import peer_failure
 
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             if line is None:
                 raise
             print(f"recforge {argv[0]}: error: {line}", file=sys.stderr)
-            return 1
+            return exit_failed_rank(1)
     if argv and argv[0] == "baselines":
         from recforge.trainer.evaluation.baselines import main as baselines_main
 
