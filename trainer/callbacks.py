@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from recforge.data import storage
 from recforge.trainer import checkpoint
-from recforge.trainer.host_memory import release_freed_memory
+from recforge.trainer.host_memory import release_freed_memory, resident_bytes
 
 
 class ThroughputMonitor(L.Callback):
@@ -81,29 +81,44 @@ class ThroughputMonitor(L.Callback):
 
 
 class ReleaseFreedMemory(L.Callback):
-    """Hands freed heap memory back to the OS every ``every_n_steps`` training steps, after each
-    training epoch and after each evaluation (:func:`~trainer.host_memory.release_freed_memory`;
-    why: ``trainer/host_memory.py``). Within an epoch the holes grow too: a 30-epoch ML-1M run
-    trimmed only at epoch ends peaked at 3.1 GB while its epochs started below 1 GB."""
+    """Hands freed heap memory back to the OS when the resident size has grown by ``slack``
+    bytes since the last release, after each training epoch and after each evaluation
+    (:func:`~trainer.host_memory.release_freed_memory`; why: ``trainer/host_memory.py``).
 
-    def __init__(self, every_n_steps: int = 100) -> None:
-        self.every_n_steps, self._batches = every_n_steps, 0
+    Within an epoch the holes grow too, at a rate that depends on the batch: a fixed step count
+    that suits batch 32 lets batch 128 peak far higher, so the trigger is the growth itself,
+    read from ``/proc/self/statm`` after each step (microseconds). The reference is the size
+    right after the last release, so memory that is really in use raises it instead of
+    triggering a release every step.
+    """
+
+    def __init__(self, slack: int = 512 << 20) -> None:
+        self.slack = slack
+        self._after_release: int | None = None
+
+    def _release(self) -> None:
+        release_freed_memory()
+        self._after_release = resident_bytes()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any
     ) -> None:
-        self._batches += 1
-        if self._batches % self.every_n_steps == 0:
-            release_freed_memory()
+        now = resident_bytes()
+        if now is None:
+            return
+        if self._after_release is None:
+            self._after_release = now
+        elif now - self._after_release > self.slack:
+            self._release()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        release_freed_memory()
+        self._release()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        release_freed_memory()
+        self._release()
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        release_freed_memory()
+        self._release()
 
 
 class EarlyStopping(early_stopping.EarlyStopping):

@@ -88,3 +88,42 @@ def test_release_returns_the_holes_below_a_live_block() -> None:
     released, before, after = out[0], float(out[1]), float(out[2])
     assert released == "True"
     assert before - after > 300, (before, after)  # of the 400 MiB freed
+
+
+# Each "step" frees 100 MiB of blocks below a live one, as a training step leaves holes below
+# newer allocations; glibc reuses the holes but never returns them on its own.
+CALLBACK_SCRIPT = """
+import sys, torch
+from recforge.trainer.callbacks import ReleaseFreedMemory
+from recforge.trainer.host_memory import keep_freed_memory, resident_bytes
+keep_freed_memory()
+callback = ReleaseFreedMemory(slack=int(sys.argv[1]) << 20)
+pins = [torch.ones(256 * 1024)]
+callback.on_train_batch_end(None, None)  # the reference size
+base = resident_bytes()
+over = []
+for step in range(4):
+    blocks = [torch.ones(256 * 1024) for _ in range(100)]  # 100 x 1 MiB from the heap
+    pins.append(torch.ones(256 * 1024))  # a live block above them
+    del blocks
+    callback.on_train_batch_end(None, None)
+    over.append((resident_bytes() - base) / 2**20)
+print(max(over))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
+@pytest.mark.parametrize(("slack_mib", "released"), [(50, True), (300, False)])
+def test_the_callback_releases_once_growth_passes_its_slack(slack_mib: int, released: bool) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", CALLBACK_SCRIPT, str(slack_mib)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    most_over = float(out[-1])  # MiB above the reference size after a step's callback
+    if released:
+        assert most_over < 50, most_over
+    else:
+        assert 95 < most_over < 300, most_over  # the holes stay: nothing was released
