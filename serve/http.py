@@ -26,6 +26,7 @@ import signal
 import threading
 from typing import Annotated, Any
 
+import orjson
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse, Response
@@ -50,20 +51,13 @@ from recforge.serve.recommender import (
 )
 from recforge.serve.workers import Cluster, listening_socket, serve_workers
 
-try:  # a pinned serve dependency; the standard library's encoder if an install lacks it
-    import orjson
 
-    def _dumps(payload: Any) -> bytes:
-        try:
-            return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-        except orjson.JSONEncodeError:
-            # Echoed unknown history ids orjson refuses (integers beyond 64 bits, lone
-            # surrogates): the standard library escapes them into valid JSON.
-            return json.dumps(payload, separators=(",", ":")).encode()
-
-except ImportError:  # pragma: no cover
-
-    def _dumps(payload: Any) -> bytes:
+def _dumps(payload: Any) -> bytes:
+    try:
+        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:
+        # Echoed unknown history ids orjson refuses (integers beyond 64 bits, lone
+        # surrogates): the standard library escapes them into valid JSON.
         return json.dumps(payload, separators=(",", ":")).encode()
 
 
