@@ -1,7 +1,8 @@
 """Presets: training settings derived from a prepared dataset's manifest statistics.
 
 ``preset: auto`` in a SASRec config (``configs/sasrec/auto.yaml``) fills ``max_len``,
-``num_layers``, ``dropout`` and ``early_stopping.patience`` from the data's manifest statistics
+``num_layers``, ``dropout``, the item table's learning rate and ``early_stopping.patience``
+from the data's manifest statistics
 (:mod:`recforge.data.stats`), so a new dataset gets sensible values without hand-tuning; any
 of them a config or the command line sets explicitly wins. The CLI side is
 ``RecforgeCLI.parse_arguments`` (``trainer/lightning_cli.py``).
@@ -18,10 +19,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-MODEL = "model.init_args.model"
+INIT_ARGS = "model.init_args"
+MODEL = f"{INIT_ARGS}.model"
 MAX_LEN = f"{MODEL}.max_len"
 NUM_LAYERS = f"{MODEL}.num_layers"
 DROPOUT = f"{MODEL}.dropout"
+TABLE_LR = f"{INIT_ARGS}.embedding_optimizer.lr"
 PATIENCE = "early_stopping.patience"
 
 DENSE_ITEM_INTERACTIONS = 50.0
@@ -30,6 +33,7 @@ MAX_LEN_MULTIPLE = 8
 MAX_LEN_RANGE = (16, 200)
 PATIENCE_TIERS = ((300_000, 30), (3_000_000, 20))
 PATIENCE_LARGE = 10
+TABLE_LR_DENSE, TABLE_LR_SPARSE = 0.05, 0.13
 
 
 class PresetError(ValueError):
@@ -103,6 +107,13 @@ def sasrec_auto(manifest: Mapping[str, Any]) -> dict[str, Derived]:
             f"0.2 if >= {DENSE_ITEM_INTERACTIONS:g} per item (dense), else 0.5",
         ),
         Derived(
+            TABLE_LR,
+            TABLE_LR_DENSE if dense else TABLE_LR_SPARSE,
+            density,
+            f"{TABLE_LR_DENSE:g} if >= {DENSE_ITEM_INTERACTIONS:g} per item (dense), "
+            f"else {TABLE_LR_SPARSE:g}",
+        ),
+        Derived(
             PATIENCE,
             derive_patience(train),
             f"{train:,} training interactions per epoch",
@@ -134,15 +145,20 @@ def check_preset(name: str, class_path: str) -> Callable[[Mapping[str, Any]], di
 
 
 def as_defaults(derived: Mapping[str, Derived], class_path: str) -> dict[str, Any]:
-    """The derived values as parser defaults: the model's fields under its ``class_path`` (so
-    a config's own ``init_args`` merge over them), the others by their dotted key."""
-    model_fields: dict[str, Any] = {}
+    """The derived values as parser defaults: the module's arguments nested under its
+    ``class_path`` (so a config's own ``init_args`` merge over them), the others by their dotted
+    key."""
+    init_args: dict[str, Any] = {}
     defaults: dict[str, Any] = {}
     for key, d in derived.items():
-        if key.startswith(MODEL + "."):
-            model_fields[key.removeprefix(MODEL + ".")] = d.value
+        if key.startswith(INIT_ARGS + "."):
+            *parents, leaf = key.removeprefix(INIT_ARGS + ".").split(".")
+            node = init_args
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = d.value
         else:
             defaults[key] = d.value
-    if model_fields:
-        defaults["model"] = {"class_path": class_path, "init_args": {"model": model_fields}}
+    if init_args:
+        defaults["model"] = {"class_path": class_path, "init_args": init_args}
     return defaults

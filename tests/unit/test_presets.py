@@ -18,6 +18,7 @@ from recforge.trainer.presets import (
     MAX_LEN,
     NUM_LAYERS,
     PATIENCE,
+    TABLE_LR,
     PresetError,
     as_defaults,
     check_preset,
@@ -42,7 +43,13 @@ def values(derived: dict) -> dict[str, Any]:
 def test_dense_long_histories_get_the_ml1m_settings() -> None:
     # ML-1M's statistics: p95 training length 554, 292.6 interactions per item, 987,531 targets.
     derived = sasrec_auto(manifest(554, 292.6, 987_531))
-    assert values(derived) == {MAX_LEN: 200, NUM_LAYERS: 2, DROPOUT: 0.2, PATIENCE: 20}
+    assert values(derived) == {
+        MAX_LEN: 200,
+        NUM_LAYERS: 2,
+        DROPOUT: 0.2,
+        TABLE_LR: 0.05,
+        PATIENCE: 20,
+    }
     # Each value says which statistic and which rule gave it.
     assert "p95 training length 554" in derived[MAX_LEN].describe()
     assert "clamped to [16, 200]" in derived[MAX_LEN].rule
@@ -52,7 +59,13 @@ def test_dense_long_histories_get_the_ml1m_settings() -> None:
 def test_sparse_short_histories_get_a_small_regularised_model() -> None:
     # Amazon Sports: p95 16, 16.1 interactions per item, 225,141 targets (short epochs).
     derived = sasrec_auto(manifest(16, 16.1, 225_141))
-    assert values(derived) == {MAX_LEN: 16, NUM_LAYERS: 1, DROPOUT: 0.5, PATIENCE: 30}
+    assert values(derived) == {
+        MAX_LEN: 16,
+        NUM_LAYERS: 1,
+        DROPOUT: 0.5,
+        TABLE_LR: 0.13,
+        PATIENCE: 30,
+    }
     assert "225,141 training interactions" in derived[PATIENCE].statistic
 
 
@@ -75,6 +88,7 @@ def test_rule_edges() -> None:
     ]
     assert values(sasrec_auto(manifest(40, 50.0, 10)))[NUM_LAYERS] == 2  # 50 per item is dense
     assert values(sasrec_auto(manifest(40, 49.9, 10)))[DROPOUT] == 0.5
+    assert values(sasrec_auto(manifest(40, 49.9, 10)))[TABLE_LR] == 0.13
 
 
 def test_unknown_preset_other_family_and_old_manifest_are_clear_errors() -> None:
@@ -94,7 +108,10 @@ def test_defaults_nest_the_model_fields_under_the_class_path() -> None:
         "early_stopping.patience": 30,
         "model": {
             "class_path": "pkg.Module",
-            "init_args": {"model": {"max_len": 32, "num_layers": 2, "dropout": 0.2}},
+            "init_args": {
+                "model": {"max_len": 32, "num_layers": 2, "dropout": 0.2},
+                "embedding_optimizer": {"lr": 0.05},
+            },
         },
     }
 
