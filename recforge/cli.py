@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         from recforge.trainer.host_memory import keep_freed_memory
         from recforge.trainer.lightning_cli import run
         from recforge.trainer.sharding import ShardingError
-        from recforge.trainer.strategy import exit_failed_rank
+        from recforge.trainer.strategy import exit_failed_rank, in_process_group
         from recforge.trainer.tracking.logger import TrackingError
 
         keep_freed_memory()
@@ -263,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             # A collective that failed because a peer rank died: one line naming it.
             line = peer_failure(exc)
             if line is None:
-                raise
+                if not in_process_group():
+                    raise
+                # The same abort at finalization as above: report it as Python would, then go.
+                traceback.print_exc()
+                return exit_failed_rank(1)
             print(f"recforge {argv[0]}: error: {line}", file=sys.stderr)
             return exit_failed_rank(1)
     if argv and argv[0] == "baselines":

@@ -89,7 +89,8 @@ class ReleaseFreedMemory(L.Callback):
     that suits batch 32 lets batch 128 peak far higher, so the trigger is the growth itself,
     read from ``/proc/self/statm`` after each step (microseconds). The reference is the size
     right after the last release, so memory that is really in use raises it instead of
-    triggering a release every step.
+    triggering a release every step; it is read at the first step after a release, once that
+    step has faulted its working set back in, not right after the release.
     """
 
     def __init__(self, slack: int = 512 << 20) -> None:
@@ -98,7 +99,7 @@ class ReleaseFreedMemory(L.Callback):
 
     def _release(self) -> None:
         release_freed_memory()
-        self._after_release = resident_bytes()
+        self._after_release = None  # the next step's size is the reference
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any

@@ -108,8 +108,8 @@ class RecforgeCLI(LightningCLI):
             type=str | None,
             default=None,
             help="derive the settings a config leaves unset from the data's manifest: `auto` "
-            "(SASRec: max_len, num_layers, dropout, early_stopping.patience; explicit values "
-            "win; docs/architecture.md §6)",
+            "(SASRec: max_len, num_layers, dropout, the item table's learning rate, "
+            "early_stopping.patience; explicit values win; docs/architecture.md §6)",
         )
         parser.add_lightning_class_args(ThroughputMonitor, "throughput")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

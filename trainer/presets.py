@@ -111,7 +111,7 @@ def sasrec_auto(manifest: Mapping[str, Any]) -> dict[str, Derived]:
             TABLE_LR_DENSE if dense else TABLE_LR_SPARSE,
             density,
             f"{TABLE_LR_DENSE:g} if >= {DENSE_ITEM_INTERACTIONS:g} per item (dense), "
-            f"else {TABLE_LR_SPARSE:g}",
+            f"else {TABLE_LR_SPARSE:g} (rates for the Adagrad family, the default optimizer)",
         ),
         Derived(
             PATIENCE,

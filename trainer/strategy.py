@@ -169,6 +169,11 @@ WATCH = PeerWatch()
 """This process's watch (one per process: its ranks' lifetimes are the process's)."""
 
 
+def in_process_group() -> bool:
+    """Whether this process has joined a process group (and so has gloo or NCCL threads)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def exit_failed_rank(code: int) -> int:
     """End a rank whose command failed with ``code`` at once, if it joined a process group;
     else return ``code``.
@@ -182,7 +187,7 @@ def exit_failed_rank(code: int) -> int:
     trainer torn down (Lightning's ``on_exception`` hooks, loggers marked failed); what is left
     is to flush and leave without finalization.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not in_process_group():
         return code
     sys.stdout.flush()
     sys.stderr.flush()

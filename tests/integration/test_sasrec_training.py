@@ -112,7 +112,14 @@ def test_every_config_parses(tmp_path: Path) -> None:
 def test_auto_preset_derives_from_the_data_and_explicit_values_win(tmp_path: Path) -> None:
     import yaml
 
-    from recforge.trainer.presets import DROPOUT, MAX_LEN, NUM_LAYERS, PATIENCE, sasrec_auto
+    from recforge.trainer.presets import (
+        DROPOUT,
+        MAX_LEN,
+        NUM_LAYERS,
+        PATIENCE,
+        TABLE_LR,
+        sasrec_auto,
+    )
 
     data, root = tmp_path / "data", tmp_path / "run"
     extra = [
@@ -138,8 +145,11 @@ def test_auto_preset_derives_from_the_data_and_explicit_values_win(tmp_path: Pat
     assert model["max_len"] == derived[MAX_LEN].value
     assert model["num_layers"] == derived[NUM_LAYERS].value
     assert config["early_stopping"]["patience"] == derived[PATIENCE].value
+    # auto.yaml leaves the table's rate to the preset (this synthetic catalogue is sparse)
+    table_lr = config["model"]["init_args"]["embedding_optimizer"]["lr"]
+    assert table_lr == derived[TABLE_LR].value == 0.13
     assert model["dropout"] == 0.3 != derived[DROPOUT].value  # the explicit value won
-    for key in (MAX_LEN, NUM_LAYERS, PATIENCE):
+    for key in (MAX_LEN, NUM_LAYERS, PATIENCE, TABLE_LR):
         assert f"preset: {derived[key].describe()}" in proc.stderr
     assert f"preset: {DROPOUT} = 0.3, set explicitly" in proc.stderr
     unknown = recforge(*fit_args(root, data, "--preset", "fast", config=auto), cwd=tmp_path)

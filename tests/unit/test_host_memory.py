@@ -90,31 +90,31 @@ def test_release_returns_the_holes_below_a_live_block() -> None:
     assert before - after > 300, (before, after)  # of the 400 MiB freed
 
 
-# Each "step" frees 100 MiB of blocks below a live one, as a training step leaves holes below
-# newer allocations; glibc reuses the holes but never returns them on its own.
+# Each "step" frees 100 MiB of blocks below a live one, as a training step frees its
+# activations below newer allocations: glibc keeps that hole resident and the next step reuses it.
 CALLBACK_SCRIPT = """
 import sys, torch
 from recforge.trainer.callbacks import ReleaseFreedMemory
 from recforge.trainer.host_memory import keep_freed_memory, resident_bytes
-keep_freed_memory()
+print(keep_freed_memory())
 callback = ReleaseFreedMemory(slack=int(sys.argv[1]) << 20)
 pins = [torch.ones(256 * 1024)]
 callback.on_train_batch_end(None, None)  # the reference size
 base = resident_bytes()
-over = []
-for step in range(4):
+for step in range(5):
     blocks = [torch.ones(256 * 1024) for _ in range(100)]  # 100 x 1 MiB from the heap
     pins.append(torch.ones(256 * 1024))  # a live block above them
     del blocks
     callback.on_train_batch_end(None, None)
-    over.append((resident_bytes() - base) / 2**20)
-print(max(over))
+    print(round((resident_bytes() - base) / 2**20))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc_trim")
 @pytest.mark.parametrize(("slack_mib", "released"), [(50, True), (300, False)])
-def test_the_callback_releases_once_growth_passes_its_slack(slack_mib: int, released: bool) -> None:
+def test_the_callback_releases_growth_but_not_a_steady_working_set(
+    slack_mib: int, released: bool
+) -> None:
     out = subprocess.run(
         [sys.executable, "-c", CALLBACK_SCRIPT, str(slack_mib)],
         cwd=REPO,
@@ -122,8 +122,12 @@ def test_the_callback_releases_once_growth_passes_its_slack(slack_mib: int, rele
         text=True,
         check=True,
     ).stdout.split()
-    most_over = float(out[-1])  # MiB above the reference size after a step's callback
+    assert out[0] == "True"  # the heap keeps freed blocks, so only a release returns them
+    over = [int(v) for v in out[1:]]  # MiB above the reference after each step's callback
     if released:
-        assert most_over < 50, most_over
+        # 100 MiB of growth passed the 50 MiB slack: returned. The next step faults the hole in
+        # again and becomes the reference, so the steady 100 MiB is not released every step.
+        assert over[0] < 30, over
+        assert all(90 < v < 140 for v in over[1:]), over
     else:
-        assert 95 < most_over < 300, most_over  # the holes stay: nothing was released
+        assert all(90 < v < 140 for v in over), over  # under the slack: kept
