@@ -87,10 +87,9 @@ class ReleaseFreedMemory(L.Callback):
 
     Within an epoch the holes grow too, at a rate that depends on the batch: a fixed step count
     that suits batch 32 lets batch 128 peak far higher, so the trigger is the growth itself,
-    read from ``/proc/self/statm`` after each step (microseconds). The reference is the size
-    right after the last release, so memory that is really in use raises it instead of
-    triggering a release every step; it is read at the first step after a release, once that
-    step has faulted its working set back in, not right after the release.
+    read from ``/proc/self/statm`` after each step (microseconds). The reference is the size at
+    the first step after a release, once that step has faulted its working set back in: memory
+    really in use raises the reference instead of triggering a release every step.
     """
 
     def __init__(self, slack: int = 512 << 20) -> None:

@@ -56,11 +56,15 @@ def keep_freed_memory() -> bool:
     )
 
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 def resident_bytes() -> int | None:
-    """This process's resident set size (``/proc/self/statm``); None where there is no procfs."""
+    """This process's resident set size (``/proc/self/statm``); None where there is no procfs.
+    Read after every training step, so one small read and no other call."""
     try:
         with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            return int(f.read().split()[1]) * _PAGE_SIZE
     except (OSError, ValueError, IndexError):
         return None
 
