@@ -33,6 +33,8 @@ from recforge.models.losses import bce_one_negative, full_softmax_ce, gbce, samp
 from recforge.models.ragged import pad_ragged
 
 LossKind = Literal["ce", "sampled_softmax", "bce", "gbce"]
+BlockKind = Literal["pre_ln", "ligr"]
+BLOCKS: tuple[BlockKind, ...] = ("pre_ln", "ligr")
 PositionOrigin = Literal["newest", "oldest"]
 POSITION_ORIGINS: tuple[PositionOrigin, ...] = ("newest", "oldest")
 LOSSES: tuple[LossKind, ...] = ("ce", "sampled_softmax", "bce", "gbce")
@@ -59,6 +61,10 @@ class SASRecConfig:
     """Attention heads; must divide ``dim``."""
     ffn_mult: int = 4
     """Feed-forward width as a multiple of ``dim``."""
+    block: BlockKind = "pre_ln"
+    """``pre_ln``: ``x + attn(LN(x))``, then ``x + GELU-FFN(LN(x))`` (SASRec with pre-LN).
+    ``ligr``: the gated residuals of LinkedIn's LiGR layer (as in eSASRec): each branch is
+    scaled by ``sigmoid(W x)`` of the stream it is added to, and the FFN is SwiGLU."""
     dropout: float = 0.2
     """Dropout on the input embeddings and the residual branches."""
     attention_dropout: float = 0.0
@@ -104,6 +110,7 @@ class SASRecConfig:
             f"must be >= 1 and divide dim={self.dim}",
         )
         need(self.ffn_mult >= 1, "ffn_mult", "must be >= 1")
+        need(self.block in BLOCKS, "block", f"must be one of {BLOCKS}")
         need(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         need(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must be in [0, 1)")
         need(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")
@@ -233,6 +240,46 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.norm2(x)))
 
 
+class SwiGLU(nn.Module):
+    """``W2 (SiLU(W1 x) * W3 x)``, bias-free, dropout on the gated hidden units."""
+
+    def __init__(self, dim: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * ffn_dim, bias=False)  # W1 and W3 in one GEMM
+        self.down = nn.Linear(ffn_dim, dim, bias=False)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.drop(F.silu(gate) * up))
+
+
+class LiGRBlock(nn.Module):
+    """``x + sigmoid(Ga x) * attn(LN(x))``, then ``x + sigmoid(Gf x) * SwiGLU(LN(x))``.
+
+    The gates read the residual stream itself (not its norm), so each position learns how much
+    of a branch to take in; with short, noisy histories that is a learned, per-coordinate
+    shortcut around a branch that does not help.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, num_heads, attention_dropout)
+        self.attn_gate = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = SwiGLU(dim, ffn_dim, dropout)
+        self.ffn_gate = nn.Linear(dim, dim)
+        self.drop = Dropout(dropout)
+
+    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
+        """(B, L, D), or the packed (T, D) real positions with their ``packing``."""
+        x = x + torch.sigmoid(self.attn_gate(x)) * self.drop(self.attn(self.norm1(x), packing))
+        return x + torch.sigmoid(self.ffn_gate(x)) * self.drop(self.ffn(self.norm2(x)))
+
+
 class SASRec(ItemTableModel):
     """SASRec over the TorchRec item table; see the module docstring.
 
@@ -252,8 +299,9 @@ class SASRec(ItemTableModel):
         # sqrt(D) in encode() to the same per-coordinate scale.
         self.positions = nn.Embedding(c.max_len, c.dim)
         self.input_dropout = Dropout(c.dropout)
+        block = Block if c.block == "pre_ln" else LiGRBlock
         self.blocks = nn.ModuleList(
-            Block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout, c.attention_dropout)
+            block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout, c.attention_dropout)
             for _ in range(c.num_layers)
         )
         self.final_norm = nn.LayerNorm(c.dim)

@@ -167,23 +167,37 @@ def test_two_tower_without_user_inputs_exports(tmp_path: Path) -> None:
     )
 
 
-def test_sasrec_encoder_scores_like_the_model() -> None:
-    # The evaluation path (score_all: TorchRec lookup, tied output) ranks as encoder . item vectors.
+def _sasrec(block: str = "pre_ln") -> SASRec:
     torch.manual_seed(0)
-    model = SASRec(
-        SASRecConfig(
-            num_items=N,
-            max_len=8,
-            dim=16,
-            num_layers=1,
-            num_heads=2,
-            dropout=0.0,
-            attention_dropout=0.0,
-        )
-    ).eval()
+    config = SASRecConfig(
+        num_items=N,
+        max_len=8,
+        dim=16,
+        num_layers=1,
+        num_heads=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        block=block,  # type: ignore[arg-type]
+    )
+    return SASRec(config).eval()
+
+
+@pytest.mark.parametrize("block", ["pre_ln", "ligr"])
+def test_sasrec_encoder_scores_like_the_model(block: str) -> None:
+    # The evaluation path (score_all: TorchRec lookup, tied output) ranks as encoder . item vectors.
+    model = _sasrec(block)
     encoder = SASRecUserEncoder(model).eval()
     ids = torch.tensor([[1, 2, 3, 0, 0], [5, 0, 0, 0, 0], [4, 4, 9, 12, 30]])
     with torch.no_grad():
         expected = model.score_all(ids, (ids != 0).sum(1))[:, 1:]  # (B, N), padding column dropped
         got = encoder(ids).numpy() @ encoder.item_vectors().T
     assert np.allclose(got, expected.numpy(), atol=1e-5)
+
+
+def test_sasrec_ligr_block_exports_with_parity(tmp_path: Path) -> None:
+    # The gated block adds sigmoid gates and a SwiGLU FFN to the graph; onnxruntime must agree.
+    encoder = SASRecUserEncoder(_sasrec("ligr")).eval()
+    inputs = (torch.tensor([[1, 2, 3, 0, 0], [5, 0, 0, 0, 0], [4, 4, 9, 12, 30]]),)
+    write_onnx(encoder, inputs, tmp_path / "m.onnx")
+    report = parity(encoder, tmp_path / "m.onnx", encoder.item_vectors(), tolerance=1e-4)
+    assert report["max_abs_diff"] <= 1e-5

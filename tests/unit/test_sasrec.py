@@ -58,6 +58,7 @@ def _ec_calls(model: SASRec) -> list[int]:
         ("num_heads", 3),
         ("dropout", 1.0),
         ("loss", "mse"),
+        ("block", "post_ln"),
         ("temperature", 0.0),
         ("num_negatives", -1),
         ("table_name", "items"),
@@ -129,11 +130,13 @@ def test_encode_ignores_what_sits_at_padding() -> None:
     assert torch.isfinite(a).all() and torch.equal(a[0, 3:], torch.zeros(5, 16))
 
 
-@pytest.mark.parametrize("origin", ["newest", "oldest"])
-def test_packed_training_path_equals_the_padded_one(origin: str) -> None:
+@pytest.mark.parametrize(
+    "origin, block", [("newest", "pre_ln"), ("oldest", "pre_ln"), ("newest", "ligr")]
+)
+def test_packed_training_path_equals_the_padded_one(origin: str, block: str) -> None:
     """Training encodes only the real positions (Packing); it must match the padded encode
     that evaluation and the ONNX export use, values and gradients, lengths 0 to L."""
-    model = _model(position_origin=origin).eval()
+    model = _model(position_origin=origin, block=block).eval()
     lengths = torch.tensor([3, 8, 0, 1, 5])
     mask = torch.arange(8) < lengths[:, None]  # (B, L)
     emb = torch.randn(5, 8, 16) * mask[..., None]
@@ -207,8 +210,9 @@ def test_no_nan_for_any_length() -> None:
     assert torch.isfinite(hidden).all() and torch.isfinite(scores[:, 1:]).all()
 
 
-def test_causality_later_items_do_not_change_earlier_states() -> None:
-    model = _model().eval()
+@pytest.mark.parametrize("block", ["pre_ln", "ligr"])
+def test_causality_later_items_do_not_change_earlier_states(block: str) -> None:
+    model = _model(block=block).eval()
     ids = torch.tensor([[4, 8, 15, 16, 23, 29, 2, 7]])
     lengths = torch.tensor([8])
     base = _hidden(model, ids, lengths)
