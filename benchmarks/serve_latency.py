@@ -4,7 +4,7 @@ bounded HTTP load test with a hot reload.
 
     python benchmarks/serve_latency.py [--large 1000000] [--repeats 200] [--load-seconds 30]
 
-Models have the shapes of `configs/sasrec/ml1m.yaml` (D=64, 2 layers, L=200) and
+Models have the shapes of `configs/sasrec/ml1m_fast.yaml` (D=64, 2 layers, L=200) and
 `configs/two_tower/ml1m.yaml` (D=64, H=50, learned 2-head pooling, 256-wide towers), 3,416 items,
 random weights (latency does not depend on training); histories are full length (L or H).
 Catalogues: the model's own 3,416 items (float, and the `--quantize int8` graph with its

@@ -5,7 +5,7 @@ and without `--max-concurrency`.
                                     [--sweep 20,100,400] [--sweep-seconds 30] [--limit 64]
 
 The artifact is the SASRec of `benchmarks/serve_latency.py` (the shape of
-`configs/sasrec/ml1m.yaml`: D=64, 2 layers, L=200, 3,416 items, random weights), built the same
+`configs/sasrec/ml1m_fast.yaml`: D=64, 2 layers, L=200, 3,416 items, random weights), built the same
 way. Requests are `POST /v1/recommend` with a 50-item history and k=10, sent over loopback by
 asyncio clients (aiohttp, one process), each sending its next request when the last answers.
 
