@@ -219,27 +219,6 @@ def _causal_attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float) ->
     return (weights @ v.reshape(b * h, length, dh)).view(b, h, length, dh)  # (B, H, L, Dh)
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block: ``x + attn(LN(x))``, then ``x + FFN(LN(x))``."""
-
-    def __init__(
-        self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, num_heads, attention_dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim), nn.GELU(), Dropout(dropout), nn.Linear(ffn_dim, dim)
-        )
-        self.drop = Dropout(dropout)
-
-    def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
-        """(B, L, D), or the packed (T, D) real positions with their ``packing``."""
-        x = x + self.drop(self.attn(self.norm1(x), packing))
-        return x + self.drop(self.ffn(self.norm2(x)))
-
-
 class SwiGLU(nn.Module):
     """``W2 (SiLU(W1 x) * W3 x)``, bias-free, dropout on the gated hidden units."""
 
@@ -254,30 +233,45 @@ class SwiGLU(nn.Module):
         return self.down(self.drop(F.silu(gate) * up))
 
 
-class LiGRBlock(nn.Module):
-    """``x + sigmoid(Ga x) * attn(LN(x))``, then ``x + sigmoid(Gf x) * SwiGLU(LN(x))``.
+class Block(nn.Module):
+    """Pre-LN transformer block: ``x + attn(LN(x))``, then ``x + FFN(LN(x))`` (GELU FFN).
 
-    The gates read the residual stream itself (not its norm), so each position learns how much
-    of a branch to take in; with short, noisy histories that is a learned, per-coordinate
-    shortcut around a branch that does not help.
+    ``kind="ligr"``: ``x + sigmoid(Ga x) * attn(LN(x))``, then ``x + sigmoid(Gf x) *
+    SwiGLU(LN(x))``. The gates read the residual stream itself (not its norm), so each position
+    learns how much of a branch to take in, a per-coordinate shortcut around one that does not help.
     """
 
     def __init__(
-        self, dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: float
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        attention_dropout: float,
+        kind: BlockKind = "pre_ln",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, num_heads, attention_dropout)
-        self.attn_gate = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = SwiGLU(dim, ffn_dim, dropout)
-        self.ffn_gate = nn.Linear(dim, dim)
+        gated = kind == "ligr"
+        self.ffn: nn.Module = (
+            SwiGLU(dim, ffn_dim, dropout)
+            if gated
+            else nn.Sequential(
+                nn.Linear(dim, ffn_dim), nn.GELU(), Dropout(dropout), nn.Linear(ffn_dim, dim)
+            )
+        )
+        self.attn_gate = nn.Linear(dim, dim) if gated else None
+        self.ffn_gate = nn.Linear(dim, dim) if gated else None
         self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, packing: Packing | None = None) -> Tensor:
         """(B, L, D), or the packed (T, D) real positions with their ``packing``."""
-        x = x + torch.sigmoid(self.attn_gate(x)) * self.drop(self.attn(self.norm1(x), packing))
-        return x + torch.sigmoid(self.ffn_gate(x)) * self.drop(self.ffn(self.norm2(x)))
+        h = self.drop(self.attn(self.norm1(x), packing))
+        x = x + (h if self.attn_gate is None else torch.sigmoid(self.attn_gate(x)) * h)
+        h = self.drop(self.ffn(self.norm2(x)))
+        return x + (h if self.ffn_gate is None else torch.sigmoid(self.ffn_gate(x)) * h)
 
 
 class SASRec(ItemTableModel):
@@ -299,9 +293,8 @@ class SASRec(ItemTableModel):
         # sqrt(D) in encode() to the same per-coordinate scale.
         self.positions = nn.Embedding(c.max_len, c.dim)
         self.input_dropout = Dropout(c.dropout)
-        block = Block if c.block == "pre_ln" else LiGRBlock
         self.blocks = nn.ModuleList(
-            block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout, c.attention_dropout)
+            Block(c.dim, c.num_heads, c.ffn_mult * c.dim, c.dropout, c.attention_dropout, c.block)
             for _ in range(c.num_layers)
         )
         self.final_norm = nn.LayerNorm(c.dim)
