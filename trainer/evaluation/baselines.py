@@ -288,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         "--ease-lambda",
         type=float,
         default=DEFAULT_LAMBDA,
-        help=f"EASE's ridge penalty λ, > 0 (default {DEFAULT_LAMBDA})",
+        help=(
+            f"EASE's ridge penalty λ, > 0 (default {DEFAULT_LAMBDA}); choose it with "
+            "--stage validate before reading the test figure (sparse data wants a smaller one)"
+        ),
     )
     parser.add_argument(
         "--ease-max-items",

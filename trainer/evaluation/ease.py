@@ -27,6 +27,13 @@ Cost (U users, N items, S = counted interactions; CPU, torch's LAPACK, float64 s
   score block, so memory stays bounded by ``--batch-size``.
 
 Catalogues over ``max_items`` (``--ease-max-items``) are refused before anything is allocated.
+
+Choosing ``λ``: the default (500) suits MovieLens-like data; a sparse catalogue wants less
+shrinkage. On Amazon Sports (18k items, about 12 training interactions per item) validation
+NDCG@10 (filtered) was 0.0323 / 0.0339 / 0.0338 / 0.0330 / 0.0323 / 0.0317 at λ = 20 / 50 /
+100 / 250 / 500 / 1000, and test 0.0308 at λ = 50 against 0.0300 at the default. Compare a
+model with the EASE whose λ was picked on ``--stage validate``, as the model's own settings
+were.
 """
 
 from __future__ import annotations
