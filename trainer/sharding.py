@@ -22,6 +22,8 @@ SHARDING_TYPES = (
 EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
 # fbgemm's CPU kernels implement these fused optimizers only; Adam needs CUDA.
 CPU_EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+DECAYING_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adam")
+WEIGHT_DECAY_MODES = ("l2", "decoupled")
 
 
 @dataclass
@@ -59,7 +61,12 @@ class EmbeddingOptimizerConfig:
     eps: float = 1e-8
     """Numerical epsilon (adagrad, adam)."""
     weight_decay: float = 0.0
-    """L2 penalty on looked-up rows."""
+    """Weight decay on the rows a step looks up (rowwise_adagrad and adam only: fbgemm's sgd
+    and adagrad kernels have none)."""
+    weight_decay_mode: Literal["l2", "decoupled"] = "l2"
+    """``l2``: ``weight_decay * row`` is added to the row's gradient, so the adaptive step
+    scales it too (torch.optim.Adagrad's meaning). ``decoupled``: the row shrinks by
+    ``lr * weight_decay`` each step it is looked up, outside the adaptive step (AdamW's)."""
 
     def __post_init__(self) -> None:
         if self.name not in EMBEDDING_OPTIMIZERS:
@@ -69,6 +76,23 @@ class EmbeddingOptimizerConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"embedding_optimizer.lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(
+                f"embedding_optimizer.weight_decay: must be >= 0, got {self.weight_decay}"
+            )
+        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(
+                f"embedding_optimizer.weight_decay_mode: {self.weight_decay_mode!r}; "
+                f"expected one of {', '.join(WEIGHT_DECAY_MODES)}"
+            )
+        # Measured: fbgemm's sgd and adagrad kernels accept weight_decay and leave rows as
+        # they are, so a value there would be silently ignored.
+        if self.weight_decay > 0 and self.name not in DECAYING_EMBEDDING_OPTIMIZERS:
+            raise ValueError(
+                f"embedding_optimizer.weight_decay: {self.name} applies no weight decay "
+                f"(fbgemm's kernel has none); use one of "
+                f"{', '.join(DECAYING_EMBEDDING_OPTIMIZERS)} or weight_decay: 0"
+            )
 
     def apply(self, parameters: list[nn.Parameter], device: torch.device) -> None:
         """Register the fused optimizer on the (unsharded) table parameters, before DMP."""
@@ -80,21 +104,25 @@ class EmbeddingOptimizerConfig:
                 f"embedding_optimizer.name: {self.name!r} has no fused CPU kernel; use one of "
                 f"{', '.join(CPU_EMBEDDING_OPTIMIZERS)} on CPU"
             )
-        cls, kwargs = {
-            "sgd": (trec_optim.SGD, {"lr": self.lr, "weight_decay": self.weight_decay}),
-            "adagrad": (
-                trec_optim.Adagrad,
-                {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay},
-            ),
-            "rowwise_adagrad": (
-                trec_optim.RowWiseAdagrad,
-                {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay},
-            ),
-            "adam": (
-                trec_optim.Adam,
-                {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay},
-            ),
+        cls = {
+            "sgd": trec_optim.SGD,
+            "adagrad": trec_optim.Adagrad,
+            "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+            "adam": trec_optim.Adam,
         }[self.name]
+        kwargs: dict[str, Any] = {"lr": self.lr}
+        if self.name != "sgd":
+            kwargs["eps"] = self.eps
+        if self.weight_decay > 0:
+            from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
+
+            # TorchRec passes the optimizer's kwargs on to fbgemm as fused params but never
+            # sets the mode, and fbgemm's default mode (NONE) ignores weight_decay.
+            kwargs["weight_decay"] = self.weight_decay
+            kwargs["weight_decay_mode"] = {
+                "l2": WeightDecayMode.L2,
+                "decoupled": WeightDecayMode.DECOUPLE,
+            }[self.weight_decay_mode]
         apply_optimizer_in_backward(cls, parameters, kwargs)
 
 

@@ -106,3 +106,58 @@ def test_embedding_rate_reaches_the_fused_kernel() -> None:
     before, after = eval(proc.stdout.strip().splitlines()[-1].replace("] [", "], ["))
     assert before and all(r == pytest.approx(0.05) for r in before)
     assert len(after) == len(before) and all(r == pytest.approx(0.0125) for r in after)
+
+
+DECAY_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from torch.distributed import TCPStore
+    from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+    from recforge.trainer.sharding import EmbeddingOptimizerConfig, ShardingConfig, shard
+    store = TCPStore("127.0.0.1", 0, 1, True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    table = EmbeddingConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["f"])
+    for decay, mode in [(0.0, "l2"), (0.5, "l2"), (0.5, "decoupled")]:
+        torch.manual_seed(0)
+        ec = EmbeddingCollection(tables=[table], device=torch.device("meta"))
+        EmbeddingOptimizerConfig(lr=0.1, weight_decay=decay, weight_decay_mode=mode).apply(
+            list(ec.parameters()), torch.device("cpu")
+        )
+        net, _ = shard(ec, ShardingConfig(), torch.device("cpu"), 1)
+        rows = lambda: net.state_dict()["embeddings.t.weight"].local_tensor()[[1, 2, 3, 7]]
+        before = rows().clone()
+        ids = KeyedJaggedTensor.from_lengths_sync(
+            keys=["f"], values=torch.tensor([1, 2, 3]), lengths=torch.tensor([2, 1])
+        )
+        # A zero loss: any change to a looked-up row is the decay alone.
+        (net(ids)["f"].values().sum() * 0.0).backward()
+        ratio = (rows().norm(dim=1) / before.norm(dim=1)).tolist()
+        print(decay, mode, ratio)
+    """
+)
+
+
+def test_embedding_weight_decay_reaches_the_fused_kernel() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", DECAY_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln[:1].isdigit()]
+    ratios = {" ".join(ln.split()[:2]): eval(ln.split(" ", 2)[2]) for ln in lines}
+    # Row 7 is not looked up: no step touches it, whatever the decay.
+    assert all(r[3] == pytest.approx(1.0) for r in ratios.values())
+    assert ratios["0.0 l2"][:3] == pytest.approx([1.0] * 3)
+    # Decoupled: exactly lr * weight_decay per step.
+    assert ratios["0.5 decoupled"][:3] == pytest.approx([1 - 0.1 * 0.5] * 3, rel=1e-5)
+    # L2 through row-wise Adagrad: the decay gradient is normalised by its own size.
+    assert all(r < 0.95 for r in ratios["0.5 l2"][:3])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad"])
+def test_weight_decay_on_a_kernel_without_it_is_refused(name: str) -> None:
+    from recforge.trainer.sharding import EmbeddingOptimizerConfig
+
+    with pytest.raises(ValueError, match=rf"embedding_optimizer.weight_decay: {name} applies no"):
+        EmbeddingOptimizerConfig(name=name, weight_decay=0.01)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="weight_decay_mode: 'adamw'"):
+        EmbeddingOptimizerConfig(weight_decay_mode="adamw")  # type: ignore[arg-type]
