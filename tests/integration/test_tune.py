@@ -110,3 +110,32 @@ def test_tune_prunes_nests_runs_and_continues_after_restart(tmp_path: Path) -> N
             node = node[part]
         assert node == value, key
     assert best["trainer"]["max_epochs"] == 3
+
+
+def test_enqueue_base_runs_the_base_config_once(tmp_path: Path) -> None:
+    from recforge.trainer.tuning.study import BASE_ATTR
+
+    # The pass-through override is part of the base: the base trial runs what fit would.
+    base = ("--enqueue-base", "--model.init_args.model.dropout", "0.2")
+    first = tune(tmp_path, 1, *base)
+    assert "the base config (trial 0)" in first.stdout
+    tune(tmp_path, 2, *base)  # restarted: the base trial is not run again
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 2
+    assert [t.number for t in study.trials if t.user_attrs.get(BASE_ATTR)] == [0]
+    tiny = yaml.safe_load(Path(TINY).read_text())["model"]["init_args"]
+    assert study.trials[0].params == {
+        "model.init_args.optimizer.lr": tiny["optimizer"]["lr"],
+        "model.init_args.embedding_optimizer.lr": tiny["embedding_optimizer"]["lr"],
+        "model.init_args.model.dropout": 0.2,
+        "model.init_args.model.num_layers": tiny["model"]["num_layers"],
+    }
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if r.data.tags.get("recforge.tune.role") == "parent"]
+    based = [r for r in runs if r.data.tags.get("recforge.tune.base") == "true"]
+    assert len(based) == 1 and based[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # The first trial is never pruned (--pruner-startup-trials 1), so the base has a value.
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert parent.data.metrics["tune/base_value"] == study.trials[0].value

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from recforge.trainer.tuning.space import SpaceError, load_space, set_dotted
+from recforge.trainer.tuning.space import (
+    SpaceError,
+    base_values,
+    dotted_pairs,
+    load_space,
+    parse_param,
+    set_dotted,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,3 +53,34 @@ def test_set_dotted_makes_the_mappings_on_the_way() -> None:
     assert config == {
         "model": {"class_path": "x", "init_args": {"dim": 8, "optimizer": {"lr": 0.01}}}
     }
+
+
+def test_base_values_are_the_config_after_its_overrides() -> None:
+    space = load_space(REPO / "configs" / "tune" / "sasrec_tiny_space.yaml")
+    base = {"model": {"init_args": {"model": {"dropout": 0.1, "num_layers": 2}}}}
+    overrides = dotted_pairs(["--model.init_args.model.dropout", "0.3", "--trainer.max_epochs=2"])
+    values = base_values(space, base, overrides, "base.yaml")
+    # Keys the config does not set (both learning rates here) are left to the sampler.
+    assert values == {"model.init_args.model.dropout": 0.3, "model.init_args.model.num_layers": 2}
+    assert base["model"]["init_args"]["model"]["dropout"] == 0.1, "the base is not changed"
+
+
+@pytest.mark.parametrize(
+    ("spec", "value", "problem"),
+    [
+        ({"type": "float", "low": 0.0, "high": 0.4}, 0.5, "outside [0.0, 0.4]"),
+        ({"type": "int", "low": 1, "high": 3}, 1.5, "not an integer"),
+        ({"type": "float", "low": 0.0, "high": 0.4}, "high", "not a number"),
+        ({"type": "categorical", "choices": ["ce", "bce"]}, "gbce", "not one of ['ce', 'bce']"),
+    ],
+)
+def test_a_base_value_the_space_cannot_reach_is_refused(
+    spec: dict, value: object, problem: str
+) -> None:
+    param = parse_param("model.init_args.model.x", spec)
+    base = {"model": {"init_args": {"model": {"x": value}}}}
+    with pytest.raises(SpaceError) as raised:
+        base_values([param], base, [], "base.yaml")
+    message = str(raised.value)
+    assert "--enqueue-base: model.init_args.model.x" in message and "base.yaml" in message
+    assert problem in message

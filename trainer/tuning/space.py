@@ -16,6 +16,7 @@ entry, raised before any trial runs.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,19 @@ class Param:
                 self.key, self.low, self.high, log=self.log, step=self.step or 1
             )
         return trial.suggest_categorical(self.key, list(self.choices))
+
+    def rejects(self, value: Any) -> str | None:
+        """Why ``value`` cannot be a trial's value of this parameter, or None."""
+        if self.kind == "categorical":
+            return None if value in self.choices else f"not one of {list(self.choices)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"not a number (a {self.kind} parameter)"
+        if self.kind == "int" and not float(value).is_integer():
+            return "not an integer (an int parameter)"
+        assert self.low is not None and self.high is not None
+        if not self.low <= value <= self.high:
+            return f"outside [{self.low}, {self.high}]"
+        return None
 
 
 def load_space(path: str | Path) -> list[Param]:
@@ -139,6 +153,61 @@ def cli_value(value: Any) -> str:
     if isinstance(value, str):
         return value
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def base_values(
+    space: list[Param], base: dict, overrides: list[tuple[str, Any]], source: str
+) -> dict[str, Any]:
+    """The base config's values of the searched keys, pass-through overrides applied: the
+    trial ``--enqueue-base`` runs. A value outside the space is an error, since TPE would
+    learn from a point the search cannot reach."""
+    config = copy.deepcopy(base)
+    for key, value in overrides:
+        set_dotted(config, key, value)
+    values = {}
+    for param in space:
+        found, value = get_dotted(config, param.key)
+        if not found:
+            continue
+        problem = param.rejects(value)
+        if problem:
+            raise SpaceError(
+                f"--enqueue-base: {param.key} is {value!r} in --config {source} (or its "
+                f"overrides): {problem}; widen the space or leave --enqueue-base out"
+            )
+        values[param.key] = value
+    return values
+
+
+def dotted_pairs(fit_args: list[str]) -> list[tuple[str, Any]]:
+    """``--a.b VALUE`` / ``--a.b=VALUE`` pairs of the pass-through arguments, values as YAML."""
+    pairs, i = [], 0
+    while i < len(fit_args):
+        arg = fit_args[i]
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif arg.startswith("--") and i + 1 < len(fit_args):
+            key, value = arg[2:], fit_args[i + 1]
+            i += 1
+        else:
+            i += 1
+            continue
+        i += 1
+        try:
+            pairs.append((key, yaml.safe_load(value)))
+        except yaml.YAMLError:
+            pairs.append((key, value))
+    return pairs
+
+
+def get_dotted(config: Mapping[str, Any], key: str) -> tuple[bool, Any]:
+    """``(True, value)`` at dotted ``key`` of ``config``, ``(False, None)`` where it is not set."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:

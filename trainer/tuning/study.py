@@ -31,13 +31,22 @@ import yaml
 from optuna.trial import TrialState
 
 from recforge.trainer.tuning.report import ENV, PRUNED_ATTR, RUN_ATTR
-from recforge.trainer.tuning.space import Param, SpaceError, cli_value, load_space, set_dotted
+from recforge.trainer.tuning.space import (
+    Param,
+    SpaceError,
+    base_values,
+    cli_value,
+    dotted_pairs,
+    load_space,
+    set_dotted,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METRIC = "val/ndcg@10_filtered"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+BASE_ATTR = "recforge_base_config"
 
 
 class TrialFailed(RuntimeError):
@@ -79,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="median: a trial is not pruned in its first N epochs (default 0)",
     )
+    parser.add_argument(
+        "--enqueue-base",
+        action="store_true",
+        help="run the base config as one trial first (its own values of the searched keys, "
+        "after the pass-through overrides; keys it does not set are sampled), so the study "
+        "shows what the search gained over it; once per study",
+    )
     parser.add_argument("--seed", type=int, help="TPE seed (default: the config's seed_everything)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"default {DEFAULT_METRIC}")
     parser.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
@@ -96,7 +112,16 @@ def main(argv: list[str]) -> int:
     except SpaceError as exc:
         print(f"recforge tune: error: {exc}", file=sys.stderr)
         return 2
-    return Tuner(args, fit_args, space, base).run()
+    try:
+        base_params = (
+            base_values(space, base, dotted_pairs(fit_args), args.config)
+            if args.enqueue_base
+            else None
+        )
+    except SpaceError as exc:
+        print(f"recforge tune: error: {exc}", file=sys.stderr)
+        return 2
+    return Tuner(args, fit_args, space, base, base_params).run()
 
 
 def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
@@ -124,11 +149,17 @@ def make_storage(url: str, heartbeat: bool = True) -> Any:
 
 class Tuner:
     def __init__(
-        self, args: argparse.Namespace, fit_args: list[str], space: list[Param], base: dict
+        self,
+        args: argparse.Namespace,
+        fit_args: list[str],
+        space: list[Param],
+        base: dict,
+        base_params: dict[str, Any] | None = None,
     ) -> None:
         from recforge.trainer.tracking.logger import TrackingConfig, resolve_tracking
 
         self.args, self.fit_args, self.space, self.base = args, fit_args, space, base
+        self.base_params = base_params
         mlflow_section = base.get("mlflow") or {}
         uri = _passed(fit_args, "--mlflow.tracking_uri") or mlflow_section.get("tracking_uri")
         self.tracking_uri, self.artifact_location = resolve_tracking(
@@ -177,6 +208,10 @@ class Tuner:
         # Offset by the trials already in the study: a restarted tuner with the same seed would
         # otherwise draw its first (random, start-up) trials again. Still reproducible.
         study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
+        if self.base_params is not None:
+            # Skipped when a trial with these values exists: a restarted or second tuner on
+            # the same study does not run the base again.
+            study.enqueue_trial(self.base_params, user_attrs={BASE_ATTR: True}, skip_if_exists=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         from mlflow import MlflowClient
 
@@ -309,7 +344,13 @@ class Tuner:
             ),
         }
         log_path = self.out_dir / f"{name}.log"
-        log.info("tune: %s %s", name, " ".join(f"{k}={v}" for k, v in params.items()))
+        is_base = bool(trial.user_attrs.get(BASE_ATTR))
+        log.info(
+            "tune: %s%s %s",
+            name,
+            " (the base config)" if is_base else "",
+            " ".join(f"{k}={v}" for k, v in params.items()),
+        )
         with open(log_path, "w") as out:
             rc = subprocess.run(
                 command, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
@@ -318,6 +359,8 @@ class Tuner:
         child = frozen.user_attrs.get(RUN_ATTR)
         if child:
             self.client.log_artifact(child, str(log_path), "tune")
+            if is_base:
+                self.client.set_tag(child, "recforge.tune.base", "true")
         if rc != 0:
             self._tag(child, "FAIL")
             tail = log_path.read_text()[-1500:]
@@ -355,7 +398,7 @@ class Tuner:
         config = _read_yaml(self.args.config)
         # The arguments every trial got, then the best values: `recforge fit --config` on this
         # file trains the best trial's configuration.
-        for key, value in [*_dotted_pairs(self.fit_args), *best.params.items()]:
+        for key, value in [*dotted_pairs(self.fit_args), *best.params.items()]:
             set_dotted(config, key, value)
         best_yaml = (
             f"# recforge tune: best of study {self.study_name!r} (trial {best.number}, "
@@ -368,10 +411,15 @@ class Tuner:
         if best.user_attrs.get(RUN_ATTR):
             self.client.set_tag(self.parent, "recforge.tune.best_run", best.user_attrs[RUN_ATTR])
         self._plots(study, len(complete))
+        base = next((t for t in complete if t.user_attrs.get(BASE_ATTR)), None)
+        if base is not None:
+            self.client.log_metric(self.parent, "tune/base_value", base.value)
         print(
             f"recforge tune: {counts['complete']} complete, {counts['pruned']} pruned, "
             f"{counts['fail']} failed; best trial {best.number}: {self.args.metric} "
-            f"{best.value:.5f} {best.params}\nbest config: {self.out_dir / 'best_config.yaml'}"
+            f"{best.value:.5f} {best.params}"
+            + (f"; the base config (trial {base.number}): {base.value:.5f}" if base else "")
+            + f"\nbest config: {self.out_dir / 'best_config.yaml'}"
         )
 
     def _plots(self, study: optuna.Study, complete: int) -> None:
@@ -447,27 +495,6 @@ def _passed(fit_args: list[str], flag: str) -> str | None:
         elif arg.startswith(flag + "="):
             value = arg.split("=", 1)[1]
     return value
-
-
-def _dotted_pairs(fit_args: list[str]) -> list[tuple[str, Any]]:
-    """``--a.b VALUE`` / ``--a.b=VALUE`` pairs of the pass-through arguments, values as YAML."""
-    pairs, i = [], 0
-    while i < len(fit_args):
-        arg = fit_args[i]
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif arg.startswith("--") and i + 1 < len(fit_args):
-            key, value = arg[2:], fit_args[i + 1]
-            i += 1
-        else:
-            i += 1
-            continue
-        i += 1
-        try:
-            pairs.append((key, yaml.safe_load(value)))
-        except yaml.YAMLError:
-            pairs.append((key, value))
-    return pairs
 
 
 def _default_experiment(base: dict, fit_args: list[str]) -> str:
