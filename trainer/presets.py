@@ -1,7 +1,8 @@
 """Presets: training settings derived from a prepared dataset's manifest statistics.
 
 ``preset: auto`` in a SASRec config (``configs/sasrec/auto.yaml``) fills ``max_len``,
-``num_layers``, ``dropout``, the item table's learning rate and ``early_stopping.patience``
+``num_layers``, ``dropout``, the item table's learning rate and weight decay and
+``early_stopping.patience``
 from the data's manifest statistics
 (:mod:`recforge.data.stats`), so a new dataset gets sensible values without hand-tuning; any
 of them a config or the command line sets explicitly wins. The CLI side is
@@ -25,6 +26,7 @@ MAX_LEN = f"{MODEL}.max_len"
 NUM_LAYERS = f"{MODEL}.num_layers"
 DROPOUT = f"{MODEL}.dropout"
 TABLE_LR = f"{INIT_ARGS}.embedding_optimizer.lr"
+TABLE_DECAY = f"{INIT_ARGS}.embedding_optimizer.weight_decay"
 PATIENCE = "early_stopping.patience"
 
 DENSE_ITEM_INTERACTIONS = 50.0
@@ -34,6 +36,7 @@ MAX_LEN_RANGE = (16, 200)
 PATIENCE_TIERS = ((300_000, 30), (3_000_000, 20))
 PATIENCE_LARGE = 10
 TABLE_LR_DENSE, TABLE_LR_SPARSE = 0.05, 0.13
+TABLE_DECAY_DENSE, TABLE_DECAY_SPARSE = 0.0, 1e-3
 
 
 class PresetError(ValueError):
@@ -112,6 +115,13 @@ def sasrec_auto(manifest: Mapping[str, Any]) -> dict[str, Derived]:
             density,
             f"{TABLE_LR_DENSE:g} if >= {DENSE_ITEM_INTERACTIONS:g} per item (dense), "
             f"else {TABLE_LR_SPARSE:g} (rates for the Adagrad family, the default optimizer)",
+        ),
+        Derived(
+            TABLE_DECAY,
+            TABLE_DECAY_DENSE if dense else TABLE_DECAY_SPARSE,
+            density,
+            f"{TABLE_DECAY_DENSE:g} if >= {DENSE_ITEM_INTERACTIONS:g} per item (dense), "
+            f"else {TABLE_DECAY_SPARSE:g} (decoupled: auto.yaml sets weight_decay_mode)",
         ),
         Derived(
             PATIENCE,

@@ -117,6 +117,7 @@ def test_auto_preset_derives_from_the_data_and_explicit_values_win(tmp_path: Pat
         MAX_LEN,
         NUM_LAYERS,
         PATIENCE,
+        TABLE_DECAY,
         TABLE_LR,
         sasrec_auto,
     )
@@ -146,10 +147,12 @@ def test_auto_preset_derives_from_the_data_and_explicit_values_win(tmp_path: Pat
     assert model["num_layers"] == derived[NUM_LAYERS].value
     assert config["early_stopping"]["patience"] == derived[PATIENCE].value
     # auto.yaml leaves the table's rate to the preset (this synthetic catalogue is sparse)
-    table_lr = config["model"]["init_args"]["embedding_optimizer"]["lr"]
-    assert table_lr == derived[TABLE_LR].value == 0.13
+    table = config["model"]["init_args"]["embedding_optimizer"]
+    assert table["lr"] == derived[TABLE_LR].value == 0.13
+    assert table["weight_decay"] == derived[TABLE_DECAY].value == 1e-3
+    assert table["weight_decay_mode"] == "decoupled"
     assert model["dropout"] == 0.3 != derived[DROPOUT].value  # the explicit value won
-    for key in (MAX_LEN, NUM_LAYERS, PATIENCE, TABLE_LR):
+    for key in (MAX_LEN, NUM_LAYERS, PATIENCE, TABLE_LR, TABLE_DECAY):
         assert f"preset: {derived[key].describe()}" in proc.stderr
     assert f"preset: {DROPOUT} = 0.3, set explicitly" in proc.stderr
     unknown = recforge(*fit_args(root, data, "--preset", "fast", config=auto), cwd=tmp_path)

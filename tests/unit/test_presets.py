@@ -18,6 +18,7 @@ from recforge.trainer.presets import (
     MAX_LEN,
     NUM_LAYERS,
     PATIENCE,
+    TABLE_DECAY,
     TABLE_LR,
     PresetError,
     as_defaults,
@@ -48,6 +49,7 @@ def test_dense_long_histories_get_the_ml1m_settings() -> None:
         NUM_LAYERS: 2,
         DROPOUT: 0.2,
         TABLE_LR: 0.05,
+        TABLE_DECAY: 0.0,
         PATIENCE: 20,
     }
     # Each value says which statistic and which rule gave it.
@@ -64,6 +66,7 @@ def test_sparse_short_histories_get_a_small_regularised_model() -> None:
         NUM_LAYERS: 1,
         DROPOUT: 0.5,
         TABLE_LR: 0.13,
+        TABLE_DECAY: 1e-3,
         PATIENCE: 30,
     }
     assert "225,141 training interactions" in derived[PATIENCE].statistic
@@ -89,6 +92,8 @@ def test_rule_edges() -> None:
     assert values(sasrec_auto(manifest(40, 50.0, 10)))[NUM_LAYERS] == 2  # 50 per item is dense
     assert values(sasrec_auto(manifest(40, 49.9, 10)))[DROPOUT] == 0.5
     assert values(sasrec_auto(manifest(40, 49.9, 10)))[TABLE_LR] == 0.13
+    assert values(sasrec_auto(manifest(40, 50.0, 10)))[TABLE_DECAY] == 0.0
+    assert values(sasrec_auto(manifest(40, 49.9, 10)))[TABLE_DECAY] == 1e-3
 
 
 def test_unknown_preset_other_family_and_old_manifest_are_clear_errors() -> None:
@@ -110,7 +115,7 @@ def test_defaults_nest_the_model_fields_under_the_class_path() -> None:
             "class_path": "pkg.Module",
             "init_args": {
                 "model": {"max_len": 32, "num_layers": 2, "dropout": 0.2},
-                "embedding_optimizer": {"lr": 0.05},
+                "embedding_optimizer": {"lr": 0.05, "weight_decay": 0.0},
             },
         },
     }
