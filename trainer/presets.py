@@ -1,7 +1,7 @@
 """Presets: training settings derived from a prepared dataset's manifest statistics.
 
 ``preset: auto`` in a SASRec config (``configs/sasrec/auto.yaml``) fills ``max_len``,
-``num_layers``, ``dropout``, the item table's learning rate and weight decay and
+``num_layers``, ``dropout``, the item table's learning rate, weight decay and its mode, and
 ``early_stopping.patience``
 from the data's manifest statistics
 (:mod:`recforge.data.stats`), so a new dataset gets sensible values without hand-tuning; any
@@ -27,6 +27,7 @@ NUM_LAYERS = f"{MODEL}.num_layers"
 DROPOUT = f"{MODEL}.dropout"
 TABLE_LR = f"{INIT_ARGS}.embedding_optimizer.lr"
 TABLE_DECAY = f"{INIT_ARGS}.embedding_optimizer.weight_decay"
+TABLE_DECAY_MODE = f"{INIT_ARGS}.embedding_optimizer.weight_decay_mode"
 PATIENCE = "early_stopping.patience"
 
 DENSE_ITEM_INTERACTIONS = 50.0
@@ -48,7 +49,7 @@ class Derived:
     """One setting a preset derived: the config key, its value, and why."""
 
     key: str
-    value: int | float
+    value: int | float | str
     statistic: str
     """The manifest statistic it came from, with its value."""
     rule: str
@@ -121,7 +122,14 @@ def sasrec_auto(manifest: Mapping[str, Any]) -> dict[str, Derived]:
             TABLE_DECAY_DENSE if dense else TABLE_DECAY_SPARSE,
             density,
             f"{TABLE_DECAY_DENSE:g} if >= {DENSE_ITEM_INTERACTIONS:g} per item (dense), "
-            f"else {TABLE_DECAY_SPARSE:g} (decoupled: auto.yaml sets weight_decay_mode)",
+            f"else {TABLE_DECAY_SPARSE:g}",
+        ),
+        Derived(
+            TABLE_DECAY_MODE,
+            "decoupled",
+            "no statistic",
+            "always decoupled, the mode the decay was measured in (a step shrinks a row by "
+            "lr x decay)",
         ),
         Derived(
             PATIENCE,

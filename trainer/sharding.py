@@ -65,8 +65,9 @@ class EmbeddingOptimizerConfig:
     and adagrad kernels have none)."""
     weight_decay_mode: Literal["l2", "decoupled"] = "l2"
     """``l2``: ``weight_decay * row`` is added to the row's gradient, so the adaptive step
-    scales it too (torch.optim.Adagrad's meaning). ``decoupled``: the row shrinks by
-    ``lr * weight_decay`` each step it is looked up, outside the adaptive step (AdamW's)."""
+    scales it too (torch.optim.Adagrad's meaning; rowwise_adagrad only). ``decoupled``: the
+    row shrinks by ``lr * weight_decay`` each step it is looked up, outside the adaptive step
+    (AdamW's; fbgemm's adam decays this way only)."""
 
     def __post_init__(self) -> None:
         if self.name not in EMBEDDING_OPTIMIZERS:
@@ -91,7 +92,14 @@ class EmbeddingOptimizerConfig:
             raise ValueError(
                 f"embedding_optimizer.weight_decay: {self.name} applies no weight decay "
                 f"(fbgemm's kernel has none); use one of "
-                f"{', '.join(DECAYING_EMBEDDING_OPTIMIZERS)} or weight_decay: 0"
+                f"{', '.join(DECAYING_EMBEDDING_OPTIMIZERS)} or weight_decay: 0 (a preset may "
+                "have set it: see its `preset:` log lines)"
+            )
+        # fbgemm's Adam kernel takes no mode and always decays AdamW's way.
+        if self.weight_decay > 0 and self.name == "adam" and self.weight_decay_mode != "decoupled":
+            raise ValueError(
+                "embedding_optimizer.weight_decay_mode: adam decays decoupled only (fbgemm's "
+                "kernel); set weight_decay_mode: decoupled"
             )
 
     def apply(self, parameters: list[nn.Parameter], device: torch.device) -> None:

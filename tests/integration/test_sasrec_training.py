@@ -118,6 +118,7 @@ def test_auto_preset_derives_from_the_data_and_explicit_values_win(tmp_path: Pat
         NUM_LAYERS,
         PATIENCE,
         TABLE_DECAY,
+        TABLE_DECAY_MODE,
         TABLE_LR,
         sasrec_auto,
     )
@@ -150,9 +151,9 @@ def test_auto_preset_derives_from_the_data_and_explicit_values_win(tmp_path: Pat
     table = config["model"]["init_args"]["embedding_optimizer"]
     assert table["lr"] == derived[TABLE_LR].value == 0.13
     assert table["weight_decay"] == derived[TABLE_DECAY].value == 1e-3
-    assert table["weight_decay_mode"] == "decoupled"
+    assert table["weight_decay_mode"] == derived[TABLE_DECAY_MODE].value == "decoupled"
     assert model["dropout"] == 0.3 != derived[DROPOUT].value  # the explicit value won
-    for key in (MAX_LEN, NUM_LAYERS, PATIENCE, TABLE_LR, TABLE_DECAY):
+    for key in (MAX_LEN, NUM_LAYERS, PATIENCE, TABLE_LR, TABLE_DECAY, TABLE_DECAY_MODE):
         assert f"preset: {derived[key].describe()}" in proc.stderr
     assert f"preset: {DROPOUT} = 0.3, set explicitly" in proc.stderr
     unknown = recforge(*fit_args(root, data, "--preset", "fast", config=auto), cwd=tmp_path)

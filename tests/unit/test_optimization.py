@@ -132,7 +132,8 @@ DECAY_SCRIPT = textwrap.dedent(
         # A zero loss: any change to a looked-up row is the decay alone.
         (net(ids)["f"].values().sum() * 0.0).backward()
         ratio = (rows().norm(dim=1) / before.norm(dim=1)).tolist()
-        print(decay, mode, ratio)
+        rms = before.pow(2).mean(dim=1).sqrt().tolist()
+        print(decay, mode, ratio, rms)
     """
 )
 
@@ -143,14 +144,19 @@ def test_embedding_weight_decay_reaches_the_fused_kernel() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln[:1].isdigit()]
-    ratios = {" ".join(ln.split()[:2]): eval(ln.split(" ", 2)[2]) for ln in lines}
+    ratios, rms = {}, {}
+    for line in lines:
+        decay, mode, rest = line.split(" ", 2)
+        ratios[f"{decay} {mode}"], rms[f"{decay} {mode}"] = eval(rest.replace("] [", "], ["))
     # Row 7 is not looked up: no step touches it, whatever the decay.
     assert all(r[3] == pytest.approx(1.0) for r in ratios.values())
     assert ratios["0.0 l2"][:3] == pytest.approx([1.0] * 3)
     # Decoupled: exactly lr * weight_decay per step.
     assert ratios["0.5 decoupled"][:3] == pytest.approx([1 - 0.1 * 0.5] * 3, rel=1e-5)
-    # L2 through row-wise Adagrad: the decay gradient is normalised by its own size.
-    assert all(r < 0.95 for r in ratios["0.5 l2"][:3])
+    # L2 through row-wise Adagrad: the gradient is weight_decay * row alone, which the step
+    # divides by its own root mean square, so the row shrinks by lr / rms(row).
+    expected = [abs(1 - 0.1 / r) for r in rms["0.5 l2"][:3]]
+    assert ratios["0.5 l2"][:3] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adagrad"])
@@ -161,3 +167,6 @@ def test_weight_decay_on_a_kernel_without_it_is_refused(name: str) -> None:
         EmbeddingOptimizerConfig(name=name, weight_decay=0.01)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="weight_decay_mode: 'adamw'"):
         EmbeddingOptimizerConfig(weight_decay_mode="adamw")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="adam decays decoupled only"):
+        EmbeddingOptimizerConfig(name="adam", weight_decay=0.01)
+    EmbeddingOptimizerConfig(name="adam", weight_decay=0.01, weight_decay_mode="decoupled")

@@ -19,6 +19,7 @@ from recforge.trainer.presets import (
     NUM_LAYERS,
     PATIENCE,
     TABLE_DECAY,
+    TABLE_DECAY_MODE,
     TABLE_LR,
     PresetError,
     as_defaults,
@@ -50,6 +51,7 @@ def test_dense_long_histories_get_the_ml1m_settings() -> None:
         DROPOUT: 0.2,
         TABLE_LR: 0.05,
         TABLE_DECAY: 0.0,
+        TABLE_DECAY_MODE: "decoupled",
         PATIENCE: 20,
     }
     # Each value says which statistic and which rule gave it.
@@ -67,6 +69,7 @@ def test_sparse_short_histories_get_a_small_regularised_model() -> None:
         DROPOUT: 0.5,
         TABLE_LR: 0.13,
         TABLE_DECAY: 1e-3,
+        TABLE_DECAY_MODE: "decoupled",
         PATIENCE: 30,
     }
     assert "225,141 training interactions" in derived[PATIENCE].statistic
@@ -115,7 +118,11 @@ def test_defaults_nest_the_model_fields_under_the_class_path() -> None:
             "class_path": "pkg.Module",
             "init_args": {
                 "model": {"max_len": 32, "num_layers": 2, "dropout": 0.2},
-                "embedding_optimizer": {"lr": 0.05, "weight_decay": 0.0},
+                "embedding_optimizer": {
+                    "lr": 0.05,
+                    "weight_decay": 0.0,
+                    "weight_decay_mode": "decoupled",
+                },
             },
         },
     }

@@ -72,6 +72,8 @@ def test_base_values_are_the_config_after_its_overrides() -> None:
         ({"type": "int", "low": 1, "high": 3}, 1.5, "not an integer"),
         ({"type": "float", "low": 0.0, "high": 0.4}, "high", "not a number"),
         ({"type": "categorical", "choices": ["ce", "bce"]}, "gbce", "not one of ['ce', 'bce']"),
+        ({"type": "float", "low": 0.3, "high": 0.7, "step": 0.1}, 0.35, "not on the grid"),
+        ({"type": "int", "low": 16, "high": 64, "step": 16}, 40, "not on the grid"),
     ],
 )
 def test_a_base_value_the_space_cannot_reach_is_refused(
@@ -84,3 +86,23 @@ def test_a_base_value_the_space_cannot_reach_is_refused(
     message = str(raised.value)
     assert "--enqueue-base: model.init_args.model.x" in message and "base.yaml" in message
     assert problem in message
+
+
+def test_base_values_read_numbers_as_fit_does() -> None:
+    # PyYAML reads 1e-3 (no dot) as a string; `recforge fit` (jsonargparse) as a number.
+    space = load_space(REPO / "configs" / "tune" / "sasrec_tiny_space.yaml")
+    base = {"model": {"init_args": {"optimizer": {"lr": "1e-3"}}}}
+    overrides = dotted_pairs(["--model.init_args.embedding_optimizer.lr", "5e-2"])
+    values = base_values(space, base, overrides, "base.yaml")
+    assert values == {
+        "model.init_args.optimizer.lr": 1e-3,
+        "model.init_args.embedding_optimizer.lr": 5e-2,
+    }
+    on_grid = parse_param("k", {"type": "float", "low": 0.0, "high": 0.4, "step": 0.1})
+    assert on_grid.rejects(0.3) is None  # 0.3 is 3 steps up to rounding
+
+
+def test_a_base_that_sets_no_searched_key_is_refused() -> None:
+    space = load_space(REPO / "configs" / "tune" / "sasrec_tiny_space.yaml")
+    with pytest.raises(SpaceError, match="sets none of the searched keys"):
+        base_values(space, {"trainer": {"max_epochs": 3}}, [], "base.yaml")

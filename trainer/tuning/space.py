@@ -56,6 +56,16 @@ class Param:
             )
         return trial.suggest_categorical(self.key, list(self.choices))
 
+    def as_value(self, value: Any) -> Any:
+        """``value`` as this parameter takes it: ``1e-3`` is a string to YAML 1.1 (PyYAML) but a
+        number to ``recforge fit`` (jsonargparse), so a numeric parameter reads such strings."""
+        if self.kind != "categorical" and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
+
     def rejects(self, value: Any) -> str | None:
         """Why ``value`` cannot be a trial's value of this parameter, or None."""
         if self.kind == "categorical":
@@ -67,6 +77,10 @@ class Param:
         assert self.low is not None and self.high is not None
         if not self.low <= value <= self.high:
             return f"outside [{self.low}, {self.high}]"
+        if self.step is not None:
+            steps = (value - self.low) / self.step
+            if abs(steps - round(steps)) > 1e-8:
+                return f"not on the grid {self.low} + k * {self.step}"
         return None
 
 
@@ -169,13 +183,19 @@ def base_values(
         found, value = get_dotted(config, param.key)
         if not found:
             continue
+        value = param.as_value(value)
         problem = param.rejects(value)
         if problem:
             raise SpaceError(
                 f"--enqueue-base: {param.key} is {value!r} in --config {source} (or its "
                 f"overrides): {problem}; widen the space or leave --enqueue-base out"
             )
-        values[param.key] = value
+        values[param.key] = int(value) if param.kind == "int" else value
+    if not values:
+        raise SpaceError(
+            f"--enqueue-base: --config {source} (and its overrides) sets none of the searched "
+            "keys, so its trial would be a sampled one"
+        )
     return values
 
 

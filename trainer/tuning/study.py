@@ -30,6 +30,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from recforge.trainer.tuning.lifetime import die_with_parent
 from recforge.trainer.tuning.report import ENV, PRUNED_ATTR, RUN_ATTR
 from recforge.trainer.tuning.space import (
     Param,
@@ -208,10 +209,6 @@ class Tuner:
         # Offset by the trials already in the study: a restarted tuner with the same seed would
         # otherwise draw its first (random, start-up) trials again. Still reproducible.
         study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
-        if self.base_params is not None:
-            # Skipped when a trial with these values exists: a restarted or second tuner on
-            # the same study does not run the base again.
-            study.enqueue_trial(self.base_params, user_attrs={BASE_ATTR: True}, skip_if_exists=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         from mlflow import MlflowClient
 
@@ -219,6 +216,8 @@ class Tuner:
         self.parent = self._parent_run(study)
         done = len(study.get_trials(deepcopy=False, states=COUNTED))
         remaining = max(0, self.args.trials - done)
+        if self.base_params is not None and remaining:
+            self._enqueue_base(study)
         log.info(
             "tune: study %r in %s: %d trial(s) done, %d to run (%d at a time); parent run %s",
             self.study_name,
@@ -353,7 +352,7 @@ class Tuner:
         )
         with open(log_path, "w") as out:
             rc = subprocess.run(
-                command, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
             ).returncode
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         child = frozen.user_attrs.get(RUN_ATTR)
@@ -380,6 +379,24 @@ class Tuner:
         self._tag(child, "COMPLETE")
         # The trial's best epoch: the one its checkpoint keeps and a re-run would be tested at.
         return max(values) if self.args.direction == "maximize" else min(values)
+
+    def _enqueue_base(self, study: optuna.Study) -> None:
+        """Queue the base config's trial unless the study has one that ran or will run: a
+        restarted (or second) tuner does not repeat it, but one that failed is run again."""
+        # A base trial whose tuner was killed is RUNNING until its heartbeat is checked.
+        optuna.storages.fail_stale_trials(study)
+        live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+        trials = study.get_trials(deepcopy=False, states=live)
+        if any(t.user_attrs.get(BASE_ATTR) for t in trials):
+            return
+        sampled = [p.key for p in self.space if p.key not in self.base_params]
+        if sampled:
+            log.warning(
+                "tune: --enqueue-base: the base config does not set %s; its trial samples them "
+                "(a preset's or a class default is not read from the YAML)",
+                ", ".join(sampled),
+            )
+        study.enqueue_trial(self.base_params, user_attrs={BASE_ATTR: True})
 
     def _tag(self, run_id: str | None, state: str) -> None:
         if run_id:
@@ -411,14 +428,20 @@ class Tuner:
         if best.user_attrs.get(RUN_ATTR):
             self.client.set_tag(self.parent, "recforge.tune.best_run", best.user_attrs[RUN_ATTR])
         self._plots(study, len(complete))
-        base = next((t for t in complete if t.user_attrs.get(BASE_ATTR)), None)
+        bases = [t for t in trials if t.user_attrs.get(BASE_ATTR)]
+        base = next((t for t in bases if t.state == TrialState.COMPLETE), None)
         if base is not None:
             self.client.log_metric(self.parent, "tune/base_value", base.value)
+            said_base = f"; the base config (trial {base.number}): {base.value:.5f}"
+        elif bases:
+            said_base = f"; the base config (trial {bases[-1].number}): {bases[-1].state.name}"
+        else:
+            said_base = ""
         print(
             f"recforge tune: {counts['complete']} complete, {counts['pruned']} pruned, "
             f"{counts['fail']} failed; best trial {best.number}: {self.args.metric} "
             f"{best.value:.5f} {best.params}"
-            + (f"; the base config (trial {base.number}): {base.value:.5f}" if base else "")
+            + said_base
             + f"\nbest config: {self.out_dir / 'best_config.yaml'}"
         )
 
@@ -449,31 +472,6 @@ class Tuner:
                     log.warning("tune: %s not drawn (%s: %s)", name, type(exc).__name__, exc)
                     continue
                 self.client.log_artifact(self.parent, str(Path(tmp) / name), "tune")
-
-
-def _libc_prctl() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-# Resolved here, before any fork: the child between fork and exec should only make the call.
-_PRCTL = _libc_prctl()
-
-
-def _die_with_parent() -> None:
-    """Linux: the trial gets SIGTERM when the tuner dies, so a killed tuner leaves no orphan fit
-    reporting into the study (elsewhere the trial runs to its end). The signal follows the
-    *thread* that started the trial; that thread waits for the trial, so it outlives it."""
-    if _PRCTL is not None:
-        import signal
-
-        _PRCTL(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
 
 
 def _read_yaml(path: str) -> dict:
