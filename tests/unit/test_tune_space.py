@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from recforge.trainer.tuning.space import (
     SpaceError,
@@ -14,6 +15,7 @@ from recforge.trainer.tuning.space import (
     parse_param,
     set_dotted,
 )
+from recforge.trainer.tuning.study import read_base_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,3 +108,12 @@ def test_a_base_that_sets_no_searched_key_is_refused() -> None:
     space = load_space(REPO / "configs" / "tune" / "sasrec_tiny_space.yaml")
     with pytest.raises(SpaceError, match="sets none of the searched keys"):
         base_values(space, {"trainer": {"max_epochs": 3}}, [], "base.yaml")
+
+
+def test_the_base_config_reads_exponent_numbers_as_fit_does(tmp_path: Path) -> None:
+    # So best_config.yaml writes them back as numbers, not as quoted YAML-1.1 strings.
+    config = tmp_path / "base.yaml"
+    config.write_text('a: 1e-3\nb: -2.5E4\nc: 0.5\nd: e5\ne: "1e-3"\n')
+    read = read_base_config(str(config))
+    assert read == {"a": 1e-3, "b": -2.5e4, "c": 0.5, "d": "e5", "e": "1e-3"}
+    assert yaml.safe_dump(read).startswith("a: 0.001\nb: -25000.0\n")

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -109,11 +110,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         space = load_space(args.space)
-        base = _read_yaml(args.config)
-    except SpaceError as exc:
-        print(f"recforge tune: error: {exc}", file=sys.stderr)
-        return 2
-    try:
+        base = read_base_config(args.config)
         base_params = (
             base_values(space, base, dotted_pairs(fit_args), args.config)
             if args.enqueue_base
@@ -412,7 +409,7 @@ class Tuner:
         if not complete:
             return
         best = study.best_trial
-        config = _read_yaml(self.args.config)
+        config = read_base_config(self.args.config)
         # The arguments every trial got, then the best values: `recforge fit --config` on this
         # file trains the best trial's configuration.
         for key, value in [*dotted_pairs(self.fit_args), *best.params.items()]:
@@ -474,9 +471,22 @@ class Tuner:
                 self.client.log_artifact(self.parent, str(Path(tmp) / name), "tune")
 
 
-def _read_yaml(path: str) -> dict:
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string; ``recforge fit``
+    (jsonargparse) reads it as a number, so the base config is read the same way and
+    ``best_config.yaml`` writes ``0.001``, not ``'1e-3'``."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_base_config(path: str) -> dict:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_ConfigLoader)
     except (OSError, yaml.YAMLError) as exc:
         raise SpaceError(f"--config {path}: cannot read it ({exc})") from None
     if not isinstance(data, dict):
