@@ -13,6 +13,7 @@ from recforge.trainer.tuning.space import (
     dotted_pairs,
     load_space,
     parse_param,
+    preset_values,
     set_dotted,
 )
 from recforge.trainer.tuning.study import read_base_config
@@ -117,3 +118,42 @@ def test_the_base_config_reads_exponent_numbers_as_fit_does(tmp_path: Path) -> N
     read = read_base_config(str(config))
     assert read == {"a": 1e-3, "b": -2.5e4, "c": 0.5, "d": "e5", "e": "1e-3"}
     assert yaml.safe_dump(read).startswith("a: 0.001\nb: -25000.0\n")
+
+
+def test_base_values_take_the_preset_below_the_yaml_and_the_overrides(tmp_path: Path) -> None:
+    # As in fit: what the preset derives from the data, then the YAML, then the command line.
+    from recforge.data.datamodule import ensure_synthetic
+    from recforge.trainer.presets import DROPOUT, TABLE_DECAY, TABLE_LR
+
+    data = tmp_path / "data"
+    ensure_synthetic(str(data), {"users": 200, "items": 150, "mean_length": 8, "seed": 0})
+    space = load_space(REPO / "configs" / "tune" / "sasrec_auto_space.yaml")
+    base = read_base_config(str(REPO / "configs" / "sasrec" / "auto.yaml"))
+    overrides = dotted_pairs(
+        ["--data.data_dir", str(data), f"--{TABLE_DECAY}", "0.002", "--foo", "1"]
+    )
+    derived = preset_values(base, overrides, "auto.yaml")
+    assert derived[DROPOUT] == 0.5 and derived[TABLE_LR] == 0.13  # a sparse synthetic set
+    values = base_values(space, base, overrides, "auto.yaml", derived)
+    assert values == {
+        DROPOUT: 0.5,  # the preset's
+        "model.init_args.optimizer.lr": base["model"]["init_args"]["optimizer"]["lr"],  # YAML
+        TABLE_LR: 0.13,
+        TABLE_DECAY: 0.002,  # the override wins over the preset's 0.001
+    }
+    assert preset_values({"model": {}}, overrides, "x.yaml") == {}  # no preset: nothing derived
+
+
+def test_a_preset_base_without_prepared_data_is_refused(tmp_path: Path) -> None:
+    base = read_base_config(str(REPO / "configs" / "sasrec" / "auto.yaml"))
+    with pytest.raises(SpaceError) as raised:
+        preset_values(base, [("data.data_dir", str(tmp_path / "none"))], "auto.yaml")
+    assert "preset 'auto' of --config auto.yaml" in str(raised.value)
+    assert "recforge data prepare" in str(raised.value)
+    two_tower = {
+        "preset": "auto",
+        "model": {"class_path": "recforge.trainer.two_tower_module.TwoTowerModule"},
+        "data": {"data_dir": str(tmp_path)},
+    }
+    with pytest.raises(SpaceError, match="derives sasrec settings"):
+        preset_values(two_tower, [], "tt.yaml")

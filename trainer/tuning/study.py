@@ -40,6 +40,7 @@ from recforge.trainer.tuning.space import (
     cli_value,
     dotted_pairs,
     load_space,
+    preset_values,
     set_dotted,
 )
 
@@ -111,11 +112,11 @@ def main(argv: list[str]) -> int:
     try:
         space = load_space(args.space)
         base = read_base_config(args.config)
-        base_params = (
-            base_values(space, base, dotted_pairs(fit_args), args.config)
-            if args.enqueue_base
-            else None
-        )
+        base_params = None
+        if args.enqueue_base:
+            overrides = dotted_pairs(fit_args)
+            derived = preset_values(base, overrides, args.config)
+            base_params = base_values(space, base, overrides, args.config, derived)
     except SpaceError as exc:
         print(f"recforge tune: error: {exc}", file=sys.stderr)
         return 2
@@ -390,7 +391,7 @@ class Tuner:
         if sampled:
             log.warning(
                 "tune: --enqueue-base: the base config does not set %s; its trial samples them "
-                "(a preset's or a class default is not read from the YAML)",
+                "(a class default is not read)",
                 ", ".join(sampled),
             )
         study.enqueue_trial(self.base_params, user_attrs={BASE_ATTR: True})
