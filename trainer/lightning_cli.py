@@ -161,7 +161,14 @@ class RecforgeCLI(LightningCLI):
         under ``--print_config`` with no prepared data to derive them from)."""
         from recforge.data.stats import with_statistics
         from recforge.families import UnknownFamilyError
-        from recforge.trainer.presets import PresetError, as_defaults, check_preset
+        from recforge.trainer.presets import (
+            TABLE_OPTIMIZER,
+            TABLE_RULES_FOR,
+            PresetError,
+            as_defaults,
+            check_preset,
+            for_table_optimizer,
+        )
 
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
@@ -180,7 +187,17 @@ class RecforgeCLI(LightningCLI):
         if manifest is None:
             return {}
         data_dir = str(config.get("data.data_dir"))
-        derived = derive(with_statistics(data_dir, manifest))
+        optimizer = config.get(TABLE_OPTIMIZER)
+        derived, dropped = for_table_optimizer(
+            derive(with_statistics(data_dir, manifest)), optimizer
+        )
+        for key in dropped:
+            log.info(
+                "preset: %s not derived: its rule is for %s, and the item table's optimizer is %s",
+                key,
+                " or ".join(k for k, keys in TABLE_RULES_FOR.items() if key in keys),
+                optimizer,
+            )
         parser.set_defaults(as_defaults(derived, class_path))
         return derived
 

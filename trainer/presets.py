@@ -29,6 +29,13 @@ TABLE_LR = f"{INIT_ARGS}.embedding_optimizer.lr"
 TABLE_DECAY = f"{INIT_ARGS}.embedding_optimizer.weight_decay"
 TABLE_DECAY_MODE = f"{INIT_ARGS}.embedding_optimizer.weight_decay_mode"
 PATIENCE = "early_stopping.patience"
+TABLE_OPTIMIZER = f"{INIT_ARGS}.embedding_optimizer.name"
+TABLE_RULES_FOR = {
+    "rowwise_adagrad": (TABLE_LR, TABLE_DECAY, TABLE_DECAY_MODE),
+    "adagrad": (TABLE_LR,),  # its fbgemm kernel has no decay
+}
+"""The item-table settings whose rules hold for each embedding optimizer: the rates and the
+decay were measured with row-wise Adagrad, and an Adagrad rate means nothing to sgd or adam."""
 
 DENSE_ITEM_INTERACTIONS = 50.0
 MAX_LEN_PERCENTILE = "p95"
@@ -180,3 +187,18 @@ def as_defaults(derived: Mapping[str, Derived], class_path: str) -> dict[str, An
     if init_args:
         defaults["model"] = {"class_path": class_path, "init_args": init_args}
     return defaults
+
+
+def for_table_optimizer(
+    derived: Mapping[str, Derived], optimizer: str | None
+) -> tuple[dict[str, Derived], list[str]]:
+    """``derived`` without the item-table settings whose rules do not hold for the table's
+    ``optimizer`` (None: the default one), and the keys left out."""
+    if optimizer is None:
+        from recforge.trainer.sharding import EmbeddingOptimizerConfig
+
+        optimizer = EmbeddingOptimizerConfig.name
+    table = {TABLE_LR, TABLE_DECAY, TABLE_DECAY_MODE}
+    holds = set(TABLE_RULES_FOR.get(optimizer, ()))
+    dropped = [key for key in derived if key in table and key not in holds]
+    return {k: d for k, d in derived.items() if k not in dropped}, dropped

@@ -92,8 +92,7 @@ class EmbeddingOptimizerConfig:
             raise ValueError(
                 f"embedding_optimizer.weight_decay: {self.name} applies no weight decay "
                 f"(fbgemm's kernel has none); use one of "
-                f"{', '.join(DECAYING_EMBEDDING_OPTIMIZERS)} or weight_decay: 0 (a preset may "
-                "have set it: see its `preset:` log lines)"
+                f"{', '.join(DECAYING_EMBEDDING_OPTIMIZERS)} or weight_decay: 0"
             )
         # fbgemm's Adam kernel takes no mode and always decays AdamW's way.
         if self.weight_decay > 0 and self.name == "adam" and self.weight_decay_mode != "decoupled":

@@ -156,6 +156,16 @@ def test_auto_preset_derives_from_the_data_and_explicit_values_win(tmp_path: Pat
     for key in (MAX_LEN, NUM_LAYERS, PATIENCE, TABLE_LR, TABLE_DECAY, TABLE_DECAY_MODE):
         assert f"preset: {derived[key].describe()}" in proc.stderr
     assert f"preset: {DROPOUT} = 0.3, set explicitly" in proc.stderr
+    # The table's rate and decay rules hold for row-wise Adagrad; with sgd they are not derived
+    # (sgd has no decay and another rate scale), so the class defaults stay.
+    sgd = run_ok(
+        *fit_args(root, data, "--model.init_args.embedding_optimizer.name", "sgd", config=auto),
+        "--print_config",
+        cwd=tmp_path,
+    )
+    table = yaml.safe_load(sgd.stdout)["model"]["init_args"]["embedding_optimizer"]
+    assert (table["name"], table["lr"], table["weight_decay"]) == ("sgd", 0.05, 0.0)
+    assert f"preset: {TABLE_DECAY} not derived" in sgd.stderr
     unknown = recforge(*fit_args(root, data, "--preset", "fast", config=auto), cwd=tmp_path)
     assert unknown.returncode == 2
     assert "error: preset 'fast' is unknown; known presets: auto" in unknown.stderr

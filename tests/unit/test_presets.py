@@ -26,6 +26,7 @@ from recforge.trainer.presets import (
     check_preset,
     derive_max_len,
     derive_patience,
+    for_table_optimizer,
     sasrec_auto,
 )
 
@@ -97,6 +98,27 @@ def test_rule_edges() -> None:
     assert values(sasrec_auto(manifest(40, 49.9, 10)))[TABLE_LR] == 0.13
     assert values(sasrec_auto(manifest(40, 50.0, 10)))[TABLE_DECAY] == 0.0
     assert values(sasrec_auto(manifest(40, 49.9, 10)))[TABLE_DECAY] == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "kept"),
+    [
+        (None, {TABLE_LR, TABLE_DECAY, TABLE_DECAY_MODE}),  # the default: row-wise Adagrad
+        ("rowwise_adagrad", {TABLE_LR, TABLE_DECAY, TABLE_DECAY_MODE}),
+        ("adagrad", {TABLE_LR}),  # an Adagrad rate, but its kernel has no decay
+        ("sgd", set()),
+        ("adam", set()),
+    ],
+)
+def test_table_settings_are_derived_only_for_the_optimizer_they_were_measured_with(
+    optimizer: str | None, kept: set[str]
+) -> None:
+    derived = sasrec_auto(manifest(16, 16.1, 225_141))
+    table = {TABLE_LR, TABLE_DECAY, TABLE_DECAY_MODE}
+    filtered, dropped = for_table_optimizer(derived, optimizer)
+    assert set(filtered) == set(derived) - (table - kept)
+    assert set(dropped) == table - kept
+    assert all(filtered[k] == derived[k] for k in filtered)
 
 
 def test_unknown_preset_other_family_and_old_manifest_are_clear_errors() -> None:

@@ -217,7 +217,12 @@ def preset_values(base: dict, overrides: list[tuple[str, Any]], source: str) -> 
     from recforge.data.layout import MANIFEST, read_manifest
     from recforge.data.stats import with_statistics
     from recforge.families import UnknownFamilyError
-    from recforge.trainer.presets import PresetError, check_preset
+    from recforge.trainer.presets import (
+        TABLE_OPTIMIZER,
+        PresetError,
+        check_preset,
+        for_table_optimizer,
+    )
 
     _, class_path = get_dotted(config, "model.class_path")
     _, data_dir = get_dotted(config, "data.data_dir")
@@ -232,6 +237,8 @@ def preset_values(base: dict, overrides: list[tuple[str, Any]], source: str) -> 
             "data prepare` first, or pass --data.data_dir"
         )
     derived = derive(with_statistics(str(data_dir), read_manifest(str(data_dir))))
+    found, optimizer = get_dotted(config, TABLE_OPTIMIZER)
+    derived, _ = for_table_optimizer(derived, optimizer if found else None)
     return {key: d.value for key, d in derived.items()}
 
 
