@@ -1,4 +1,5 @@
-"""The search-space file of `recforge tune`: good entries parse, bad ones name their key."""
+"""`recforge tune`'s inputs: the search-space file (good entries parse, bad ones name their key)
+and the base config (read as fit reads it; the trial `--enqueue-base` runs)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from recforge.trainer.tuning.base_config import base_values, preset_values, read_base_config
 from recforge.trainer.tuning.space import (
     SpaceError,
-    base_values,
     dotted_pairs,
     load_space,
     parse_param,
-    preset_values,
     set_dotted,
 )
-from recforge.trainer.tuning.study import read_base_config
 
 REPO = Path(__file__).resolve().parents[2]
 

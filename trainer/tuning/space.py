@@ -16,7 +16,6 @@ entry, raised before any trial runs.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,86 +166,6 @@ def cli_value(value: Any) -> str:
     if isinstance(value, str):
         return value
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def base_values(
-    space: list[Param],
-    base: dict,
-    overrides: list[tuple[str, Any]],
-    source: str,
-    derived: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The base config's values of the searched keys, pass-through overrides applied: the
-    trial ``--enqueue-base`` runs. ``derived`` (dotted key -> value) are the values the
-    config's preset derives, which the YAML and the overrides win over, as in ``fit``. A value
-    outside the space is an error, since TPE would learn from a point the search cannot
-    reach."""
-    config = _with_overrides(base, overrides)
-    values = {}
-    for param in space:
-        found, value = get_dotted(config, param.key)
-        if not found and derived and param.key in derived:
-            found, value = True, derived[param.key]
-        if not found:
-            continue
-        value = param.as_value(value)
-        problem = param.rejects(value)
-        if problem:
-            raise SpaceError(
-                f"--enqueue-base: {param.key} is {value!r} in --config {source} (its "
-                f"overrides or its preset): {problem}; widen the space or leave --enqueue-base "
-                "out"
-            )
-        values[param.key] = int(value) if param.kind == "int" else value
-    if not values:
-        raise SpaceError(
-            f"--enqueue-base: --config {source} (and its overrides) sets none of the searched "
-            "keys, so its trial would be a sampled one"
-        )
-    return values
-
-
-def preset_values(base: dict, overrides: list[tuple[str, Any]], source: str) -> dict[str, Any]:
-    """The values (dotted key -> value) that the preset of the base config, after its
-    overrides, derives from its prepared data, as ``fit`` would; {} without a preset."""
-    config = _with_overrides(base, overrides)
-    name = config.get("preset")
-    if name is None:
-        return {}
-    from recforge.data import storage
-    from recforge.data.layout import MANIFEST, read_manifest
-    from recforge.data.stats import with_statistics
-    from recforge.families import UnknownFamilyError
-    from recforge.trainer.presets import (
-        TABLE_OPTIMIZER,
-        PresetError,
-        check_preset,
-        for_table_optimizer,
-    )
-
-    _, class_path = get_dotted(config, "model.class_path")
-    _, data_dir = get_dotted(config, "data.data_dir")
-    try:
-        derive = check_preset(str(name), str(class_path))
-    except (PresetError, UnknownFamilyError) as exc:
-        raise SpaceError(f"--enqueue-base: --config {source}: {exc}") from None
-    if data_dir is None or not storage.exists(storage.join(str(data_dir), MANIFEST)):
-        raise SpaceError(
-            f"--enqueue-base: the preset {name!r} of --config {source} derives the base's values "
-            f"from the prepared data, and {data_dir} holds none (no {MANIFEST}): run `recforge "
-            "data prepare` first, or pass --data.data_dir"
-        )
-    derived = derive(with_statistics(str(data_dir), read_manifest(str(data_dir))))
-    found, optimizer = get_dotted(config, TABLE_OPTIMIZER)
-    derived, _ = for_table_optimizer(derived, optimizer if found else None)
-    return {key: d.value for key, d in derived.items()}
-
-
-def _with_overrides(base: dict, overrides: list[tuple[str, Any]]) -> dict:
-    config = copy.deepcopy(base)
-    for key, value in overrides:
-        set_dotted(config, key, value)
-    return config
 
 
 def dotted_pairs(fit_args: list[str]) -> list[tuple[str, Any]]:

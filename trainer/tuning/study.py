@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,15 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
+from recforge.trainer.tuning.base_config import base_values, preset_values, read_base_config
 from recforge.trainer.tuning.lifetime import die_with_parent
 from recforge.trainer.tuning.report import ENV, PRUNED_ATTR, RUN_ATTR
 from recforge.trainer.tuning.space import (
     Param,
     SpaceError,
-    base_values,
     cli_value,
     dotted_pairs,
     load_space,
-    preset_values,
     set_dotted,
 )
 
@@ -470,29 +468,6 @@ class Tuner:
                     log.warning("tune: %s not drawn (%s: %s)", name, type(exc).__name__, exc)
                     continue
                 self.client.log_artifact(self.parent, str(Path(tmp) / name), "tune")
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML reads YAML 1.1, where ``1e-3`` (no dot) is a string; ``recforge fit``
-    (jsonargparse) reads it as a number, so the base config is read the same way and
-    ``best_config.yaml`` writes ``0.001``, not ``'1e-3'``."""
-
-
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def read_base_config(path: str) -> dict:
-    try:
-        data = yaml.load(Path(path).read_text(), Loader=_ConfigLoader)
-    except (OSError, yaml.YAMLError) as exc:
-        raise SpaceError(f"--config {path}: cannot read it ({exc})") from None
-    if not isinstance(data, dict):
-        raise SpaceError(f"--config {path}: not a YAML mapping")
-    return data
 
 
 def _passed(fit_args: list[str], flag: str) -> str | None:
