@@ -18,20 +18,18 @@ from torch.utils.data import DataLoader
 
 from recforge.data import storage
 from recforge.data.errors import DataError
-from recforge.data.layout import ITEMS, MANIFEST, read_manifest
-from recforge.data.loader import (
+from recforge.data.examples import (
     BATCH_FORMATS,
     STAGES,
     BatchFormat,
-    EpochBatchSampler,
     ExampleIndex,
     ExampleSpec,
-    FeatureTables,
-    SequenceBatchDataset,
     Stage,
-    load_feature_tables,
     scan_examples,
 )
+from recforge.data.feature_tables import FeatureTables, load_feature_tables
+from recforge.data.layout import ITEMS, MANIFEST, read_manifest
+from recforge.data.loader import EpochBatchSampler, SequenceBatchDataset
 
 log = logging.getLogger(__name__)
 

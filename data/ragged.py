@@ -8,6 +8,8 @@ torch tensors inside the network (``recforge.models.ragged``), which cannot impo
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 def gather_ragged(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -17,3 +19,12 @@ def gather_ragged(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> 
         return flat[:0]
     exclusive = np.cumsum(lengths) - lengths
     return flat[np.repeat(starts - exclusive, lengths) + np.arange(total)]
+
+
+def list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(flat values, per-row lengths)`` of a list column."""
+    col = table.column(name).combine_chunks()
+    return (
+        col.flatten().to_numpy(zero_copy_only=False),
+        pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64),
+    )

@@ -309,7 +309,7 @@ class TwoTower(ItemTableModel):
         Args:
             sparse: per item feature of the config, ``(offsets (N + 2,), codes)``: the codes of item
                 ``i`` are ``codes[offsets[i]:offsets[i + 1]]`` (the layout of
-                ``recforge.data.loader.FeatureTable.sparse_columns``); codes lie in
+                ``recforge.data.feature_tables.FeatureTable.sparse_columns``); codes lie in
                 ``[0, cardinality)``.
             dense: (N + 1, len(item_numeric_features)) raw numeric features; stored as
                 standardised ``signed_log1p`` values (statistics over rows 1..N).

@@ -4,7 +4,7 @@ A family ties together the pieces each layer provides for one kind of model:
 
 - ``model``: the plain ``nn.Module`` (:mod:`recforge.models`);
 - ``module``: the LightningModule that trains it (:mod:`recforge.trainer`);
-- ``batch_format``: what the DataModule yields for it (:data:`recforge.data.loader.BatchFormat`);
+- ``batch_format``: what the DataModule yields for it (:data:`recforge.data.examples.BatchFormat`);
 - ``user_encoder``: the padded-tensor module that is exported to ONNX
   (:mod:`recforge.trainer.export.encoders`).
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from recforge.data.loader import load_feature_tables
+from recforge.data.feature_tables import load_feature_tables
 from recforge.models.two_tower import TwoTower, TwoTowerConfig
 from recforge.trainer.recommender_module import (
     DenseOptimizerConfig,

@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 from loader_fixtures import random_prepared
 
+from recforge.data.examples import ExampleIndex, ExampleSpec, scan_examples
+from recforge.data.feature_tables import load_feature_tables
 from recforge.data.layout import read_manifest
-from recforge.data.loader import (
-    EpochBatchSampler,
-    ExampleIndex,
-    ExampleSpec,
-    SequenceBatchDataset,
-    load_feature_tables,
-    scan_examples,
-)
+from recforge.data.loader import EpochBatchSampler, SequenceBatchDataset
 
 
 def _index(directory: Path, model: str, stage: str) -> ExampleIndex:

@@ -16,15 +16,10 @@ from loader_fixtures import random_prepared, write_prepared
 from torch.utils.data import DataLoader
 
 from recforge.data.datamodule import SequenceDataModule
+from recforge.data.examples import ExampleSpec, scan_examples
+from recforge.data.feature_tables import load_feature_tables
 from recforge.data.layout import read_manifest
-from recforge.data.loader import (
-    EpochBatchSampler,
-    EpochPlan,
-    ExampleSpec,
-    SequenceBatchDataset,
-    load_feature_tables,
-    scan_examples,
-)
+from recforge.data.loader import EpochBatchSampler, EpochPlan, SequenceBatchDataset
 
 L, H = 4, 3  # SASRec max_len and two-tower history_len used with the random data
 

@@ -424,8 +424,8 @@ def from_data(
     import json
 
     from recforge.data import storage
+    from recforge.data.feature_tables import load_feature_tables
     from recforge.data.layout import FEATURE_VOCABS
-    from recforge.data.loader import load_feature_tables
 
     features = manifest.get("features") or {}
     user_specs = features.get("user", {})

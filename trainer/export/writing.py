@@ -98,8 +98,8 @@ def users_table(dm: Any, encoder: nn.Module) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from recforge.data.feature_tables import load_feature_tables
     from recforge.data.layout import SEQUENCES, USERS
-    from recforge.data.loader import load_feature_tables
 
     users = storage.read_table(
         storage.join(dm.data_dir, USERS), columns=["user_idx", "user_id"]
