@@ -1,4 +1,5 @@
-"""Ragged (jagged) arrays as one flat array plus per-row starts and lengths, in numpy.
+"""Ragged (jagged) arrays as one flat array plus per-row starts and lengths, in numpy (and
+read so from Arrow list columns).
 
 The loader's batches, its feature tables and the baselines all slice many rows out of one flat
 array at once; a Python loop over rows would dominate their cost. The models do the same on

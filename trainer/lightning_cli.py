@@ -108,8 +108,8 @@ class RecforgeCLI(LightningCLI):
             type=str | None,
             default=None,
             help="derive the settings a config leaves unset from the data's manifest: `auto` "
-            "(SASRec: max_len, num_layers, dropout, the item table's learning rate, "
-            "early_stopping.patience; explicit values win; docs/architecture.md §6)",
+            "(SASRec: max_len, num_layers, dropout, the item table's learning rate and weight "
+            "decay, early_stopping.patience; explicit values win; docs/architecture.md §6)",
         )
         parser.add_lightning_class_args(ThroughputMonitor, "throughput")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -159,15 +159,13 @@ class RecforgeCLI(LightningCLI):
     def _apply_preset(self, printing: bool) -> dict[str, Derived]:
         """Set the subcommand parser's defaults to the preset's values; {} without a preset (or
         under ``--print_config`` with no prepared data to derive them from)."""
-        from recforge.data.stats import with_statistics
         from recforge.families import UnknownFamilyError
         from recforge.trainer.presets import (
             TABLE_OPTIMIZER,
             TABLE_RULES_FOR,
             PresetError,
             as_defaults,
-            check_preset,
-            for_table_optimizer,
+            resolve_preset,
         )
 
         subcommand = self.config.get("subcommand")
@@ -177,20 +175,23 @@ class RecforgeCLI(LightningCLI):
             return {}
         parser = self._subcommand_parsers[subcommand]
         class_path = str(config.get("model.class_path"))
+        optimizer = config.get(TABLE_OPTIMIZER)
         try:
-            derive = check_preset(name, class_path)
-            manifest = _preset_manifest(name, config, printing)
+            resolved = resolve_preset(
+                name,
+                class_path,
+                str(config.get("data.data_dir")),
+                config.get("data.synthesize"),
+                optimizer,
+                printing,
+            )
         except PresetError as exc:
             parser.error(str(exc))
         except UnknownFamilyError as exc:
             parser.error(f"preset {name!r}: {exc}")
-        if manifest is None:
+        if resolved is None:
             return {}
-        data_dir = str(config.get("data.data_dir"))
-        optimizer = config.get(TABLE_OPTIMIZER)
-        derived, dropped = for_table_optimizer(
-            derive(with_statistics(data_dir, manifest)), optimizer
-        )
+        derived, dropped = resolved
         for key in dropped:
             log.info(
                 "preset: %s not derived: its rule is for %s, and the item table's optimizer is %s",
@@ -373,35 +374,6 @@ def _without_print_config(args: list[str]) -> list[str]:
         skip_flags = False
         kept.append(arg)
     return kept
-
-
-def _preset_manifest(name: str, config: Any, printing: bool) -> dict[str, Any] | None:
-    """The manifest a preset derives from. Missing: a ``data.synthesize`` config generates its
-    data now (as the DataModule would); ``--print_config`` prints the unresolved config; else
-    an error saying to prepare the data first."""
-    from recforge.data import storage
-    from recforge.data.layout import MANIFEST, read_manifest
-    from recforge.trainer.presets import PresetError
-
-    data_dir = str(config.get("data.data_dir"))
-    if not storage.exists(storage.join(data_dir, MANIFEST)):
-        synthesize = config.get("data.synthesize")
-        if printing:
-            log.warning(
-                "preset: %s holds no prepared dataset; the printed config is not resolved",
-                data_dir,
-            )
-            return None
-        if synthesize is None or storage.is_remote(data_dir):
-            raise PresetError(
-                f"preset {name!r} derives its settings from the prepared data, and {data_dir} "
-                f"holds none (no {MANIFEST}): run `recforge data prepare ... --out {data_dir}` "
-                "first, or pass --data.data_dir"
-            )
-        from recforge.data.datamodule import ensure_synthetic
-
-        ensure_synthetic(data_dir, dict(synthesize))
-    return read_manifest(data_dir)
 
 
 def _is_rank_zero() -> bool:

@@ -1,12 +1,12 @@
 """Presets: training settings derived from a prepared dataset's manifest statistics.
 
 ``preset: auto`` in a SASRec config (``configs/sasrec/auto.yaml``) fills ``max_len``,
-``num_layers``, ``dropout``, the item table's learning rate, weight decay and its mode, and
-``early_stopping.patience``
-from the data's manifest statistics
-(:mod:`recforge.data.stats`), so a new dataset gets sensible values without hand-tuning; any
-of them a config or the command line sets explicitly wins. The CLI side is
-``RecforgeCLI.parse_arguments`` (``trainer/lightning_cli.py``).
+``num_layers``, ``dropout``, ``early_stopping.patience`` and, for the optimizers whose rules
+they are (:data:`TABLE_RULES_FOR`), the item table's learning rate, weight decay and its mode,
+from the data's manifest statistics (:mod:`recforge.data.stats`), so a new dataset gets
+sensible values without hand-tuning; any of them a config or the command line sets explicitly
+wins. The CLI side is ``RecforgeCLI.parse_arguments`` (``trainer/lightning_cli.py``);
+``recforge tune --enqueue-base`` resolves the same values (:func:`resolve_preset`).
 
 The rules, with the two reference datasets they were chosen from and why, are one table in
 docs/architecture.md (§6, "Settings derived from the data"); the constants below are its
@@ -15,10 +15,13 @@ numbers. "Dense" means at least ``DENSE_ITEM_INTERACTIONS`` interactions per ite
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 INIT_ARGS = "model.init_args"
 MODEL = f"{INIT_ARGS}.model"
@@ -198,7 +201,46 @@ def for_table_optimizer(
         from recforge.trainer.sharding import EmbeddingOptimizerConfig
 
         optimizer = EmbeddingOptimizerConfig.name
-    table = {TABLE_LR, TABLE_DECAY, TABLE_DECAY_MODE}
+    table = set().union(*TABLE_RULES_FOR.values())
     holds = set(TABLE_RULES_FOR.get(optimizer, ()))
     dropped = [key for key in derived if key in table and key not in holds]
     return {k: d for k, d in derived.items() if k not in dropped}, dropped
+
+
+def resolve_preset(
+    name: str,
+    class_path: str,
+    data_dir: str,
+    synthesize: Mapping[str, Any] | None,
+    optimizer: str | None,
+    printing: bool = False,
+) -> tuple[dict[str, Derived], list[str]] | None:
+    """What preset ``name`` derives for a config training ``class_path`` on ``data_dir``, as
+    ``fit`` resolves it (and ``recforge tune --enqueue-base`` with it): the settings, and the
+    table keys :func:`for_table_optimizer` leaves out for ``optimizer``. Data not prepared yet:
+    a ``data.synthesize`` config generates it now (as the DataModule would); under
+    ``--print_config`` (``printing``) None, as the printed config stays unresolved; else a
+    :class:`PresetError` saying to prepare it."""
+    from recforge.data import storage
+    from recforge.data.layout import MANIFEST, read_manifest
+    from recforge.data.stats import with_statistics
+
+    derive = check_preset(name, class_path)
+    if not storage.exists(storage.join(data_dir, MANIFEST)):
+        if printing:
+            log.warning(
+                "preset: %s holds no prepared dataset; the printed config is not resolved",
+                data_dir,
+            )
+            return None
+        if synthesize is None or storage.is_remote(data_dir):
+            raise PresetError(
+                f"preset {name!r} derives its settings from the prepared data, and {data_dir} "
+                f"holds none (no {MANIFEST}): run `recforge data prepare ... --out {data_dir}` "
+                "first, or pass --data.data_dir"
+            )
+        from recforge.data.datamodule import ensure_synthetic
+
+        ensure_synthetic(data_dir, dict(synthesize))
+    manifest = with_statistics(data_dir, read_manifest(data_dir))
+    return for_table_optimizer(derive(manifest), optimizer)

@@ -1,5 +1,5 @@
 """``eval_max_users``: a fixed random sample of evaluation users, chosen in the example index
-(data/loader.py), the same on every run and under every rank split."""
+(data/examples.py), the same on every run and under every rank split."""
 
 from __future__ import annotations
 

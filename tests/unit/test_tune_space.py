@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from recforge.trainer.tuning.base_config import base_values, preset_values, read_base_config
 from recforge.trainer.tuning.space import (
     SpaceError,
     dotted_pairs,
+    dump_yaml,
     load_space,
+    load_yaml,
     parse_param,
     set_dotted,
 )
@@ -90,12 +91,20 @@ def test_a_base_value_the_space_cannot_reach_is_refused(
     assert problem in message
 
 
-def test_base_values_read_numbers_as_fit_does() -> None:
-    # PyYAML reads 1e-3 (no dot) as a string; `recforge fit` (jsonargparse) as a number.
-    space = load_space(REPO / "configs" / "tune" / "sasrec_tiny_space.yaml")
-    base = {"model": {"init_args": {"optimizer": {"lr": "1e-3"}}}}
+def test_base_values_read_numbers_as_fit_does(tmp_path: Path) -> None:
+    # PyYAML reads 1e-3 (no dot) as a string; `recforge fit` (jsonargparse) as a number, and so
+    # do the base config, the overrides and the space file here.
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "model.init_args.optimizer.lr: {type: categorical, choices: [1e-3, 1e-2]}\n"
+        "model.init_args.embedding_optimizer.lr: {type: float, low: 1e-3, high: 1e-1, log: true}\n"
+    )
+    space = load_space(space_file)
+    assert space[0].choices == (1e-3, 1e-2) and space[1].low == 1e-3
+    config = tmp_path / "base.yaml"
+    config.write_text("model: {init_args: {optimizer: {lr: 1e-3}}}\n")
     overrides = dotted_pairs(["--model.init_args.embedding_optimizer.lr", "5e-2"])
-    values = base_values(space, base, overrides, "base.yaml")
+    values = base_values(space, read_base_config(str(config)), overrides, "base.yaml")
     assert values == {
         "model.init_args.optimizer.lr": 1e-3,
         "model.init_args.embedding_optimizer.lr": 5e-2,
@@ -110,24 +119,36 @@ def test_a_base_that_sets_no_searched_key_is_refused() -> None:
         base_values(space, {"trainer": {"max_epochs": 3}}, [], "base.yaml")
 
 
-def test_the_base_config_reads_exponent_numbers_as_fit_does(tmp_path: Path) -> None:
-    # So best_config.yaml writes them back as numbers, not as quoted YAML-1.1 strings.
+def test_yaml_is_read_and_written_as_fit_reads_it(tmp_path: Path) -> None:
     config = tmp_path / "base.yaml"
-    config.write_text('a: 1e-3\nb: -2.5E4\nc: 0.5\nd: e5\ne: "1e-3"\n')
+    config.write_text('a: 1e-3\nb: -2.5E4\nc: 0.5\nd: e5\ne: "1e-3"\nf: 2024-01-01\ng: off\n')
     read = read_base_config(str(config))
-    assert read == {"a": 1e-3, "b": -2.5e4, "c": 0.5, "d": "e5", "e": "1e-3"}
-    assert yaml.safe_dump(read).startswith("a: 0.001\nb: -25000.0\n")
+    assert read == {
+        "a": 1e-3,
+        "b": -2.5e4,
+        "c": 0.5,
+        "d": "e5",
+        "e": "1e-3",
+        "f": "2024-01-01",
+        "g": False,
+    }
+    # best_config.yaml is written this way: the string the user quoted stays a string for fit,
+    # although to PyYAML's YAML 1.1 rules it needs no quotes.
+    written = dump_yaml(read)
+    assert "e: '1e-3'" in written and "a: 0.001" in written
+    assert load_yaml(written) == read
 
 
 def test_base_values_take_the_preset_below_the_yaml_and_the_overrides(tmp_path: Path) -> None:
     # As in fit: what the preset derives from the data, then the YAML, then the command line.
     from recforge.data.datamodule import ensure_synthetic
-    from recforge.trainer.presets import DROPOUT, TABLE_DECAY, TABLE_LR
+    from recforge.trainer.presets import DROPOUT, TABLE_DECAY, TABLE_LR, TABLE_OPTIMIZER
 
     data = tmp_path / "data"
     ensure_synthetic(str(data), {"users": 200, "items": 150, "mean_length": 8, "seed": 0})
     space = load_space(REPO / "configs" / "tune" / "sasrec_auto_space.yaml")
     base = read_base_config(str(REPO / "configs" / "sasrec" / "auto.yaml"))
+    base["model"]["init_args"]["model"]["dropout"] = 0.3
     overrides = dotted_pairs(
         ["--data.data_dir", str(data), f"--{TABLE_DECAY}", "0.002", "--foo", "1"]
     )
@@ -135,20 +156,31 @@ def test_base_values_take_the_preset_below_the_yaml_and_the_overrides(tmp_path: 
     assert derived[DROPOUT] == 0.5 and derived[TABLE_LR] == 0.13  # a sparse synthetic set
     values = base_values(space, base, overrides, "auto.yaml", derived)
     assert values == {
-        DROPOUT: 0.5,  # the preset's
+        DROPOUT: 0.3,  # the YAML wins over the preset's 0.5
         "model.init_args.optimizer.lr": base["model"]["init_args"]["optimizer"]["lr"],  # YAML
-        TABLE_LR: 0.13,
+        TABLE_LR: 0.13,  # the preset's
         TABLE_DECAY: 0.002,  # the override wins over the preset's 0.001
     }
     assert preset_values({"model": {}}, overrides, "x.yaml") == {}  # no preset: nothing derived
+    # With sgd the table's rate and decay are not derived, as in fit.
+    sgd = preset_values(base, [*overrides, (TABLE_OPTIMIZER, "sgd")], "auto.yaml")
+    assert TABLE_LR not in sgd and TABLE_DECAY not in sgd and sgd[DROPOUT] == 0.5
 
 
 def test_a_preset_base_without_prepared_data_is_refused(tmp_path: Path) -> None:
+    from recforge.trainer.presets import TABLE_LR
+
     base = read_base_config(str(REPO / "configs" / "sasrec" / "auto.yaml"))
     with pytest.raises(SpaceError) as raised:
         preset_values(base, [("data.data_dir", str(tmp_path / "none"))], "auto.yaml")
-    assert "preset 'auto' of --config auto.yaml" in str(raised.value)
+    assert "--config auto.yaml: preset 'auto' derives its settings" in str(raised.value)
     assert "recforge data prepare" in str(raised.value)
+    # A config that synthesises its data gets it generated, as fit would.
+    synthesized = [
+        ("data.data_dir", str(tmp_path / "synth")),
+        ("data.synthesize", {"users": 100, "items": 80, "mean_length": 6, "seed": 0}),
+    ]
+    assert preset_values(base, synthesized, "auto.yaml")[TABLE_LR] == 0.13
     two_tower = {
         "preset": "auto",
         "model": {"class_path": "recforge.trainer.two_tower_module.TwoTowerModule"},

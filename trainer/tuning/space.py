@@ -55,16 +55,6 @@ class Param:
             )
         return trial.suggest_categorical(self.key, list(self.choices))
 
-    def as_value(self, value: Any) -> Any:
-        """``value`` as this parameter takes it: ``1e-3`` is a string to YAML 1.1 (PyYAML) but a
-        number to ``recforge fit`` (jsonargparse), so a numeric parameter reads such strings."""
-        if self.kind != "categorical" and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                return value
-        return value
-
     def rejects(self, value: Any) -> str | None:
         """Why ``value`` cannot be a trial's value of this parameter, or None."""
         if self.kind == "categorical":
@@ -83,10 +73,41 @@ class Param:
         return None
 
 
+def load_yaml(text: str) -> Any:
+    """YAML as ``recforge fit`` reads it (jsonargparse's loader), for the space file, the base
+    config and the overrides alike: ``1e-3`` is a number there, and a string to PyYAML's YAML
+    1.1, so a base value or a bound written that way would otherwise differ from what fit runs."""
+    from jsonargparse import get_loader
+
+    return get_loader("yaml")(text)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes YAML that :func:`load_yaml` reads back as written."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    # A string that fit would read as something else when written plain (``'1e-3'``) is quoted;
+    # PyYAML's own rules miss it, as to YAML 1.1 it is no number.
+    try:
+        plain = load_yaml(value) == value
+    except yaml.YAMLError:
+        plain = False
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=None if plain else "'")
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML that ``recforge fit`` reads back as ``data`` (keys in their order)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
 def load_space(path: str | Path) -> list[Param]:
     """The parameters of a search-space file, checked (module docstring)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = load_yaml(Path(path).read_text())
     except OSError as exc:
         raise SpaceError(f"--space {path}: cannot read it ({exc.strerror})") from None
     except yaml.YAMLError as exc:
@@ -183,7 +204,7 @@ def dotted_pairs(fit_args: list[str]) -> list[tuple[str, Any]]:
             continue
         i += 1
         try:
-            pairs.append((key, yaml.safe_load(value)))
+            pairs.append((key, load_yaml(value)))
         except yaml.YAMLError:
             pairs.append((key, value))
     return pairs

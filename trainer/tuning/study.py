@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.trial import TrialState
 
 from recforge.trainer.tuning.base_config import base_values, preset_values, read_base_config
@@ -38,6 +37,7 @@ from recforge.trainer.tuning.space import (
     SpaceError,
     cli_value,
     dotted_pairs,
+    dump_yaml,
     load_space,
     set_dotted,
 )
@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--enqueue-base",
         action="store_true",
-        help="run the base config as one trial first (its own values of the searched keys, "
-        "after the pass-through overrides; keys it does not set are sampled), so the study "
+        help="run the base config as one trial first (its own values of the searched keys: "
+        "what its preset derives, the YAML, then the pass-through overrides; keys it does not "
+        "set are sampled), so the study "
         "shows what the search gained over it; once per study",
     )
     parser.add_argument("--seed", type=int, help="TPE seed (default: the config's seed_everything)")
@@ -415,7 +416,7 @@ class Tuner:
             set_dotted(config, key, value)
         best_yaml = (
             f"# recforge tune: best of study {self.study_name!r} (trial {best.number}, "
-            f"{self.args.metric} {best.value:.6f})\n" + yaml.safe_dump(config, sort_keys=False)
+            f"{self.args.metric} {best.value:.6f})\n" + dump_yaml(config)
         )
         (self.out_dir / "best_config.yaml").write_text(best_yaml)
         self.client.log_text(self.parent, best_yaml, "tune/best_config.yaml")
