@@ -73,10 +73,13 @@ def test_tune_prunes_nests_runs_and_continues_after_restart(tmp_path: Path) -> N
     assert states.count(optuna.trial.TrialState.PRUNED) >= 1, states
     assert states.count(optuna.trial.TrialState.COMPLETE) >= 1, states
     for trial in study.trials:
-        # Every trial reported its validation metric per epoch; a pruned one stopped early.
-        assert trial.intermediate_values, trial.number
-        if trial.state == optuna.trial.TrialState.PRUNED:
-            assert len(trial.intermediate_values) < 3
+        # Every trial reported its validation metric per epoch, and none ran past its last.
+        assert 1 <= len(trial.intermediate_values) <= 3, trial.number
+    # A pruned trial stopped early. Trials 0 and 1 ran one at a time, with draws fixed by
+    # --seed; under --jobs 2 Optuna reseeds its sampler per worker thread from the OS, so trial
+    # 2's draw, and the epoch it is pruned at (if it is), varies from run to run.
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert any(len(t.intermediate_values) < 3 for t in pruned), states
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
