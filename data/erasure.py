@@ -214,7 +214,8 @@ def _rewrite(
     ledger_path: str,
     applied: list[str],
 ) -> dict[str, Any]:
-    from recforge.data.prepare import data_fingerprint, split_counts
+    from recforge.data.prepared_output import data_fingerprint
+    from recforge.data.split_rules import split_counts
 
     sequences = storage.read_table(storage.join(prepared_dir, layout.SEQUENCES)).sort_by("user_idx")
     items = storage.read_table(storage.join(prepared_dir, layout.ITEMS)).sort_by("item_idx")

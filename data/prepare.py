@@ -1,8 +1,9 @@
 """`recforge data prepare`: raw interactions -> the prepared directory of docs/architecture.md §3.
 
 This module is ``--engine memory``, the reference; the default engine, ``duckdb``
-(:mod:`recforge.data.prepare_duckdb`), does the same steps out of core and shares the manifest
-and the writing of everything but ``sequences.parquet`` with it.
+(:mod:`recforge.data.prepare_duckdb`), does the same steps out of core. Both apply the split
+rules of :mod:`recforge.data.split_rules` and write everything but ``sequences.parquet`` with
+:mod:`recforge.data.prepared_output`.
 
 All work is vectorised over Arrow/numpy arrays (no Python loop per row). The output is written
 to a temporary directory beside ``out`` and renamed into place, so a failure leaves nothing.
@@ -22,12 +23,9 @@ Order of operations, each counted in the manifest:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,11 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recforge.atomic import TargetExistsError, atomic_directory
-from recforge.data import consent, erasure, layout, stats, vocab
+from recforge.data import consent, erasure, layout, vocab
 from recforge.data.errors import DataError
 from recforge.data.features import EncodedFeatures, encode_features, read_feature_table
-from recforge.data.readers import FORMATS, Columns, SourceFile, read_interactions
+from recforge.data.prepared_output import build_manifest, write_atomic, write_tables_and_manifest
+from recforge.data.readers import FORMATS, Columns, read_interactions
+from recforge.data.split_rules import require_eval_users, split_counts, time_split
 from recforge.data.staging import involves_remote, prepare_staged
 
 log = logging.getLogger(__name__)
@@ -267,83 +266,6 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     return manifest
 
 
-def build_manifest(
-    config: PrepareConfig,
-    sources: list[SourceFile],
-    n_input: int,
-    removed: dict[str, int],
-    out_of_order: int,
-    kcore: dict[str, int],
-    interactions: int,
-    n_users: int,
-    n_items: int,
-    has_rating: bool,
-    split: dict[str, Any],
-    split_counts: dict[str, int],
-    lengths: np.ndarray,
-    item_feats: EncodedFeatures | None,
-    user_feats: EncodedFeatures | None,
-    vocab_from: dict[str, Any] | None = None,
-    exclusion: consent.Exclusion | None = None,
-    *,
-    train_lengths: np.ndarray,
-    item_counts: np.ndarray,
-) -> dict[str, Any]:
-    """The manifest both engines write; one builder so their fields cannot drift apart.
-
-    ``n_users``/``n_items`` are the vocabulary sizes; ``lengths`` are those of the users with
-    a sequence (fewer than ``n_users`` only under ``vocab_from``), ``train_lengths`` the
-    training part of each (the split's ``train_end``), ``item_counts`` the interactions per
-    item of the vocabulary."""
-    manifest = {
-        "format_version": layout.FORMAT_VERSION,
-        "created_by": "recforge data prepare",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {
-            "format": config.format,
-            "files": [asdict(s) for s in sources],
-            "columns": asdict(config.columns),
-        },
-        "input_rows": n_input,
-        "rows_removed": removed,
-        "rows_out_of_time_order": out_of_order,
-        "tie_rule": "interactions of a user with equal timestamps keep their input order",
-        "filters": {
-            "min_user": config.min_user,
-            "min_item": config.min_item,
-            "k_core_iterations": kcore["iterations"],
-            "users_removed": kcore["users_removed"],
-            "items_removed": kcore["items_removed"],
-        },
-        "interactions": interactions,
-        "users": n_users,
-        "items": n_items,
-        "has_rating": has_rating,
-        "split": split,
-        "split_counts": split_counts,
-        "sequence_length": {
-            "min": int(lengths.min()),
-            "median": float(np.median(lengths)),
-            "mean": float(lengths.mean()),
-            "max": int(lengths.max()),
-        },
-        **stats.manifest_entries(train_lengths, item_counts),
-        "features": {
-            "item": item_feats.spec if item_feats else {},
-            "user": user_feats.spec if user_feats else {},
-        },
-        "feature_files": {
-            k: v.report for k, v in (("item", item_feats), ("user", user_feats)) if v
-        },
-        "sequences_row_group_size": config.row_group_size,
-    }
-    if vocab_from is not None:
-        manifest["vocab_from"] = vocab_from
-    if exclusion is not None:
-        manifest.update(exclusion.manifest_entries(config))
-    return manifest
-
-
 # --- steps ---
 
 
@@ -477,74 +399,6 @@ def _split(
     return split, split_counts(lengths, train_end, val_end), (train_end, val_end)
 
 
-def require_eval_users(
-    config: PrepareConfig,
-    split: dict[str, Any],
-    lengths: np.ndarray,
-    train_end: np.ndarray,
-    val_end: np.ndarray,
-) -> None:
-    """Refuse a dataset with fewer than ``min_eval_users`` evaluable users per stage, saying
-    which rule left them out (the loader's rule: a target and at least one item before it)."""
-    stages = {
-        "validation": int(((val_end > train_end) & (train_end >= 1)).sum()),
-        "test": int(((lengths > val_end) & (val_end >= 1)).sum()),
-    }
-    short = {k: v for k, v in stages.items() if v < config.min_eval_users}
-    if not short:
-        return
-    stage, found = next(iter(short.items()))
-    if split["type"] == "leave-one-out":
-        why = (
-            f"leave-one-out holds out the last two interactions of users with at least 3; "
-            f"{int((lengths < 3).sum())} of {len(lengths)} users have fewer"
-        )
-    else:
-        why = (
-            f"the time split puts interactions from {split['val_start']} on in validation and "
-            f"from {split['test_start']} on in test (--val-fraction/--test-fraction), and "
-            f"only {found} user(s) have such an interaction after an earlier one"
-        )
-    kcore = ""
-    if config.min_user or config.min_item:
-        kcore = (
-            f"; after k-core filtering (--min-user {config.min_user}, --min-item {config.min_item})"
-        )
-    raise DataError(
-        f"only {found} user(s) have a {stage} example, fewer than --min-eval-users "
-        f"{config.min_eval_users}: {why}{kcore}",
-        path=", ".join(config.input),
-    )
-
-
-def time_split(config: PrepareConfig, quantile: Callable[[float], int]) -> dict[str, Any]:
-    """The time split's manifest entry; ``quantile(q)`` is numpy's ``method="higher"``."""
-    # Cut points by interaction quantiles, so the requested shares hold on skewed time ranges.
-    val_start = quantile(1 - config.test_fraction - config.val_fraction)
-    test_start = quantile(1 - config.test_fraction)
-    if test_start <= val_start:
-        test_start = val_start + 1
-    return {
-        "type": "time",
-        "val_start": val_start,
-        "test_start": test_start,
-        "val_fraction": config.val_fraction,
-        "test_fraction": config.test_fraction,
-    }
-
-
-def split_counts(lengths: np.ndarray, train_end: np.ndarray, val_end: np.ndarray) -> dict[str, int]:
-    counts = {
-        "train_interactions": int(train_end.sum()),
-        "val_interactions": int((val_end - train_end).sum()),
-        "test_interactions": int((lengths - val_end).sum()),
-        "users_with_val": int((val_end > train_end).sum()),
-        "users_with_test": int((lengths > val_end).sum()),
-        "users_without_eval": int(((val_end == train_end) & (lengths == val_end)).sum()),
-    }
-    return counts
-
-
 def features(config: PrepareConfig, kind: str, vocab_ids: pa.Array) -> EncodedFeatures | None:
     path = getattr(config, f"{kind}_features")
     if path is None and config.format == "recbole" and not config.no_features:
@@ -582,14 +436,6 @@ def features(config: PrepareConfig, kind: str, vocab_ids: pa.Array) -> EncodedFe
 # --- writing ---
 
 
-def write_atomic(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    try:
-        with atomic_directory(out, overwrite=overwrite) as tmp:
-            write(tmp)
-    except TargetExistsError:
-        raise DataError("output directory appeared while preparing", path=str(out)) from None
-
-
 def _write_files(
     tmp: Path,
     manifest: dict,
@@ -619,64 +465,3 @@ def _write_files(
     write_tables_and_manifest(
         tmp, manifest, user_ids, item_ids, user_counts, item_counts, item_feats, user_feats
     )
-
-
-def write_tables_and_manifest(
-    tmp: Path,
-    manifest: dict,
-    user_ids: pa.Array,
-    item_ids: pa.Array,
-    user_counts: np.ndarray,
-    item_counts: np.ndarray,
-    item_feats: EncodedFeatures | None,
-    user_feats: EncodedFeatures | None,
-) -> None:
-    """items/users.parquet, the feature vocabularies and the manifest, once sequences.parquet is
-    in ``tmp`` (the fingerprint covers it)."""
-    for name, ids, counts, feats, idx_col in (
-        (layout.ITEMS, item_ids, item_counts, item_feats, "item_idx"),
-        (layout.USERS, user_ids, user_counts, user_feats, "user_idx"),
-    ):
-        id_col = "item_id" if idx_col == "item_idx" else "user_id"
-        cols = {
-            idx_col: pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
-            id_col: ids,
-            "count": pa.array(counts.astype(np.int64)),
-        }
-        if feats is not None:
-            clash = set(feats.columns) & set(cols)
-            if clash:
-                raise DataError(
-                    f"feature column(s) {sorted(clash)} clash with recforge's own columns; "
-                    "rename them"
-                )
-            cols.update(feats.columns)
-        pq.write_table(pa.table(cols), tmp / name)
-
-    vocabs = {
-        "item": item_feats.vocabs if item_feats else {},
-        "user": user_feats.vocabs if user_feats else {},
-    }
-    with open(tmp / layout.FEATURE_VOCABS, "w") as f:
-        json.dump(vocabs, f)
-    manifest["fingerprint"] = data_fingerprint(tmp)
-    with open(tmp / layout.MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=2, default=_json_default)
-        f.write("\n")
-
-
-def data_fingerprint(directory: Path) -> str:
-    """The manifest's ``fingerprint``: sha256 over the data files' names and bytes."""
-    digest = hashlib.sha256()
-    for name in (layout.SEQUENCES, layout.ITEMS, layout.USERS, layout.FEATURE_VOCABS):
-        digest.update(name.encode())
-        with open(directory / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")

@@ -50,17 +50,8 @@ import pyarrow.parquet as pq
 from recforge.artifact import file_sha256
 from recforge.data import consent, layout, vocab
 from recforge.data.errors import DataError
-from recforge.data.prepare import (
-    PrepareConfig,
-    build_manifest,
-    empty_k_core_stats,
-    features,
-    require_eval_users,
-    split_counts,
-    time_split,
-    write_atomic,
-    write_tables_and_manifest,
-)
+from recforge.data.prepare import PrepareConfig, empty_k_core_stats, features
+from recforge.data.prepared_output import build_manifest, write_atomic, write_tables_and_manifest
 from recforge.data.readers import (
     READERS,
     Columns,
@@ -69,6 +60,7 @@ from recforge.data.readers import (
     resolve_inputs,
     row_group_error,
 )
+from recforge.data.split_rules import require_eval_users, split_counts, time_split
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import optuna
 import pytest
 
 from recforge.trainer.tuning.base_config import base_values, preset_values, read_base_config
@@ -17,6 +18,8 @@ from recforge.trainer.tuning.space import (
     parse_param,
     set_dotted,
 )
+from recforge.trainer.tuning.study import main as tune_main
+from recforge.trainer.tuning.study import make_sampler
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -188,3 +191,24 @@ def test_a_preset_base_without_prepared_data_is_refused(tmp_path: Path) -> None:
     }
     with pytest.raises(SpaceError, match="derives sasrec settings"):
         preset_values(two_tower, [], "tt.yaml")
+
+
+def _draws(sampler: optuna.samplers.BaseSampler, n: int) -> list[float]:
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: (t.suggest_float("x", 0.0, 1.0) - 0.3) ** 2, n_trials=n)
+    return [t.params["x"] for t in study.trials]
+
+
+def test_tpe_models_the_results_after_the_startup_trials() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    random = _draws(optuna.samplers.RandomSampler(seed=3), 4)
+    early = _draws(make_sampler(2, seed=3), 4)
+    assert early[:2] == random[:2]
+    assert early[2:] != random[2:]
+    assert _draws(make_sampler(10, seed=3), 4) == random
+
+
+def test_negative_startup_trials_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--config", "c.yaml", "--space", "s.yaml", "--trials", "2"]
+    assert tune_main([*argv, "--sampler-startup-trials", "-1"]) == 2
+    assert "--sampler-startup-trials must be >= 0" in capsys.readouterr().err

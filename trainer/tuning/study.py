@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         "set are sampled), so the study "
         "shows what the search gained over it; once per study",
     )
+    parser.add_argument(
+        "--sampler-startup-trials",
+        type=int,
+        default=10,
+        help="TPE: trials drawn at random (the base one included) before it models the "
+        "results (default 10, Optuna's); lower it for a short study around a known config",
+    )
     parser.add_argument("--seed", type=int, help="TPE seed (default: the config's seed_everything)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"default {DEFAULT_METRIC}")
     parser.add_argument("--direction", choices=("maximize", "minimize"), default="maximize")
@@ -107,6 +114,9 @@ def main(argv: list[str]) -> int:
     args, fit_args = build_parser().parse_known_args(argv)
     if args.trials < 1 or args.jobs < 1:
         print("recforge tune: error: --trials and --jobs must be >= 1", file=sys.stderr)
+        return 2
+    if args.sampler_startup_trials < 0:
+        print("recforge tune: error: --sampler-startup-trials must be >= 0", file=sys.stderr)
         return 2
     try:
         space = load_space(args.space)
@@ -132,6 +142,11 @@ def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
         # Resource = epochs; max_resource "auto" is the epochs of the first finished trial.
         return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
+
+
+def make_sampler(startup_trials: int, seed: int) -> optuna.samplers.BaseSampler:
+    """TPE; its first ``startup_trials`` trials in the study (any tuner's) are drawn at random."""
+    return optuna.samplers.TPESampler(n_startup_trials=startup_trials, seed=seed)
 
 
 def make_storage(url: str, heartbeat: bool = True) -> Any:
@@ -205,7 +220,9 @@ class Tuner:
         )
         # Offset by the trials already in the study: a restarted tuner with the same seed would
         # otherwise draw its first (random, start-up) trials again. Still reproducible.
-        study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
+        study.sampler = make_sampler(
+            self.args.sampler_startup_trials, self.seed + len(study.trials)
+        )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         from mlflow import MlflowClient
 
