@@ -133,9 +133,9 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="recforge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    from recforge.data.prepare_duckdb import _size_bytes
+    from recforge.data.duckdb_memory import size_bytes
 
-    limit_bytes = _size_bytes(args.memory_limit)
+    limit_bytes = size_bytes(args.memory_limit)
     print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()}")
     print(
         "| rows | engine | limit | seconds | peak RSS GB | <= limit | spill GB | M rows/s "

@@ -18,24 +18,14 @@ Only per-user and per-item arrays (lengths, counts, ids, features) are held in P
 files with integer ids are read in batches; any other file is read whole by its reader (string
 ids become integers only if the whole file's are), so the largest such file bounds the memory.
 
-Memory: ``memory_limit`` (``--memory-limit``) bounds the whole process, and DuckDB's own
-``memory_limit`` covers its buffer manager only. What it does not count comes on top: the
-interpreter and libraries (~0.1 GB), Arrow and numpy buffers (input batches, the flat rows cut
-into lists, Parquet writer buffers, per-user arrays), allocations DuckDB does not track and
-what the allocators keep of freed memory; together 0.3-0.6 GB measured from 20M to 300M
-interactions. So DuckDB gets three quarters of the limit, at most the limit less 512 MiB, at
-least a quarter (4GB: 3GB to DuckDB, 1GB reserved; 1GB: 0.46GB to DuckDB), and spills the rest.
-Before the final sort (``_write_sequences``) the share shrinks, if need be, to the limit less
-what the process holds outside DuckDB by then (the per-user and per-item arrays grow with the
-data, ~40 bytes a user) less 256 MiB for the write's own buffers.
-A limit under about 1GB leaves too little for that footprint and can be exceeded.
+Memory: ``--memory-limit`` bounds the whole process, of which DuckDB's buffer manager gets a
+share (:mod:`recforge.data.duckdb_memory`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -49,6 +39,7 @@ import pyarrow.parquet as pq
 
 from recforge.artifact import file_sha256
 from recforge.data import consent, layout, vocab
+from recforge.data.duckdb_memory import apply_memory_limit, shrink_share_for_python
 from recforge.data.errors import DataError
 from recforge.data.prepare import PrepareConfig, empty_k_core_stats, features
 from recforge.data.prepared_output import build_manifest, write_atomic, write_tables_and_manifest
@@ -68,12 +59,6 @@ log = logging.getLogger(__name__)
 # batch of flat rows fetched back by _write_sequences: small enough that these transient Arrow
 # and numpy buffers (and what the allocators keep of them) stay well inside the reserve.
 _BATCH_ROWS = 1 << 18
-# Of the process's memory limit, DuckDB's buffer manager gets three quarters, at most the limit
-# less this reserve, at least a quarter (see the module docstring and _duckdb_share).
-_RESERVE_MIN = 512 << 20
-# Kept free for _write_sequences' own Arrow buffers and Parquet writer, over what Python holds
-# when it starts (see _shrink_share_for_python).
-_WRITE_ROOM = 256 << 20
 
 
 def prepare_duckdb(config: PrepareConfig) -> dict[str, Any]:
@@ -95,19 +80,7 @@ def prepare_duckdb(config: PrepareConfig) -> dict[str, Any]:
     try:
         con = duckdb.connect(str(spill / "prepare.duckdb"))
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        try:
-            con.execute(f"SET memory_limit = '{_sql_str(config.memory_limit)}'")
-        except duckdb.Error as exc:
-            raise ValueError(
-                f"memory_limit (--memory-limit): {config.memory_limit!r} ({exc})"
-            ) from None
-        # The limit is the whole process's; DuckDB's buffer manager gets its share of it.
-        read_back = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
-        total = _process_limit(config.memory_limit, str(read_back))
-        if total is not None:
-            con.execute(f"SET memory_limit = '{_duckdb_share(total)}B'")
-            # For _write_sequences, which shrinks the share by what Python holds by then.
-            con.execute(f"SET VARIABLE recforge_process_limit = {total}")
+        apply_memory_limit(con, config.memory_limit)
         con.execute(f"SET threads = {threads or os.cpu_count() or 1}")
         con.execute(f"SET temp_directory = '{_sql_str(str(spill / 'tmp'))}'")
         # Every order that matters is spelled out with ORDER BY; this lets DuckDB stream.
@@ -470,7 +443,7 @@ def _write_sequences(con: Any, path: Path, has_rating: bool, row_group_size: int
     # where DuckDB's ordered list() aggregate holds every group in memory (out of memory at
     # 100M rows under 4GB).
     rating = ", k.rating" if has_rating else ""
-    _shrink_share_for_python(con)
+    shrink_share_for_python(con)
     reader = con.sql(
         f"SELECT u.user_idx, i.item_idx, k.timestamp{rating} "
         "FROM kept k JOIN user_vocab u USING (user_id) JOIN item_vocab i USING (item_id) "
@@ -536,58 +509,3 @@ def _scalar(con: Any, sql: str) -> int:
 
 def _sql_str(value: str) -> str:
     return value.replace("'", "''")
-
-
-# DuckDB's units: KB, MB, ... are powers of 1000, KiB, MiB, ... powers of 1024.
-_UNITS = {"b": 1, "byte": 1, "bytes": 1} | {
-    unit: base**power
-    for power, prefix in enumerate("kmgtp", 1)
-    for base, names in ((1000, (prefix, prefix + "b")), (1024, (prefix + "ib",)))
-    for unit in names
-}
-
-
-def _size_bytes(text: str) -> int | None:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*", text.lower())
-    if match is None or match[2] not in _UNITS:
-        return None
-    return int(float(match[1]) * _UNITS[match[2]])
-
-
-def _process_limit(limit: str, read_back: str) -> int | None:
-    """Bytes of the process limit ``limit`` (the --memory-limit text, else ``read_back``,
-    DuckDB's rounded reading of it, e.g. of a percentage); None (DuckDB keeps the whole limit)
-    when neither parses or the limit is unbounded (``-1``)."""
-    total = _size_bytes(limit) or _size_bytes(read_back)
-    return None if total is None or total >= 1 << 60 else total
-
-
-def _duckdb_share(total: int) -> int:
-    """DuckDB's ``memory_limit`` in a process limit of ``total`` bytes: three quarters, at most
-    the limit less ``_RESERVE_MIN``, at least a quarter."""
-    return max(total // 4, min(total * 3 // 4, total - _RESERVE_MIN))
-
-
-def _shrink_share_for_python(con: Any) -> None:
-    """Before the last sort: lower DuckDB's share to the process limit less what the process
-    holds outside DuckDB by now (RSS less DuckDB's own count; the per-user and per-item arrays
-    grow with the data, ~40 bytes a user) and ``_WRITE_ROOM`` for the write's own buffers.
-    Linux only (reads /proc); elsewhere the share stays."""
-    import duckdb
-
-    total = con.execute("SELECT getvariable('recforge_process_limit')").fetchall()[0][0]
-    if total is None:
-        return
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return
-    total = int(total)
-    outside = rss - _scalar(con, "SELECT sum(memory_usage_bytes) FROM duckdb_memory()")
-    share = max(total // 4, min(_duckdb_share(total), total - outside - _WRITE_ROOM))
-    log.debug("duckdb memory_limit for the final sort: %d bytes (%d outside)", share, outside)
-    try:
-        con.execute(f"SET memory_limit = '{share}B'")
-    except duckdb.Error:  # it could not evict enough right now: keep the share
-        log.debug("duckdb memory_limit left as it was", exc_info=True)
