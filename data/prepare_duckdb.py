@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 # Rows per Parquet batch read when a file can be streamed (see _stream_parquet), and per Arrow
 # batch of flat rows fetched back by _write_sequences: small enough that these transient Arrow
-# and numpy buffers (and what the allocators keep of them) stay well inside the reserve.
+# and numpy buffers (and what the allocators keep of them) stay well inside the reserve
+# (duckdb_memory._RESERVE_MIN).
 _BATCH_ROWS = 1 << 18
 
 

@@ -200,7 +200,6 @@ def _draws(sampler: optuna.samplers.BaseSampler, n: int) -> list[float]:
 
 
 def test_tpe_models_the_results_after_the_startup_trials() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     random = _draws(optuna.samplers.RandomSampler(seed=3), 4)
     early = _draws(make_sampler(2, seed=3), 4)
     assert early[:2] == random[:2]

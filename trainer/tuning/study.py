@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler-startup-trials",
         type=int,
         default=10,
-        help="TPE: trials drawn at random (the base one included) before it models the "
-        "results (default 10, Optuna's); lower it for a short study around a known config",
+        help="TPE draws at random until this many trials of the study have completed or been "
+        "pruned (default 10, Optuna's; a finished base trial counts, failed and running ones "
+        "do not); lower it for a short study around a known config",
     )
     parser.add_argument("--seed", type=int, help="TPE seed (default: the config's seed_everything)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"default {DEFAULT_METRIC}")
@@ -298,7 +299,9 @@ class Tuner:
         for key, value in {
             "tune.config": self.args.config,
             "tune.storage": _redact(self.storage_url),
-            "tune.sampler": f"TPE(seed={self.seed})",
+            "tune.sampler": (
+                f"TPE(seed={self.seed}, n_startup_trials={self.args.sampler_startup_trials})"
+            ),
             "tune.pruner": json.dumps(self.pruner_spec),
             "tune.metric": self.args.metric,
             "tune.direction": self.args.direction,
