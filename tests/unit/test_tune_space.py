@@ -211,3 +211,16 @@ def test_negative_startup_trials_are_refused(capsys: pytest.CaptureFixture[str])
     argv = ["--config", "c.yaml", "--space", "s.yaml", "--trials", "2"]
     assert tune_main([*argv, "--sampler-startup-trials", "-1"]) == 2
     assert "--sampler-startup-trials must be >= 0" in capsys.readouterr().err
+
+
+def test_a_stepped_float_reads_as_written() -> None:
+    dropout = parse_param("m.dropout", {"type": "float", "low": 0.1, "high": 0.5, "step": 0.1})
+    noisy = 0.1 + 2 * 0.1
+    assert noisy != 0.3
+    assert dropout.suggest(optuna.trial.FixedTrial({"m.dropout": noisy})) == 0.3
+    decay = parse_param("m.decay", {"type": "float", "low": 0.0, "high": 0.003, "step": 0.0005})
+    assert decay.tidy(0.0015000000000000002) == 0.0015
+    shifted = parse_param("m.t", {"type": "float", "low": 0.05, "high": 0.45, "step": 0.1})
+    assert shifted.tidy(0.05 + 0.1 * 2) == 0.25
+    free = parse_param("m.lr", {"type": "float", "low": 1e-4, "high": 1e-2, "log": True})
+    assert free.tidy(0.30000000000000004) == 0.30000000000000004  # no grid: left as drawn

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,21 @@ class Param:
 
     def suggest(self, trial: Any) -> Any:
         if self.kind == "float":
-            return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+            value = trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+            return self.tidy(value)
         if self.kind == "int":
             return trial.suggest_int(
                 self.key, self.low, self.high, log=self.log, step=self.step or 1
             )
         return trial.suggest_categorical(self.key, list(self.choices))
+
+    def tidy(self, value: Any) -> Any:
+        """A float on a ``step`` grid as written, without the binary noise of Optuna's
+        ``low + k * step`` (0.1 + 2 * 0.1 is 0.30000000000000004), so the fit arguments, the
+        MLflow parameters and best_config.yaml read 0.3."""
+        if self.kind != "float" or self.step is None or not isinstance(value, float):
+            return value
+        return round(value, max(_decimals(self.low), _decimals(self.step)))
 
     def rejects(self, value: Any) -> str | None:
         """Why ``value`` cannot be a trial's value of this parameter, or None."""
@@ -173,6 +183,12 @@ def parse_param(key: str, spec: Any, source: str | Path = "space") -> Param:
         log=log,
         step=None if step is None else number(step),
     )
+
+
+def _decimals(number: Any) -> int:
+    """Decimal places of ``number`` as written (``repr``): 0.05 -> 2, 1e-05 -> 5, 3.0 -> 0."""
+    exponent = Decimal(repr(float(number))).normalize().as_tuple().exponent
+    return max(0, -int(exponent))
 
 
 def _takes(kind: str) -> str:

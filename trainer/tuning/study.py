@@ -429,10 +429,12 @@ class Tuner:
         if not complete:
             return
         best = study.best_trial
+        params = {p.key: p for p in self.space}
+        best_params = {k: params[k].tidy(v) if k in params else v for k, v in best.params.items()}
         config = read_base_config(self.args.config)
         # The arguments every trial got, then the best values: `recforge fit --config` on this
         # file trains the best trial's configuration.
-        for key, value in [*dotted_pairs(self.fit_args), *best.params.items()]:
+        for key, value in [*dotted_pairs(self.fit_args), *best_params.items()]:
             set_dotted(config, key, value)
         best_yaml = (
             f"# recforge tune: best of study {self.study_name!r} (trial {best.number}, "
@@ -457,7 +459,7 @@ class Tuner:
         print(
             f"recforge tune: {counts['complete']} complete, {counts['pruned']} pruned, "
             f"{counts['fail']} failed; best trial {best.number}: {self.args.metric} "
-            f"{best.value:.5f} {best.params}"
+            f"{best.value:.5f} {best_params}"
             + said_base
             + f"\nbest config: {self.out_dir / 'best_config.yaml'}"
         )
