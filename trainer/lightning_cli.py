@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -202,6 +203,12 @@ class RecforgeCLI(LightningCLI):
         parser.set_defaults(as_defaults(derived, class_path))
         return derived
 
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand in ("validate", "test", "predict"):
+            loggers = self.config[self.subcommand].trainer.logger
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                _beside_existing_run(logger, str(self.subcommand))
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.extend(cls() for cls in self.post_fit_callbacks)
@@ -357,6 +364,37 @@ class RecforgeCLI(LightningCLI):
     def _finish(self) -> None:
         if self.recorder is not None:
             self.recorder.stop_system_metrics()
+
+
+def _beside_existing_run(logger: Any, subcommand: str) -> None:
+    """Point a CSV logger whose fixed ``version`` names a run directory that already holds a
+    ``metrics.csv`` (a `recforge tune` trial's config.yaml, or any config with a version set) at
+    ``<version>-<subcommand>[-N]`` beside it: Lightning's CSV logger deletes the metrics.csv it
+    finds, so `recforge test --config trial-9/config.yaml` would erase the trial's curve."""
+    if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith(
+        "CSVLogger"
+    ):
+        return
+    args = logger.get("init_args") or Namespace()
+    version = args.get("version")
+    if version is None:  # Lightning picks a new version_N
+        return
+    version = f"version_{version}" if isinstance(version, int) else str(version)
+    parent = Path(args.get("save_dir") or ".") / (args.get("name") or "")
+    if not (parent / version / "metrics.csv").exists():
+        return
+    moved, n = f"{version}-{subcommand}", 1
+    while (parent / moved).exists():
+        n += 1
+        moved = f"{version}-{subcommand}-{n}"
+    log.info(
+        "%s holds a run's metrics.csv; this %s logs to %s beside it",
+        parent / version,
+        subcommand,
+        parent / moved,
+    )
+    args.version = moved
+    logger.init_args = args
 
 
 def _without_print_config(args: list[str]) -> list[str]:

@@ -370,3 +370,23 @@ def test_torchrun_launch(two_process_run: dict[str, Path], tmp_path: Path) -> No
     run = version_dir(root)
     assert {p.name for p in run.iterdir()} >= {"local_shards_rank0.json", "local_shards_rank1.json"}
     assert json.loads((run / "sharding_plan.json").read_text())["item_table"]["ranks"] == [0, 1]
+
+
+def test_testing_a_run_config_keeps_that_runs_logs(tmp_path: Path) -> None:
+    """A run with a fixed logger version (as every `recforge tune` trial has), tested with its own
+    saved config.yaml: the test logs beside it instead of deleting its metrics.csv."""
+    data, root = tmp_path / "data", tmp_path / "run"
+    fixed = ["--trainer.logger.init_args.version", "trial-0", "--trainer.max_epochs", "2"]
+    run_ok(*fit_args(root, data, *fixed, "--test_after_fit", "false"), cwd=tmp_path)
+    run = root / "sasrec-tiny" / "trial-0"
+    curve = (run / "metrics.csv").read_text()
+    assert "val/ndcg@10_filtered" in curve
+    ckpt = next((run / "checkpoints").glob("best-*"))
+    for _ in range(2):
+        args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt)]
+        run_ok("test", *args, "--mlflow.enabled", "false", cwd=tmp_path)
+    assert (run / "metrics.csv").read_text() == curve
+    assert not (run / "test_metrics.json").exists()
+    for tested in (run.with_name("trial-0-test"), run.with_name("trial-0-test-2")):
+        assert "test/ndcg@10_filtered" in (tested / "metrics.csv").read_text()
+        assert json.loads((tested / "test_metrics.json").read_text())["metrics"]
