@@ -379,22 +379,24 @@ def _beside_existing_run(logger: Any, subcommand: str) -> None:
     version = args.get("version")
     if version is None:  # Lightning picks a new version_N
         return
+    from recforge.data import storage
+
     version = f"version_{version}" if isinstance(version, int) else str(version)
-    parent = Path(args.get("save_dir") or ".") / (args.get("name") or "")
-    if not (parent / version / "metrics.csv").exists():
+    name = args.get("name")
+    parent = storage.join(args.get("save_dir") or ".", *([name] if name else []))
+    if not storage.exists(storage.join(parent, version, "metrics.csv")):
         return
     moved, n = f"{version}-{subcommand}", 1
-    while (parent / moved).exists():
+    while storage.exists(storage.join(parent, moved)):
         n += 1
         moved = f"{version}-{subcommand}-{n}"
     log.info(
         "%s holds a run's metrics.csv; this %s logs to %s beside it",
-        parent / version,
+        storage.join(parent, version),
         subcommand,
-        parent / moved,
+        storage.join(parent, moved),
     )
     args.version = moved
-    logger.init_args = args
 
 
 def _without_print_config(args: list[str]) -> list[str]:

@@ -224,3 +224,20 @@ def test_a_stepped_float_reads_as_written() -> None:
     assert shifted.tidy(0.05 + 0.1 * 2) == 0.25
     free = parse_param("m.lr", {"type": "float", "low": 1e-4, "high": 1e-2, "log": True})
     assert free.tidy(0.30000000000000004) == 0.30000000000000004  # no grid: left as drawn
+
+
+def test_the_best_value_is_tidied_on_the_grid_it_was_drawn_from() -> None:
+    from recforge.trainer.tuning.study import _as_drawn
+
+    grid = optuna.distributions.FloatDistribution(0.05, 0.45, step=0.1)
+    lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
+    drawn = 0.05 + 0.1 * 2
+    trial = optuna.trial.create_trial(
+        params={"m.t": drawn, "m.lr": 0.0012345},
+        distributions={"m.t": grid, "m.lr": lr},
+        value=1.0,
+    )
+    # A space edited to step 0.1 from 0 would round 0.25 to 0.2 (or 0.3); the trial's own grid
+    # keeps it.
+    assert _as_drawn(trial, "m.t") == 0.25
+    assert _as_drawn(trial, "m.lr") == 0.0012345

@@ -61,9 +61,9 @@ class Param:
         """A float on a ``step`` grid as written, without the binary noise of Optuna's
         ``low + k * step`` (0.1 + 2 * 0.1 is 0.30000000000000004), so the fit arguments, the
         MLflow parameters and best_config.yaml read 0.3."""
-        if self.kind != "float" or self.step is None or not isinstance(value, float):
+        if self.kind != "float" or self.step is None:
             return value
-        return round(value, max(_decimals(self.low), _decimals(self.step)))
+        return tidy_float(value, self.low, self.step)
 
     def rejects(self, value: Any) -> str | None:
         """Why ``value`` cannot be a trial's value of this parameter, or None."""
@@ -183,6 +183,14 @@ def parse_param(key: str, spec: Any, source: str | Path = "space") -> Param:
         log=log,
         step=None if step is None else number(step),
     )
+
+
+def tidy_float(value: Any, low: float, step: float) -> Any:
+    """``value``, a float on the grid ``low + k * step``, rounded to the decimals the grid is
+    written with (see :meth:`Param.tidy`); anything else as it is."""
+    if not isinstance(value, float):
+        return value
+    return round(value, max(_decimals(low), _decimals(step)))
 
 
 def _decimals(number: Any) -> int:

@@ -40,6 +40,7 @@ from recforge.trainer.tuning.space import (
     dump_yaml,
     load_space,
     set_dotted,
+    tidy_float,
 )
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,15 @@ def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
         # Resource = epochs; max_resource "auto" is the epochs of the first finished trial.
         return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
     return optuna.pruners.NopPruner()
+
+
+def _as_drawn(trial: optuna.trial.FrozenTrial, key: str) -> Any:
+    """``trial``'s value of ``key`` as fit received it: tidied on the grid the trial was drawn
+    from, which a space file edited since may no longer hold."""
+    value, drawn = trial.params[key], trial.distributions[key]
+    if isinstance(drawn, optuna.distributions.FloatDistribution) and drawn.step is not None:
+        return tidy_float(value, drawn.low, drawn.step)
+    return value
 
 
 def make_sampler(startup_trials: int, seed: int) -> optuna.samplers.BaseSampler:
@@ -429,8 +439,7 @@ class Tuner:
         if not complete:
             return
         best = study.best_trial
-        params = {p.key: p for p in self.space}
-        best_params = {k: params[k].tidy(v) if k in params else v for k, v in best.params.items()}
+        best_params = {key: _as_drawn(best, key) for key in best.params}
         config = read_base_config(self.args.config)
         # The arguments every trial got, then the best values: `recforge fit --config` on this
         # file trains the best trial's configuration.
