@@ -156,7 +156,8 @@ def _as_drawn(trial: optuna.trial.FrozenTrial, key: str) -> Any:
 
 
 def make_sampler(startup_trials: int, seed: int) -> optuna.samplers.BaseSampler:
-    """TPE; its first ``startup_trials`` trials in the study (any tuner's) are drawn at random."""
+    """TPE; it draws at random until ``startup_trials`` trials of the study (any tuner's) have
+    completed or been pruned."""
     return optuna.samplers.TPESampler(n_startup_trials=startup_trials, seed=seed)
 
 
