@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -442,6 +442,11 @@ def run(argv: list[str], post_fit_callbacks: tuple[type[Callback], ...] = ()) ->
         "ignore", message=r".*when logging on epoch level in distributed setting.*"
     )
     warnings.filterwarnings("ignore", message=r".*`broadcast_buffers` is deprecated.*")
+    # Config fields are documented by attribute docstrings (the string under each dataclass
+    # field), which jsonargparse reads only when asked to. Reading them adds about two seconds to
+    # every start, so only a help request (--help, --model.help CLASS) pays for it.
+    if any(a in ("-h", "--help") or a.split("=")[0].endswith(".help") for a in argv):
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
     cli_class = type("RecforgeCLI", (RecforgeCLI,), {"post_fit_callbacks": post_fit_callbacks})
     cli_class(
         model_class=None,

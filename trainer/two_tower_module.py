@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from recforge.data.feature_tables import load_feature_tables
-from recforge.models.two_tower import TwoTower, TwoTowerConfig
+from recforge.models.two_tower import TwoTower
+from recforge.models.two_tower_config import TwoTowerConfig
 from recforge.trainer.recommender_module import (
     DenseOptimizerConfig,
     EvalConfig,

@@ -109,6 +109,17 @@ def test_every_config_parses(tmp_path: Path) -> None:
         assert "class_path: recforge.trainer." in proc.stdout, config
 
 
+def test_model_help_shows_each_config_fields_docstring(tmp_path: Path) -> None:
+    # The model configs document each field by the string under it; --help must show that text.
+    for module, field, words in (
+        ("sasrec_module.SASRecModule", "--model.model.max_len", "number of learned positions"),
+        ("two_tower_module.TwoTowerModule", "--model.model.temperature", "divided by it"),
+    ):
+        proc = run_ok("fit", "--model.help", f"recforge.trainer.{module}", cwd=tmp_path)
+        after = proc.stdout.split(f"  {field} ", 1)[1].split("\n  --", 1)[0]
+        assert words in " ".join(after.split()), (field, after)
+
+
 def test_auto_preset_derives_from_the_data_and_explicit_values_win(tmp_path: Path) -> None:
     import yaml
 

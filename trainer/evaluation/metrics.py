@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_EXCLUDED = torch.iinfo(torch.int64).min  # key of items that must never rank (padding, filtered)
+from recforge.trainer.evaluation.ranking_partial import EXCLUDED_KEY, RankingPartial, ranking_keys
 
 
 def segment_labels(bounds: Sequence[int]) -> list[str]:
@@ -84,27 +84,6 @@ def segment_labels(bounds: Sequence[int]) -> list[str]:
         lo = hi + 1
     labels.append(f"{lo}+")
     return labels
-
-
-def _ranking_keys(scores: Tensor, index_bits: int, low_bits: Tensor) -> Tensor:
-    """Unique int64 keys ordered like the tie rule: by float32 score, then by smaller item index.
-
-    The float32 order goes to the high bits through an order-preserving bit map, the reversed item
-    index to the low ``index_bits`` bits. Written in place on one copy: on a million items, this is
-    the bulk of the evaluation cost.
-    """
-    x = scores.to(torch.float32, copy=True)
-    x.add_(0.0)  # turns -0.0 into +0.0 so that the two tie
-    bits = x.view(torch.int32)
-    # IEEE floats order like sign-magnitude integers; flipping the magnitude bits of negative
-    # numbers turns that into two's-complement order.
-    flip = bits >> 31
-    bits.bitwise_xor_(flip.bitwise_and_(0x7FFFFFFF))
-    del flip
-    keys = bits.to(torch.int64)
-    keys.mul_(1 << index_bits)  # |bits| < 2**31 and index_bits <= 31: no overflow
-    keys.add_(low_bits)  # (N + 1,): (1 << index_bits) - 1 - item index
-    return keys
 
 
 class RankingEvaluator:
@@ -302,19 +281,22 @@ class RankingEvaluator:
             self._low_bits = (
                 (1 << self._index_bits) - 1 - torch.arange(self.num_items + 1, device=dev)
             )
-        target_key = _ranking_keys(
+        target_key = ranking_keys(
             target_scores.unsqueeze(1), self._index_bits, self._low_bits[target].unsqueeze(1)
         )
         # Filtering removes seen items except the target (duplicates in a history are harmless).
         drop = seen_item != target[seen_row]
         return RankingPartial(
-            self,
             target,
             target_key,
             seen_row[drop],
             seen_item[drop],
             seen_lengths,
             weight,
+            num_items=self.num_items,
+            index_bits=self._index_bits,
+            low_bits=self._low_bits,
+            top_width=min(self.ks[-1], self.num_items + 1),
         )
 
     @torch.no_grad()
@@ -328,7 +310,7 @@ class RankingEvaluator:
         self._last = None
         sel = slice(None) if rows is None else rows
         top_keys = partial.top_keys[sel]
-        valid = top_keys != _EXCLUDED  # fewer than K rankable items after filtering
+        valid = top_keys != EXCLUDED_KEY  # fewer than K rankable items after filtering
         mask = (1 << self._index_bits) - 1
         top_items = torch.where(valid, mask - (top_keys & mask), torch.zeros_like(top_keys))
         self._accumulate(
@@ -436,91 +418,3 @@ class RankingEvaluator:
             }
             for label in self.segment_names
         ]
-
-
-class RankingPartial:
-    """One batch's ranking, accumulated over item chunks (see the module docstring).
-
-    Made by :meth:`RankingEvaluator.begin`. Per row it holds the number of items ranked before
-    the target, unfiltered (``above``) and filtered (``above_filtered``), and the running top-K
-    ranking keys (``top_keys``, descending; ``K = min(max(ks), N + 1)``). Every item of
-    ``0..N`` must be added exactly once, by one chunk on one rank, before
-    :meth:`RankingEvaluator.finish`. The target's own column is given the key of the target
-    score passed to :meth:`RankingEvaluator.begin`, so the target is ranked by that one score.
-    """
-
-    def __init__(
-        self,
-        evaluator: RankingEvaluator,
-        target: Tensor,
-        target_key: Tensor,
-        seen_row: Tensor,
-        seen_item: Tensor,
-        seen_lengths: Tensor,
-        weight: Tensor,
-    ) -> None:
-        ev = evaluator
-        b, dev = target.numel(), target.device
-        self._ev = ev
-        self.target, self.target_key = target, target_key  # (B,), (B, 1)
-        # Seen items to filter (the target already left out), sorted by item for chunk slicing.
-        order = torch.argsort(seen_item, stable=True)
-        self._seen_row, self._seen_item = seen_row[order], seen_item[order]
-        self.seen_lengths, self.weight = seen_lengths, weight
-        self.above = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.above_filtered = torch.zeros(b, dtype=torch.int64, device=dev)
-        width = min(ev.ks[-1], ev.num_items + 1)
-        self.top_keys = torch.full((b, width), _EXCLUDED, dtype=torch.int64, device=dev)
-
-    @torch.no_grad()
-    def add(self, lo: int, scores: Tensor) -> None:
-        """Scores (B, c) of items ``lo .. lo + c - 1`` (item 0, padding, is never ranked)."""
-        ev = self._ev
-        b = self.target.numel()
-        if scores.dim() != 2 or scores.shape[0] != b:
-            raise ValueError(f"chunk scores must be (B = {b}, c), got {tuple(scores.shape)}")
-        c = scores.shape[1]
-        hi = lo + c
-        if lo < 0 or hi > ev.num_items + 1:
-            raise ValueError(f"items {lo}..{hi - 1} outside 0..{ev.num_items}")
-        if c == 0:
-            return
-        if bool(torch.isnan(scores).any()):
-            raise ValueError("scores contain NaN")
-        dev = self.target.device
-        low_bits = ev._low_bits.to(dev)[lo:hi]
-        keys = _ranking_keys(scores.to(dev), ev._index_bits, low_bits)  # (B, c)
-        if lo == 0:
-            keys[:, 0] = _EXCLUDED
-        inside = (self.target >= lo) & (self.target < hi)
-        rows = torch.nonzero(inside).flatten()
-        keys[rows, self.target[rows] - lo] = self.target_key[rows, 0]
-        tk = self.target_key
-        self.above += torch.count_nonzero(keys > tk, dim=1)
-        first, last = (
-            int(x) for x in torch.searchsorted(self._seen_item, torch.tensor([lo, hi], device=dev))
-        )
-        if last > first:
-            keys[self._seen_row[first:last], self._seen_item[first:last] - lo] = _EXCLUDED
-        self.above_filtered += torch.count_nonzero(keys > tk, dim=1)
-        k = min(self.top_keys.shape[1], c)
-        chunk_top = torch.topk(keys, k, dim=1).values
-        self.top_keys = torch.topk(
-            torch.cat([self.top_keys, chunk_top], dim=1), self.top_keys.shape[1], dim=1
-        ).values
-
-    @torch.no_grad()
-    def combine(self, group: Any = None) -> None:
-        """Sum the counts and merge the top-K keys over the ranks of ``group`` (a collective):
-        for ranks that each added a disjoint part of the catalogue for the same rows."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        world = dist.get_world_size(group)
-        if world == 1:
-            return
-        counts = torch.stack([self.above, self.above_filtered])
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-        self.above, self.above_filtered = counts[0].clone(), counts[1].clone()
-        gathered = [torch.empty_like(self.top_keys) for _ in range(world)]
-        dist.all_gather(gathered, self.top_keys.contiguous(), group=group)
-        self.top_keys = torch.topk(torch.cat(gathered, dim=1), self.top_keys.shape[1], dim=1).values
