@@ -445,7 +445,9 @@ def run(argv: list[str], post_fit_callbacks: tuple[type[Callback], ...] = ()) ->
     # Config fields are documented by attribute docstrings (the string under each dataclass
     # field), which jsonargparse reads only when asked to. Reading them adds about two seconds to
     # every start, so only a help request (--help, --model.help CLASS) pays for it.
-    if any(a in ("-h", "--help") or a.split("=")[0].endswith(".help") for a in argv):
+    if any(
+        a in ("-h", "--help") or (a[:2] == "--" and a.split("=")[0].endswith(".help")) for a in argv
+    ):
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
     cli_class = type("RecforgeCLI", (RecforgeCLI,), {"post_fit_callbacks": post_fit_callbacks})
     cli_class(

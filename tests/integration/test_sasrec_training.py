@@ -116,6 +116,7 @@ def test_model_help_shows_each_config_fields_docstring(tmp_path: Path) -> None:
         ("two_tower_module.TwoTowerModule", "--model.model.temperature", "divided by it"),
     ):
         proc = run_ok("fit", "--model.help", f"recforge.trainer.{module}", cwd=tmp_path)
+        assert f"  {field} " in proc.stdout, proc.stdout[-2000:]
         after = proc.stdout.split(f"  {field} ", 1)[1].split("\n  --", 1)[0]
         assert words in " ".join(after.split()), (field, after)
 

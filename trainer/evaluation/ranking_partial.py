@@ -40,14 +40,15 @@ def ranking_keys(scores: Tensor, index_bits: int, low_bits: Tensor) -> Tensor:
 
 
 class RankingPartial:
-    """One batch's ranking, accumulated over item chunks (see the module docstring).
+    """One batch's ranking, accumulated over item chunks (see the docstring of
+    :mod:`recforge.trainer.evaluation.metrics`).
 
-    Made by :meth:`RankingEvaluator.begin`. Per row it holds the number of items ranked before
-    the target, unfiltered (``above``) and filtered (``above_filtered``), and the running top-K
-    ranking keys (``top_keys``, descending; ``K = min(max(ks), N + 1)``). Every item of
-    ``0..N`` must be added exactly once, by one chunk on one rank, before
-    :meth:`RankingEvaluator.finish`. The target's own column is given the key of the target
-    score passed to :meth:`RankingEvaluator.begin`, so the target is ranked by that one score.
+    Made by ``RankingEvaluator.begin`` (in that module). Per row it holds the number of items
+    ranked before the target, unfiltered (``above``) and filtered (``above_filtered``), and the
+    running top-K ranking keys (``top_keys``, descending; ``K = min(max(ks), N + 1)``). Every
+    item of ``0..N`` must be added exactly once, by one chunk on one rank, before
+    ``RankingEvaluator.finish``. The target's own column is given the key of the target score
+    passed to ``RankingEvaluator.begin``, so the target is ranked by that one score.
     """
 
     def __init__(
