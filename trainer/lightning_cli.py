@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import warnings
 from argparse import ArgumentError
@@ -369,8 +370,9 @@ class RecforgeCLI(LightningCLI):
 def _beside_existing_run(logger: Any, subcommand: str) -> None:
     """Point a CSV logger whose fixed ``version`` names a run directory that already holds a
     ``metrics.csv`` (a `recforge tune` trial's config.yaml, or any config with a version set) at
-    ``<version>-<subcommand>[-N]`` beside it: Lightning's CSV logger deletes the metrics.csv it
-    finds, so `recforge test --config trial-9/config.yaml` would erase the trial's curve."""
+    ``<version>-<subcommand>[-N]`` beside it (a version that already ends so is numbered on, not
+    nested): Lightning's CSV logger deletes the metrics.csv it finds, so
+    `recforge test --config trial-9/config.yaml` would erase the trial's curve."""
     if not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith(
         "CSVLogger"
     ):
@@ -386,10 +388,13 @@ def _beside_existing_run(logger: Any, subcommand: str) -> None:
     parent = storage.join(args.get("save_dir") or ".", *([name] if name else []))
     if not storage.exists(storage.join(parent, version, "metrics.csv")):
         return
-    moved, n = f"{version}-{subcommand}", 1
+    # A config saved by an earlier test beside the run already names `<run>-test[-N]`: number
+    # the next one after it rather than nesting `<run>-test-test`.
+    base = re.sub(rf"-{re.escape(subcommand)}(-\d+)?$", "", version)
+    moved, n = f"{base}-{subcommand}", 1
     while storage.exists(storage.join(parent, moved)):
         n += 1
-        moved = f"{version}-{subcommand}-{n}"
+        moved = f"{base}-{subcommand}-{n}"
     log.info(
         "%s holds a run's metrics.csv; this %s logs to %s beside it",
         storage.join(parent, version),
