@@ -4,6 +4,7 @@ study that continues when the tuner is started again."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,8 +69,10 @@ def test_tune_prunes_nests_runs_and_continues_after_restart(tmp_path: Path) -> N
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # default: beside ./mlflow.db
     assert len(optuna.load_study(study_name=STUDY, storage=storage).trials) == 2
 
-    # Started again on the same storage: the two trials count, one more runs.
-    tune(tmp_path, 3, "--jobs", "2")
+    # Started again on the same storage: the two trials count, one more runs (pruned from the
+    # second epoch on, which trial 2's run records; the parent keeps the first sitting's).
+    restart = tune(tmp_path, 3, "--jobs", "2", "--pruner-warmup-epochs", "1")
+    assert "each trial's run records its own" in restart.stdout + restart.stderr
     study = optuna.load_study(study_name=STUDY, storage=storage)
     states = [t.state for t in study.trials]
     assert len(states) == 3, states
@@ -98,6 +101,12 @@ def test_tune_prunes_nests_runs_and_continues_after_restart(tmp_path: Path) -> N
     )
     for child in children:
         assert "val/ndcg_at_10_filtered" in child.data.metrics
+    warmups = sorted(
+        (r.data.tags["mlflow.runName"], json.loads(r.data.tags["recforge.tune.pruner"]))
+        for r in children
+    )
+    assert [w["n_warmup_steps"] for _, w in warmups] == [0, 0, 1], warmups
+    assert json.loads(parent.data.params["tune.pruner"])["n_warmup_steps"] == 0
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
     assert {"tune/best_config.yaml", "tune/optimization_history.png"} <= artifacts

@@ -289,6 +289,14 @@ class Tuner:
         if run_id:
             try:
                 self.client.update_run(run_id, status="RUNNING")
+                first = self.client.get_run(run_id).data.params.get("tune.pruner")
+                if first is not None and first != json.dumps(self.pruner_spec):
+                    log.info(
+                        "tune: this sitting prunes with %s, the parent run's tune.pruner says %s; "
+                        "each trial's run records its own (tag recforge.tune.pruner)",
+                        json.dumps(self.pruner_spec),
+                        first,
+                    )
                 return run_id
             except Exception as exc:  # deleted run or another tracking store: start a new one
                 log.warning("tune: parent run %s not reopened (%s); starting one", run_id, exc)
@@ -386,6 +394,8 @@ class Tuner:
         child = frozen.user_attrs.get(RUN_ATTR)
         if child:
             self.client.log_artifact(child, str(log_path), "tune")
+            # The parent's params are the first sitting's; a restart may prune differently.
+            self.client.set_tag(child, "recforge.tune.pruner", json.dumps(self.pruner_spec))
             if is_base:
                 self.client.set_tag(child, "recforge.tune.base", "true")
         if rc != 0:
