@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from recforge.trainer.tuning.base_config import base_values, preset_values, read_base_config
+from recforge.trainer.tuning.optuna_setup import make_sampler
 from recforge.trainer.tuning.space import (
     SpaceError,
     dotted_pairs,
@@ -19,7 +20,6 @@ from recforge.trainer.tuning.space import (
     set_dotted,
 )
 from recforge.trainer.tuning.study import main as tune_main
-from recforge.trainer.tuning.study import make_sampler
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,7 @@
 """The base config of a ``recforge tune`` study, read the way ``recforge fit`` reads it: its
-YAML, the values its ``preset`` derives from the prepared data, and
-the one trial of its own values that ``--enqueue-base`` queues."""
+YAML, the values its ``preset`` derives from the prepared data, the one trial of its own values
+that ``--enqueue-base`` queues, and what it and the pass-through arguments say about where the
+runs go (the value of a passed flag, fit's default experiment name)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,28 @@ def _with_overrides(base: dict, overrides: list[tuple[str, Any]]) -> dict:
     for key, value in overrides:
         set_dotted(config, key, value)
     return config
+
+
+def passed_value(fit_args: list[str], flag: str) -> str | None:
+    """The value of ``flag`` among the arguments passed through to fit (last one wins)."""
+    value = None
+    for i, arg in enumerate(fit_args):
+        if arg == flag and i + 1 < len(fit_args):
+            value = fit_args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def default_experiment(base: dict, fit_args: list[str]) -> str:
+    """``fit``'s default experiment name, ``<family>-<dataset directory>``, so that the parent
+    run and its trials share an experiment."""
+    from recforge.families import UnknownFamilyError, family_of_module
+
+    model = base.get("model") or {}
+    try:
+        family = family_of_module(str(model.get("class_path", ""))).name
+    except UnknownFamilyError:
+        family = "recforge"
+    data_dir = passed_value(fit_args, "--data.data_dir") or (base.get("data") or {}).get("data_dir")
+    return f"{family}-{Path(str(data_dir or 'data')).name}"

@@ -41,7 +41,7 @@ class TrialReporter(Callback):
         if self._trial is None:
             import optuna
 
-            from recforge.trainer.tuning.study import make_pruner, make_storage
+            from recforge.trainer.tuning.optuna_setup import make_pruner, make_storage
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -29,8 +29,15 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from recforge.trainer.tuning.base_config import base_values, preset_values, read_base_config
+from recforge.trainer.tuning.base_config import (
+    base_values,
+    default_experiment,
+    passed_value,
+    preset_values,
+    read_base_config,
+)
 from recforge.trainer.tuning.lifetime import die_with_parent
+from recforge.trainer.tuning.optuna_setup import make_pruner, make_sampler, make_storage, redact_url
 from recforge.trainer.tuning.report import ENV, PRUNED_ATTR, RUN_ATTR
 from recforge.trainer.tuning.space import (
     Param,
@@ -134,18 +141,6 @@ def main(argv: list[str]) -> int:
     return Tuner(args, fit_args, space, base, base_params).run()
 
 
-def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
-    """The pruner ``spec`` describes; the tuner and every trial build the same one."""
-    if spec["name"] == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=spec["n_startup_trials"], n_warmup_steps=spec["n_warmup_steps"]
-        )
-    if spec["name"] == "hyperband":
-        # Resource = epochs; max_resource "auto" is the epochs of the first finished trial.
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
-    return optuna.pruners.NopPruner()
-
-
 def _as_drawn(trial: optuna.trial.FrozenTrial, key: str) -> Any:
     """``trial``'s value of ``key`` as fit received it: tidied on the grid the trial was drawn
     from, which a space file edited since may no longer hold."""
@@ -153,23 +148,6 @@ def _as_drawn(trial: optuna.trial.FrozenTrial, key: str) -> Any:
     if isinstance(drawn, optuna.distributions.FloatDistribution) and drawn.step is not None:
         return tidy_float(value, drawn.low, drawn.step)
     return value
-
-
-def make_sampler(startup_trials: int, seed: int) -> optuna.samplers.BaseSampler:
-    """TPE; it draws at random until ``startup_trials`` trials of the study (any tuner's) have
-    completed or been pruned."""
-    return optuna.samplers.TPESampler(n_startup_trials=startup_trials, seed=seed)
-
-
-def make_storage(url: str, heartbeat: bool = True) -> Any:
-    """An RDB storage for SQLAlchemy URLs (heartbeats, so trials of a killed tuner are failed
-    instead of staying RUNNING forever), anything else as Optuna reads it (e.g. journal)."""
-    if not url.startswith(("sqlite:", "postgresql", "mysql")):
-        return url
-    # Parallel trials write to one sqlite file: wait for its lock instead of failing at 5 s.
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
-    extra = {"heartbeat_interval": 10, "grace_period": 60} if heartbeat else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
 
 
 class Tuner:
@@ -186,16 +164,16 @@ class Tuner:
         self.args, self.fit_args, self.space, self.base = args, fit_args, space, base
         self.base_params = base_params
         mlflow_section = base.get("mlflow") or {}
-        uri = _passed(fit_args, "--mlflow.tracking_uri") or mlflow_section.get("tracking_uri")
+        uri = passed_value(fit_args, "--mlflow.tracking_uri") or mlflow_section.get("tracking_uri")
         self.tracking_uri, self.artifact_location = resolve_tracking(
             TrackingConfig(
                 tracking_uri=uri, artifact_location=mlflow_section.get("artifact_location")
             )
         )
         self.experiment = (
-            _passed(fit_args, "--mlflow.experiment_name")
+            passed_value(fit_args, "--mlflow.experiment_name")
             or mlflow_section.get("experiment_name")
-            or _default_experiment(base, fit_args)
+            or default_experiment(base, fit_args)
         )
         self.study_name = args.study_name or f"{self.experiment}-{Path(args.space).stem}"
         if args.storage:
@@ -247,7 +225,7 @@ class Tuner:
         log.info(
             "tune: study %r in %s: %d trial(s) done, %d to run (%d at a time); parent run %s",
             self.study_name,
-            _redact(self.storage_url),
+            redact_url(self.storage_url),
             done,
             remaining,
             self.args.jobs,
@@ -317,7 +295,7 @@ class Tuner:
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         for key, value in {
             "tune.config": self.args.config,
-            "tune.storage": _redact(self.storage_url),
+            "tune.storage": redact_url(self.storage_url),
             "tune.sampler": (
                 f"TPE(seed={self.seed}, n_startup_trials={self.args.sampler_startup_trials})"
             ),
@@ -511,35 +489,3 @@ class Tuner:
                     log.warning("tune: %s not drawn (%s: %s)", name, type(exc).__name__, exc)
                     continue
                 self.client.log_artifact(self.parent, str(Path(tmp) / name), "tune")
-
-
-def _passed(fit_args: list[str], flag: str) -> str | None:
-    """The value of ``flag`` among the arguments passed through to fit (last one wins)."""
-    value = None
-    for i, arg in enumerate(fit_args):
-        if arg == flag and i + 1 < len(fit_args):
-            value = fit_args[i + 1]
-        elif arg.startswith(flag + "="):
-            value = arg.split("=", 1)[1]
-    return value
-
-
-def _default_experiment(base: dict, fit_args: list[str]) -> str:
-    """``fit``'s default experiment name, ``<family>-<dataset directory>``, so that the parent
-    run and its trials share an experiment."""
-    from recforge.families import UnknownFamilyError, family_of_module
-
-    model = base.get("model") or {}
-    try:
-        family = family_of_module(str(model.get("class_path", ""))).name
-    except UnknownFamilyError:
-        family = "recforge"
-    data_dir = _passed(fit_args, "--data.data_dir") or (base.get("data") or {}).get("data_dir")
-    return f"{family}-{Path(str(data_dir or 'data')).name}"
-
-
-def _redact(url: str) -> str:
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
