@@ -389,8 +389,11 @@ def _beside_existing_run(logger: Any, subcommand: str) -> None:
     if not storage.exists(storage.join(parent, version, "metrics.csv")):
         return
     # A config saved by an earlier test beside the run already names `<run>-test[-N]`: number
-    # the next one after it rather than nesting `<run>-test-test`.
+    # the next one after it rather than nesting `<run>-test-test`. Only when `<run>` is a run
+    # there: a version the user named `ablation-test` keeps its name.
     base = re.sub(rf"-{re.escape(subcommand)}(-\d+)?$", "", version)
+    if base != version and not storage.exists(storage.join(parent, base, "metrics.csv")):
+        base = version
     moved, n = f"{base}-{subcommand}", 1
     while storage.exists(storage.join(parent, moved)):
         n += 1

@@ -403,10 +403,10 @@ def test_testing_a_run_config_keeps_that_runs_logs(tmp_path: Path) -> None:
         assert "test/ndcg@10_filtered" in (tested / "metrics.csv").read_text()
         assert json.loads((tested / "test_metrics.json").read_text())["metrics"]
     # Testing with the config a test saved numbers on (trial-0-test-3), keeping that test's rows.
-    tested = run.with_name("trial-0-test")
+    tested = run.with_name("trial-0-test-2")
     first_test = (tested / "metrics.csv").read_text()
     args = ["--config", str(tested / "config.yaml"), "--ckpt_path", str(ckpt)]
     run_ok("test", *args, "--mlflow.enabled", "false", cwd=tmp_path)
     assert (tested / "metrics.csv").read_text() == first_test
     assert (run.with_name("trial-0-test-3") / "test_metrics.json").exists()
-    assert not run.with_name("trial-0-test-test").exists()
+    assert not run.with_name("trial-0-test-2-test").exists()

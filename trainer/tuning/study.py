@@ -189,11 +189,16 @@ class Tuner:
             self.storage_url = f"sqlite:///{where / 'optuna.db'}"
         seed = args.seed if args.seed is not None else base.get("seed_everything")
         self.seed = int(seed) if isinstance(seed, int) and not isinstance(seed, bool) else 0
-        self.pruner_spec = {
-            "name": args.pruner,
-            "n_startup_trials": args.pruner_startup_trials,
-            "n_warmup_steps": args.pruner_warmup_epochs,
-        }
+        # Only the median pruner reads the start-up and warm-up settings.
+        self.pruner_spec = (
+            {
+                "name": "median",
+                "n_startup_trials": args.pruner_startup_trials,
+                "n_warmup_steps": args.pruner_warmup_epochs,
+            }
+            if args.pruner == "median"
+            else {"name": args.pruner}
+        )
         self.out_dir = Path("runs").resolve() / f"tune-{self.study_name}"
         self.last_failure: str | None = None
 
@@ -267,17 +272,11 @@ class Tuner:
         if run_id:
             try:
                 self.client.update_run(run_id, status="RUNNING")
-                first = self.client.get_run(run_id).data.params.get("tune.pruner")
-                if first is not None and first != json.dumps(self.pruner_spec):
-                    log.info(
-                        "tune: this sitting prunes with %s, the parent run's tune.pruner says %s; "
-                        "each trial's run records its own (tag recforge.tune.pruner)",
-                        json.dumps(self.pruner_spec),
-                        first,
-                    )
-                return run_id
             except Exception as exc:  # deleted run or another tracking store: start a new one
                 log.warning("tune: parent run %s not reopened (%s); starting one", run_id, exc)
+            else:
+                self._say_if_pruner_changed(run_id)
+                return run_id
         experiment = self.client.get_experiment_by_name(self.experiment)
         experiment_id = (
             experiment.experiment_id
@@ -308,6 +307,20 @@ class Tuner:
         self.client.log_artifact(run_id, self.args.space, "tune")
         self.client.log_artifact(run_id, self.args.config, "tune")
         return run_id
+
+    def _say_if_pruner_changed(self, parent: str) -> None:
+        """MLflow params cannot change, so the parent keeps the first sitting's pruner."""
+        try:
+            first = json.loads(self.client.get_run(parent).data.params["tune.pruner"])
+        except Exception:  # a parent from before the param, or unreadable: nothing to compare
+            return
+        if first != self.pruner_spec:
+            log.info(
+                "tune: this sitting prunes with %s, the parent run's tune.pruner says %s; "
+                "each trial's run records its own (tag recforge.tune.pruner)",
+                json.dumps(self.pruner_spec),
+                json.dumps(first),
+            )
 
     def _objective(self, trial: optuna.Trial) -> float:
         params = {p.key: p.suggest(trial) for p in self.space}
