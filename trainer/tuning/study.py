@@ -385,7 +385,8 @@ class Tuner:
         child = frozen.user_attrs.get(RUN_ATTR)
         if child:
             self.client.log_artifact(child, str(log_path), "tune")
-            # The parent's params are the first sitting's; a restart may prune differently.
+            # The parent's params are those of the sitting that created it; a restart may prune
+            # differently, so each trial records its own.
             self.client.set_tag(child, "recforge.tune.pruner", json.dumps(self.pruner_spec))
             if is_base:
                 self.client.set_tag(child, "recforge.tune.base", "true")
