@@ -17,7 +17,8 @@ the validation item appended. For each stage it prints, over its examples:
   the history (never hit under "seen items filtered").
 
 Counts are over the training parts of every user, i.e. what a model fitted for either stage
-was trained on (recforge trains on ``seq[:train_end]`` for both).
+was trained on (recforge trains on ``seq[:train_end]`` for both unless ``data.train_through:
+validation`` refits through the validation part).
 """
 
 from __future__ import annotations

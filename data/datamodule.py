@@ -21,10 +21,12 @@ from recforge.data.errors import DataError
 from recforge.data.examples import (
     BATCH_FORMATS,
     STAGES,
+    TRAIN_THROUGH,
     BatchFormat,
     ExampleIndex,
     ExampleSpec,
     Stage,
+    TrainThrough,
     scan_examples,
 )
 from recforge.data.feature_tables import FeatureTables, load_feature_tables
@@ -56,6 +58,7 @@ class SequenceDataModule(L.LightningDataModule):
         seed: int = 0,
         shuffle_window: int = 65_536,
         train_windows: Literal["last", "all"] = "last",
+        train_through: TrainThrough = "train",
         synthesize: dict[str, Any] | None = None,
         eval_max_users: int | None = None,
     ) -> None:
@@ -83,6 +86,13 @@ class SequenceDataModule(L.LightningDataModule):
                 of each user's training part (the SASRec paper); ``all`` cuts the whole training
                 part into consecutive windows of ``max_len`` targets, so items beyond the last
                 ``max_len`` of long histories are trained on too.
+            train_through: ``train``: training targets come from each user's training part only,
+                so validation measures items the model never trained on. ``validation``: a final
+                refit that also trains on each user's validation item (the newest item before
+                test, which on sparse data predicts it best). Validation is then no longer held
+                out, so ``recforge fit`` runs no validation loop, no early stopping and no
+                best-checkpoint choice: it trains ``trainer.max_epochs`` epochs (take the best
+                epoch count of an earlier run that validated) and tests the final weights.
             synthesize: If set and ``data_dir`` holds no prepared dataset, generate synthetic data
                 with these :class:`recforge.data.synth.SynthConfig` fields (e.g.
                 ``{users: 500, items: 300}``) and prepare it into ``data_dir`` first. The tiny
@@ -108,6 +118,8 @@ class SequenceDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if train_windows not in ("last", "all"):
             raise ValueError(f"train_windows must be 'last' or 'all', got {train_windows!r}")
+        if train_through not in TRAIN_THROUGH:
+            raise ValueError(f"train_through must be one of {TRAIN_THROUGH}, got {train_through!r}")
         if eval_max_users is not None and (
             isinstance(eval_max_users, bool)
             or not isinstance(eval_max_users, int)
@@ -129,6 +141,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.max_len, self.history_len, self.min_history = max_len, history_len, min_history
         self.num_workers, self.seed, self.shuffle_window = num_workers, seed, shuffle_window
         self.train_windows = train_windows
+        self.train_through = train_through
         if synthesize is not None:
             if not storage.is_remote(data_dir):
                 ensure_synthetic(data_dir, synthesize)
@@ -238,6 +251,7 @@ class SequenceDataModule(L.LightningDataModule):
                     history_len=self.history_len,
                     min_history=self.min_history,
                     train_windows=self.train_windows,
+                    train_through=self.train_through,
                 )
                 for s in STAGES
             ]
@@ -344,8 +358,10 @@ def _report(index: ExampleIndex) -> str:
     spec = index.spec
     missing = sum(index.skipped.values())
     reasons = "; ".join(f"{n:,} {why}" for why, n in index.skipped.items() if n) or "none"
+    refit = spec.stage == "train" and spec.train_through == "validation"
+    stage = f"{spec.stage} through the validation items" if refit else spec.stage
     return (
-        f"{spec.stage} ({spec.batch_format} batches): "
+        f"{stage} ({spec.batch_format} batches): "
         f"{index.num_examples:,} examples from {index.num_users:,} users; "
         f"{missing:,} users have none: {reasons}"
     )

@@ -23,6 +23,11 @@ BatchFormat = Literal["sequence", "history"]
 ``history``: a KeyedJaggedTensor of history, target and features, one target per example
 (two-tower family). Which family reads which format is said in :mod:`recforge.families`."""
 BATCH_FORMATS: tuple[BatchFormat, ...] = ("sequence", "history")
+TrainThrough = Literal["train", "validation"]
+"""Which split part training targets come from: ``train`` (the default; validation measures
+unseen items) or ``validation`` too (a final refit, after the epochs were chosen on validation:
+training then also predicts each user's validation item, so validation is no longer held out)."""
+TRAIN_THROUGH: tuple[TrainThrough, ...] = ("train", "validation")
 Stage = Literal["train", "validate", "test"]
 STAGES: tuple[Stage, ...] = ("train", "validate", "test")
 
@@ -32,7 +37,8 @@ class ExampleSpec:
     """Which (user, t) pairs are examples; ``t`` indexes the user's sequence.
 
     For two-tower training t is the target position; for SASRec training t is the end of the
-    training part (the window ends before it); for evaluation t is the target position.
+    trained part (the window ends before it): the training part, or with ``train_through:
+    validation`` the training and validation parts; for evaluation t is the target position.
     """
 
     batch_format: BatchFormat
@@ -43,6 +49,8 @@ class ExampleSpec:
     train_windows: Literal["last", "all"] = "last"
     """SASRec training: ``last`` takes the last ``max_len`` targets of each training part (the
     SASRec paper); ``all`` cuts the whole training part into windows of ``max_len`` targets."""
+    train_through: TrainThrough = "train"
+    """Training examples end with the training part, or with the validation part too."""
 
     def __post_init__(self) -> None:
         if self.batch_format not in BATCH_FORMATS:
@@ -56,6 +64,10 @@ class ExampleSpec:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.train_windows not in ("last", "all"):
             raise ValueError(f"train_windows must be 'last' or 'all', got {self.train_windows!r}")
+        if self.train_through not in TRAIN_THROUGH:
+            raise ValueError(
+                f"train_through must be one of {TRAIN_THROUGH}, got {self.train_through!r}"
+            )
 
     @property
     def stride(self) -> int:
@@ -72,6 +84,8 @@ class ExampleSpec:
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(count, t0)`` per user: the user's examples are ``t0 + i * stride``, ``i < count``."""
         if self.stage == "train":
+            # The training part is seq[:train_end]; a refit trains through seq[:val_end].
+            train_end = val_end if self.train_through == "validation" else train_end
             if self.batch_format == "sequence":
                 if self.train_windows == "last":
                     return (train_end >= 2).astype(np.int64), train_end
@@ -93,10 +107,12 @@ class ExampleSpec:
     ) -> dict[str, int]:
         """Users with no example of this stage, counted per reason (for the setup report)."""
         if self.stage == "train":
+            train_end = val_end if self.train_through == "validation" else train_end
             need = 2 if self.batch_format == "sequence" else self.min_history + 1
+            part = "training part" if self.train_through == "train" else "trained part"
             return {
-                "no interaction in the training part": int((train_end == 0).sum()),
-                f"training part shorter than {need} items ({self.batch_format} batches)": int(
+                f"no interaction in the {part}": int((train_end == 0).sum()),
+                f"{part} shorter than {need} items ({self.batch_format} batches)": int(
                     ((train_end > 0) & (train_end < need)).sum()
                 ),
             }

@@ -26,7 +26,9 @@ from typing import Any
 import yaml
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import early_stopping
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from recforge.data.datamodule import SequenceDataModule
 from recforge.trainer.callbacks import (
@@ -209,9 +211,32 @@ class RecforgeCLI(LightningCLI):
             loggers = self.config[self.subcommand].trainer.logger
             for logger in loggers if isinstance(loggers, list) else [loggers]:
                 _beside_existing_run(logger, str(self.subcommand))
+        if self._refits():
+            subcommand = str(self.subcommand)
+            try:
+                _configure_refit(self.config[subcommand], subcommand)
+            except RefitError as exc:
+                self._subcommand_parsers[subcommand].error(str(exc))
+
+    def _refits(self) -> bool:
+        """Whether this run trains on the validation items too (``data.train_through``)."""
+        config = self.config.get(str(self.subcommand)) if self.subcommand else self.config
+        return config is not None and config.get("data.train_through") == "validation"
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        refit_data = getattr(self.datamodule, "train_through", "train") == "validation"
+        if refit_data and not self._refits():
+            raise RefitError(
+                "the data module trains through the validation items, but the CLI did not see "
+                "data.train_through: validation in the config, so it validates and stops early "
+                "on them; set data.train_through in the data section"
+            )
+        if self._refits():
+            # Early stopping would wait for a validation metric that no epoch logs.
+            trainer.callbacks = [
+                c for c in trainer.callbacks if not isinstance(c, early_stopping.EarlyStopping)
+            ]
         trainer.callbacks.extend(cls() for cls in self.post_fit_callbacks)
         trainer.callbacks.append(ReleaseFreedMemory())
         if os.environ.get("RECFORGE_TUNE_TRIAL"):
@@ -365,6 +390,64 @@ class RecforgeCLI(LightningCLI):
     def _finish(self) -> None:
         if self.recorder is not None:
             self.recorder.stop_system_metrics()
+
+
+class RefitError(ValueError):
+    """A ``data.train_through: validation`` run asked for something it cannot give."""
+
+
+def _configure_refit(config: Namespace, subcommand: str) -> None:
+    """A run with ``data.train_through: validation`` trains on the validation part, so a
+    validation metric measures memory, not prediction: ``fit`` runs no validation loop and no
+    early stopping, and keeps the last epoch's checkpoint (there is no metric to choose by);
+    ``validate`` and a `recforge tune` trial are refused. These values are written into the
+    run's saved ``config.yaml``."""
+    why = "data.train_through: validation trains on the validation items"
+    if subcommand == "validate":
+        raise RefitError(
+            f"{why}, so validating on them measures memory, not prediction; validate a run "
+            "trained with train_through: train, or `recforge test` this one"
+        )
+    if subcommand != "fit":
+        return
+    if os.environ.get("RECFORGE_TUNE_TRIAL"):
+        raise RefitError(
+            f"{why}, so a `recforge tune` trial would have no held-out metric to report; tune "
+            "with train_through: train, then refit the best trial's config"
+        )
+    epochs, steps = config.get("trainer.max_epochs"), config.get("trainer.max_steps")
+    if (epochs is None or epochs < 0) and (steps is None or steps < 0):
+        raise RefitError(
+            f"{why} and cannot stop early: set trainer.max_epochs (the best epoch count of a "
+            "run that validated) or trainer.max_steps"
+        )
+    top_k = config.get("checkpoint.save_top_k")
+    if top_k not in (-1, 0, 1):
+        raise RefitError(
+            f"{why}, so no metric ranks its checkpoints: checkpoint.save_top_k must be 1 (the "
+            f"last epoch), 0 or -1 (every epoch), got {top_k}"
+        )
+    if "val/" in str(config.get("checkpoint.filename")):
+        raise RefitError(
+            f"{why} and logs no val/ metric: checkpoint.filename "
+            f"{config.get('checkpoint.filename')!r} names one"
+        )
+    monitor = config.get("checkpoint.monitor")
+    if monitor != CALLBACK_DEFAULTS["checkpoint.monitor"]:
+        log.warning("data.train_through: validation: checkpoint.monitor %r dropped", monitor)
+    config["trainer.limit_val_batches"] = 0
+    config["trainer.num_sanity_val_steps"] = 0
+    config["checkpoint.monitor"] = None
+    # Without validation, Lightning saves at the end of a training epoch only when told to.
+    config["checkpoint.save_on_train_epoch_end"] = True
+    if config.get("checkpoint.filename") == CALLBACK_DEFAULTS["checkpoint.filename"]:
+        config["checkpoint.filename"] = "final-{epoch}"
+    rank_zero_warn(
+        f"{why} (each user's validation part): this fit validates nothing and does not stop "
+        f"early; it trains trainer.max_epochs = {epochs} epochs (max_steps {steps}), and a "
+        "decaying learning-rate schedule decays over that length. Its last epoch's checkpoint "
+        "is the one kept and tested"
+    )
 
 
 def _beside_existing_run(logger: Any, subcommand: str) -> None:

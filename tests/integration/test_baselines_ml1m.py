@@ -67,7 +67,8 @@ def test_validate_stage_and_main(ml1m: Path, capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert "most_popular" in out and "markov" in out and "ndcg@20_filtered" in out and "6-20" in out
     # `all` includes EASE (default λ), with its fit time on its line.
-    assert "ease, validate stage: 6040 examples in" in out and ", fit " in out
+    assert "ease, validate stage, counting through train: 6040 examples in" in out
+    assert ", fit " in out
 
 
 def test_markov_scores_order_without_data() -> None:
@@ -90,3 +91,8 @@ def test_markov_scores_order_without_data() -> None:
     assert s[3] > s[2] > s[1] > s[4] == s[5]
     # From 4 (no transitions): popularity only.
     assert scores[1].tolist() == pop_rank.astype(np.float32).tolist()
+    # Counting through the training parts, test sees what validate sees: no validation items.
+    assert popularity_counts(seqs, "test", "train").tolist() == [0, 2, 3, 2, 0, 0]
+    assert dict(zip(*transition_counts(seqs, "test", "train").row(2))) == {3: 2}
+    with pytest.raises(ValueError, match="would count the validation targets"):
+        popularity_counts(seqs, "validate", "validation")

@@ -410,3 +410,36 @@ def test_testing_a_run_config_keeps_that_runs_logs(tmp_path: Path) -> None:
     assert (tested / "metrics.csv").read_text() == first_test
     assert (run.with_name("trial-0-test-3") / "test_metrics.json").exists()
     assert not run.with_name("trial-0-test-2-test").exists()
+
+
+def test_refit_through_validation_trains_fixed_epochs_and_tests_the_final_weights(
+    tmp_path: Path,
+) -> None:
+    """`data.train_through: validation` (a final refit): no validation loop, no early stopping,
+    the last epoch's checkpoint is tested; validating such a run, or tuning with it, is refused."""
+    data, root = tmp_path / "data", tmp_path / "run"
+    refit = ["--data.train_through", "validation", "--trainer.max_epochs", "2"]
+    proc = run_ok(*fit_args(root, data, *refit, "--mlflow.enabled", "false"), cwd=tmp_path)
+    assert "validates nothing" in proc.stderr
+    assert "train through the validation items (sequence batches)" in proc.stderr
+    run = version_dir(root)
+    rows = read_metrics(run)
+    assert not any(v for r in rows for k, v in r.items() if k.startswith("val/"))
+    assert last_value(rows, "test/ndcg@10_filtered") > 0
+    final = run / "checkpoints" / "final-epoch=1.ckpt"
+    assert final.exists() and f"testing {final}" in proc.stderr
+    args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(final)]
+    proc = recforge("validate", *args, "--mlflow.enabled", "false", cwd=tmp_path)
+    assert proc.returncode != 0 and "measures memory, not prediction" in proc.stderr
+    tuned = subprocess.run(
+        [RECFORGE, *fit_args(tmp_path / "trial", data, *refit, "--mlflow.enabled", "false")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "RECFORGE_TUNE_TRIAL": "1"},
+    )
+    assert tuned.returncode == 2 and "no held-out metric to report" in tuned.stderr
+    # Without a planned length the refit would train Lightning's default 1,000 epochs.
+    proc = recforge(*fit_args(root, data, *refit, "--trainer.max_epochs", "-1"), cwd=tmp_path)
+    assert proc.returncode == 2 and "set trainer.max_epochs" in proc.stderr

@@ -127,7 +127,14 @@ def test_cli_runs_ease(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     data = write_prepared(tmp_path / "d", SEQUENCES, num_items=NUM_ITEMS)
     assert main([str(data), "--baseline", "ease", "markov", "--ks", "3", "--ease-lambda", "2"]) == 0
     out = capsys.readouterr().out
-    assert "ease, test stage: 6 examples in" in out and ", fit " in out and "(λ 2)" in out
+    assert "ease, test stage, counting through validation: 6 examples in" in out
+    assert ", fit " in out and "(λ 2)" in out
     header = next(line for line in out.splitlines() if line.startswith("metric"))
     assert header.split() == ["metric", "ease", "markov"]
     assert "most_popular" not in out
+    # Counting the training parts only is a different fit; on validate it is refused as usage.
+    assert main([str(data), "--baseline", "ease", "--ks", "3", "--train-through", "train"]) == 0
+    assert "ease, test stage, counting through train: 6 examples" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main([str(data), "--stage", "validate", "--train-through", "validation"])
+    assert exc.value.code == 2 and "validation targets" in capsys.readouterr().err

@@ -7,9 +7,13 @@ stage exactly as the data loader defines them: for ``validate`` the target is
 history (the loader's rule, so baselines and models cover the same users).
 
 Statistics are counted over *everything before the evaluated part*, for every user: the
-training parts for ``validate``, the training and validation parts for ``test`` (the protocol
-of the published full-ranking ML-1M numbers: a model evaluated on test is trained with the
-validation items too). No evaluation target is ever counted. These counts are also the
+training parts for ``validate``, the training and validation parts for ``test`` (all a model
+could have trained on before the test items; a recforge model does with ``data.train_through:
+validation``, while the published SASRec benchmarks and recforge's default hold the validation
+items out of training). ``through="train"`` counts only the training parts for ``test`` too:
+the data a model trained with ``data.train_through: train`` (the default) learned from, so the
+two compare on equal data; ``recforge fit`` with ``train_through: validation`` matches the
+default. No evaluation target is ever counted. These counts are also the
 ``item_popularity`` given to the evaluator, so ``popularity@K`` means "count in the data a model
 could have seen".
 
@@ -41,6 +45,7 @@ import pyarrow.compute as pc
 import torch
 
 from recforge.data import storage
+from recforge.data.examples import TRAIN_THROUGH, TrainThrough
 from recforge.data.layout import SEQUENCES, read_manifest, split_bounds
 from recforge.data.ragged import gather_ragged
 from recforge.trainer.evaluation.ease import (
@@ -84,16 +89,38 @@ def load_sequences(data_dir: str | Path) -> _Sequences:
     return _Sequences(items, starts, lengths, train_end, val_end, int(manifest["items"]))
 
 
-def _counted_mask(seqs: _Sequences, stage: EvalStage) -> tuple[np.ndarray, np.ndarray]:
+def counted_through(stage: EvalStage, through: TrainThrough | None) -> TrainThrough:
+    """The last split part counted for ``stage``: everything before it unless ``through`` says
+    less; counting the validation part for ``validate`` would count its targets."""
+    if stage not in ("validate", "test"):
+        raise ValueError(f"stage must be 'validate' or 'test', got {stage!r}")
+    if through is None:
+        return "train" if stage == "validate" else "validation"
+    if through not in TRAIN_THROUGH:
+        raise ValueError(f"through must be one of {TRAIN_THROUGH}, got {through!r}")
+    if stage == "validate" and through == "validation":
+        raise ValueError(
+            "through='validation' with stage 'validate' would count the validation targets; "
+            "the validate stage counts the training parts only"
+        )
+    return through
+
+
+def _counted_mask(
+    seqs: _Sequences, stage: EvalStage, through: TrainThrough | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(mask over flat items counted as known, per-user end of the counted prefix)``."""
-    end = seqs.train_end if stage == "validate" else seqs.val_end
+    through = counted_through(stage, through)
+    end = seqs.train_end if through == "train" else seqs.val_end
     position = np.arange(len(seqs.items)) - np.repeat(seqs.starts, seqs.lengths)
     return position < np.repeat(end, seqs.lengths), end
 
 
-def popularity_counts(seqs: _Sequences, stage: EvalStage) -> np.ndarray:
+def popularity_counts(
+    seqs: _Sequences, stage: EvalStage, through: TrainThrough | None = None
+) -> np.ndarray:
     """``(N + 1,)`` interaction count per item over the parts before ``stage``'s targets."""
-    known, _ = _counted_mask(seqs, stage)
+    known, _ = _counted_mask(seqs, stage, through)
     return np.bincount(seqs.items[known], minlength=seqs.num_items + 1).astype(np.int64)
 
 
@@ -110,9 +137,11 @@ class Transitions:
         return self.next_item[lo:hi], self.count[lo:hi]
 
 
-def transition_counts(seqs: _Sequences, stage: EvalStage) -> Transitions:
+def transition_counts(
+    seqs: _Sequences, stage: EvalStage, through: TrainThrough | None = None
+) -> Transitions:
     """Transitions inside each user's counted prefix (never crossing users or into a target)."""
-    known, _ = _counted_mask(seqs, stage)
+    known, _ = _counted_mask(seqs, stage, through)
     # A pair (i, i + 1) counts when both ends are known; known items form a per-user prefix, so
     # "i + 1 known" also guarantees i + 1 belongs to the same user.
     src = np.flatnonzero(known[:-1] & known[1:])
@@ -161,9 +190,15 @@ def _markov_scores(trans: Transitions, last: np.ndarray, pop_rank: np.ndarray) -
     return scores
 
 
-def _fit_ease(seqs: _Sequences, stage: EvalStage, lam: float, max_items: int) -> EaseModel:
+def _fit_ease(
+    seqs: _Sequences,
+    stage: EvalStage,
+    lam: float,
+    max_items: int,
+    through: TrainThrough | None = None,
+) -> EaseModel:
     """EASE fitted on the binary user x item matrix of the counted parts (every user)."""
-    known, _ = _counted_mask(seqs, stage)
+    known, _ = _counted_mask(seqs, stage, through)
     owner = np.repeat(np.arange(len(seqs.lengths)), seqs.lengths)
     return fit_ease(
         owner[known], seqs.items[known], len(seqs.lengths), seqs.num_items, lam, max_items
@@ -180,22 +215,25 @@ def run_baseline(
     ease_lambda: float = DEFAULT_LAMBDA,
     ease_max_items: int = DEFAULT_MAX_ITEMS,
     timings: dict[str, float] | None = None,
+    through: TrainThrough | None = None,
 ) -> RankingEvaluator:
     """Evaluate a baseline; returns the filled evaluator (for :meth:`~RankingEvaluator.compute`
     and :meth:`~RankingEvaluator.segment_table`). ``ease_*`` are EASE's options (ignored by the
-    others); a given ``timings`` dict receives ``fit_s``, the seconds spent fitting (EASE)."""
+    others); a given ``timings`` dict receives ``fit_s``, the seconds spent fitting (EASE);
+    ``through`` is the last part counted (module docstring; None: all before the stage)."""
     if name not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {name!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    through = counted_through(stage, through)
     seqs = load_sequences(data_dir)
     users, t = stage_examples(seqs, stage)
-    pop = popularity_counts(seqs, stage)
+    pop = popularity_counts(seqs, stage, through)
     evaluator = RankingEvaluator(seqs.num_items, pop, ks=ks, segments=segments)
     # Dense popularity ranks, not raw counts: the same order, and exact in float32 at any count.
     pop_rank = np.unique(pop, return_inverse=True)[1].astype(np.int64)
-    trans = transition_counts(seqs, stage) if name == "markov" else None
-    ease = _fit_ease(seqs, stage, ease_lambda, ease_max_items) if name == "ease" else None
+    trans = transition_counts(seqs, stage, through) if name == "markov" else None
+    ease = _fit_ease(seqs, stage, ease_lambda, ease_max_items, through) if name == "ease" else None
     if timings is not None:
         timings["fit_s"] = 0.0 if ease is None else ease.fit_seconds
     for lo in range(0, len(users), batch_size):
@@ -229,6 +267,7 @@ def evaluate_baseline(
     ks: Sequence[int] = (10, 20, 100),
     ease_lambda: float = DEFAULT_LAMBDA,
     ease_max_items: int = DEFAULT_MAX_ITEMS,
+    through: TrainThrough | None = None,
 ) -> dict[str, float]:
     """Metrics of one baseline on one stage (names as in
     :mod:`recforge.trainer.evaluation.metrics`)."""
@@ -240,6 +279,7 @@ def evaluate_baseline(
         ks,
         ease_lambda=ease_lambda,
         ease_max_items=ease_max_items,
+        through=through,
     ).compute()
 
 
@@ -300,7 +340,20 @@ def main(argv: list[str] | None = None) -> int:
         help="largest catalogue EASE accepts: it holds dense N x N float64 matrices "
         f"(default {DEFAULT_MAX_ITEMS})",
     )
+    parser.add_argument(
+        "--train-through",
+        choices=TRAIN_THROUGH,
+        default=None,
+        help="the last split part the baselines count: `validation` (the default for --stage "
+        "test: all data before the test items, as a model fitted with data.train_through: "
+        "validation sees) or `train` (what a model fitted with the default train_through: train "
+        "learned from, to compare on equal data); --stage validate counts `train` only",
+    )
     args = parser.parse_args(argv)
+    try:
+        through = counted_through(args.stage, args.train_through)
+    except ValueError as exc:
+        parser.error(str(exc))
     names = list(BASELINES) if "all" in args.baseline else list(dict.fromkeys(args.baseline))
     if "ease" in names:
         try:
@@ -322,11 +375,13 @@ def main(argv: list[str] | None = None) -> int:
             ease_lambda=args.ease_lambda,
             ease_max_items=args.ease_max_items,
             timings=timings,
+            through=through,
         )
         metrics = results[name] = evaluator.compute()
         fit = f", fit {timings['fit_s']:.1f} s (λ {args.ease_lambda:g})" if name == "ease" else ""
         print(
-            f"{name}, {args.stage} stage: {metrics['count']:.0f} examples "
+            f"{name}, {args.stage} stage, counting through {through}: "
+            f"{metrics['count']:.0f} examples "
             f"in {time.perf_counter() - started:.1f} s{fit}; by history length (filtered):"
         )
         for row in evaluator.segment_table(metrics):
