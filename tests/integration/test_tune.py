@@ -114,6 +114,11 @@ def test_tune_prunes_nests_runs_and_continues_after_restart(tmp_path: Path) -> N
     importance = "tune/param_importances.png" if complete >= 2 else "tune/param_importances.txt"
     assert importance in artifacts, artifacts
     assert parent.data.metrics["tune/best_value"] == study.best_value
+    # The refit it prints trains as many epochs as the best trial needed to reach its best.
+    values = study.best_trial.intermediate_values
+    epochs = max(values, key=lambda epoch: values[epoch]) + 1
+    assert parent.data.tags["recforge.tune.best_epochs"] == str(epochs)
+    assert f"--data.train_through validation --trainer.max_epochs {epochs}" in restart.stdout
 
     # The best config is the base config with the best trial's values, a stepped float as its
     # grid writes it (0.3, not Optuna's 0.30000000000000004): fit takes it as it is.

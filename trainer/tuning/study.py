@@ -459,6 +459,13 @@ class Tuner:
         if best.user_attrs.get(RUN_ATTR):
             self.client.set_tag(self.parent, "recforge.tune.best_run", best.user_attrs[RUN_ATTR])
         self._plots(study, len(complete))
+        pick = max if self.args.direction == "maximize" else min
+        epochs = pick(best.intermediate_values.items(), key=lambda kv: kv[1])[0] + 1
+        self.client.set_tag(self.parent, "recforge.tune.best_epochs", str(epochs))
+        refit = (
+            f"recforge fit --config {self.out_dir / 'best_config.yaml'} "
+            f"--data.train_through validation --trainer.max_epochs {epochs}"
+        )
         bases = [t for t in trials if t.user_attrs.get(BASE_ATTR)]
         base = next((t for t in bases if t.state == TrialState.COMPLETE), None)
         if base is not None:
@@ -474,6 +481,7 @@ class Tuner:
             f"{best.value:.5f} {best_params}"
             + said_base
             + f"\nbest config: {self.out_dir / 'best_config.yaml'}"
+            + f"\nrefit it on the validation items too (docs/architecture.md §6): {refit}"
         )
 
     def _plots(self, study: optuna.Study, complete: int) -> None:
