@@ -70,3 +70,18 @@ def test_history_batches_train_through_the_validation_item(data_dir: Path) -> No
 def test_unknown_value_is_refused(data_dir: Path) -> None:
     with pytest.raises(ValueError, match="train_through must be one of"):
         _module(data_dir, "sequence", "test")
+
+
+def test_all_windows_cover_every_target_through_the_validation_item(data_dir: Path) -> None:
+    # Windows of 2 targets cut from the end of the trained part: user 1's [1, 2, 3, 4, 5] gives
+    # targets [4, 5] and [2, 3]; user 2's [7, 8, 9] one window. Test items 6, 10 never appear.
+    module = SequenceDataModule(
+        str(data_dir), batch_size=16, max_len=2, train_windows="all", train_through="validation"
+    )
+    (batch,) = list(module.train_dataloader())
+    assert _rows(batch) == [
+        (1, [1, 2], [2, 3]),
+        (1, [3, 4], [4, 5]),
+        (2, [7, 8], [8, 9]),
+        (3, [3], [9]),
+    ]
