@@ -433,7 +433,7 @@ def _configure_refit(config: Namespace, subcommand: str) -> None:
             f"{config.get('checkpoint.filename')!r} names one"
         )
     monitor = config.get("checkpoint.monitor")
-    if monitor != CALLBACK_DEFAULTS["checkpoint.monitor"]:
+    if monitor not in (None, CALLBACK_DEFAULTS["checkpoint.monitor"]):
         log.warning("data.train_through: validation: checkpoint.monitor %r dropped", monitor)
     config["trainer.limit_val_batches"] = 0
     config["trainer.num_sanity_val_steps"] = 0
