@@ -32,6 +32,12 @@ Stage = Literal["train", "validate", "test"]
 STAGES: tuple[Stage, ...] = ("train", "validate", "test")
 
 
+def trained_end(train_end: np.ndarray, val_end: np.ndarray, through: TrainThrough) -> np.ndarray:
+    """Per user, the end of the prefix trained on (or, for the baselines, counted):
+    ``seq[:train_end]``, or through the validation part ``seq[:val_end]``."""
+    return val_end if through == "validation" else train_end
+
+
 @dataclass(frozen=True)
 class ExampleSpec:
     """Which (user, t) pairs are examples; ``t`` indexes the user's sequence.
@@ -84,8 +90,7 @@ class ExampleSpec:
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(count, t0)`` per user: the user's examples are ``t0 + i * stride``, ``i < count``."""
         if self.stage == "train":
-            # The training part is seq[:train_end]; a refit trains through seq[:val_end].
-            train_end = val_end if self.train_through == "validation" else train_end
+            train_end = trained_end(train_end, val_end, self.train_through)
             if self.batch_format == "sequence":
                 if self.train_windows == "last":
                     return (train_end >= 2).astype(np.int64), train_end
@@ -107,7 +112,7 @@ class ExampleSpec:
     ) -> dict[str, int]:
         """Users with no example of this stage, counted per reason (for the setup report)."""
         if self.stage == "train":
-            train_end = val_end if self.train_through == "validation" else train_end
+            train_end = trained_end(train_end, val_end, self.train_through)
             need = 2 if self.batch_format == "sequence" else self.min_history + 1
             part = "training part" if self.train_through == "train" else "trained part"
             return {

@@ -225,13 +225,6 @@ class RecforgeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        refit_data = getattr(self.datamodule, "train_through", "train") == "validation"
-        if refit_data and not self._refits():
-            raise RefitError(
-                "the data module trains through the validation items, but the CLI did not see "
-                "data.train_through: validation in the config, so it validates and stops early "
-                "on them; set data.train_through in the data section"
-            )
         if self._refits():
             # Early stopping would wait for a validation metric that no epoch logs.
             trainer.callbacks = [

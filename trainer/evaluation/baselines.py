@@ -7,15 +7,12 @@ stage exactly as the data loader defines them: for ``validate`` the target is
 history (the loader's rule, so baselines and models cover the same users).
 
 Statistics are counted over *everything before the evaluated part*, for every user: the
-training parts for ``validate``, the training and validation parts for ``test`` (all a model
-could have trained on before the test items; a recforge model does with ``data.train_through:
-validation``, while the published SASRec benchmarks and recforge's default hold the validation
-items out of training). ``through="train"`` counts only the training parts for ``test`` too:
-the data a model trained with ``data.train_through: train`` (the default) learned from, so the
-two compare on equal data; ``recforge fit`` with ``train_through: validation`` matches the
-default. No evaluation target is ever counted. These counts are also the
-``item_popularity`` given to the evaluator, so ``popularity@K`` means "count in the data a model
-could have seen".
+training parts for ``validate``, the training and validation parts for ``test``: the data of a
+refit (``data.train_through: validation``). ``through="train"`` counts the training parts for
+``test`` too, the data of a default fit (and of the published SASRec benchmarks), so a model
+and the baselines compare on equal data. No evaluation target is ever counted. These counts are
+also the ``item_popularity`` given to the evaluator, so ``popularity@K`` means "count in the data
+a model could have seen".
 
 - ``most_popular``: items ordered by interaction count.
 - ``markov``: first-order Markov chain on the last history item ``a``: score = number of
@@ -45,7 +42,7 @@ import pyarrow.compute as pc
 import torch
 
 from recforge.data import storage
-from recforge.data.examples import TRAIN_THROUGH, TrainThrough
+from recforge.data.examples import TRAIN_THROUGH, TrainThrough, trained_end
 from recforge.data.layout import SEQUENCES, read_manifest, split_bounds
 from recforge.data.ragged import gather_ragged
 from recforge.trainer.evaluation.ease import (
@@ -110,8 +107,7 @@ def _counted_mask(
     seqs: _Sequences, stage: EvalStage, through: TrainThrough | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(mask over flat items counted as known, per-user end of the counted prefix)``."""
-    through = counted_through(stage, through)
-    end = seqs.train_end if through == "train" else seqs.val_end
+    end = trained_end(seqs.train_end, seqs.val_end, counted_through(stage, through))
     position = np.arange(len(seqs.items)) - np.repeat(seqs.starts, seqs.lengths)
     return position < np.repeat(end, seqs.lengths), end
 
