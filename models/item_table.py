@@ -187,4 +187,10 @@ class ItemTableModel(nn.Module):
             keys=list(ITEM_KEYS), values=values, lengths=lengths, stride=batch_size
         )
         out = self.embedding_collection(kjt)
-        return {key: out[key].values() for key in ITEM_KEYS}
+        ids = dict(zip(ITEM_KEYS, (history_ids, target[0], candidates), strict=True))
+        return self.extend_rows({key: out[key].values() for key in ITEM_KEYS}, ids)
+
+    def extend_rows(self, rows: dict[str, Tensor], ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What a model adds to its looked-up table rows (per key, the rows of ``ids[key]``);
+        nothing here. SASRec adds item attributes, so every reader of a row sees the sum."""
+        return rows

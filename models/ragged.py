@@ -8,6 +8,9 @@ model's device. The data layer has the numpy twin of :func:`gather_ragged`
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,3 +27,26 @@ def pad_ragged(rows: Tensor, mask: Tensor) -> Tensor:
     is true; ``mask`` must have exactly T true entries."""
     padded = rows.new_zeros(*mask.shape, rows.shape[-1])
     return padded.masked_scatter(mask[..., None], rows)
+
+
+def checked_codes(
+    name: str, offsets: Any, codes: Any, num_rows: int, cardinality: int
+) -> tuple[Tensor, Tensor]:
+    """``(offsets (num_rows + 1,), codes)`` of one item feature as int64 tensors, after checking
+    the layout of ``recforge.data.feature_tables.FeatureTable.sparse_columns``: row ``i``'s
+    codes are ``codes[offsets[i]:offsets[i + 1]]``, all in ``[0, cardinality)``."""
+    offsets = torch.as_tensor(np.asarray(offsets), dtype=torch.int64).reshape(-1)
+    codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64).reshape(-1)
+    if (
+        offsets.shape != (num_rows + 1,)
+        or offsets[0] != 0
+        or (offsets.diff() < 0).any()
+        or offsets[-1] != codes.numel()
+    ):
+        raise ValueError(
+            f"item feature {name!r}: offsets must be ({num_rows + 1},), "
+            f"non-decreasing from 0 to the number of codes"
+        )
+    if codes.numel() and (codes.min() < 0 or codes.max() >= cardinality):
+        raise ValueError(f"item feature {name!r}: codes must lie in [0, {cardinality})")
+    return offsets, codes

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recforge.models.config_checks import FieldChecks
+from recforge.models.config_checks import FieldChecks, is_int
 from recforge.models.dropout import Dropout, dropout
+from recforge.models.item_attributes import ItemAttributes
 from recforge.models.item_table import EC_MODULE as EC_MODULE  # re-exported: its path in this model
 from recforge.models.item_table import ItemTableModel, check_item_table_fields
 from recforge.models.losses import bce_one_negative, full_softmax_ce, gbce, sampled_softmax
@@ -86,6 +88,10 @@ class SASRecConfig:
     """Logits are divided by it (``ce`` and ``sampled_softmax``; must stay 1 with ``bce``)."""
     table_name: str = "item_table"
     """Name of the TorchRec table (not ``items``: it collides with ``ModuleDict.items``)."""
+    item_feature_cardinalities: dict[str, int] = field(default_factory=dict)
+    """Item categorical/list features added to every item row (``models/item_attributes.py``)
+    -> their number of codes. Filled from the data by the training module after its
+    ``item_features`` selection; empty: items are their ids alone."""
 
     def __post_init__(self) -> None:
         check = FieldChecks(self)
@@ -101,6 +107,16 @@ class SASRecConfig:
         )
         check.finite_numbers("dropout", "attention_dropout", "temperature", "gbce_calibration")
         check_item_table_fields(check)
+        cards = self.item_feature_cardinalities
+        need(
+            isinstance(cards, Mapping)
+            and all(
+                isinstance(k, str) and k.isidentifier() and is_int(v) and v >= 1
+                for k, v in cards.items()
+            ),
+            "item_feature_cardinalities",
+            "must map identifier feature names to numbers of codes >= 1",
+        )
         need(self.max_len >= 1, "max_len", "must be >= 1")
         need(self.dim >= 1, "dim", "must be >= 1")
         need(self.num_layers >= 0, "num_layers", "must be >= 0")
@@ -298,8 +314,38 @@ class SASRec(ItemTableModel):
             for _ in range(c.num_layers)
         )
         self.final_norm = nn.LayerNorm(c.dim)
+        self.item_attributes = (
+            ItemAttributes(c.item_feature_cardinalities, c.num_items, c.dim)
+            if c.item_feature_cardinalities
+            else None
+        )
 
     # ----------------------------------------------------------------------------- helpers
+
+    def extend_rows(self, rows: dict[str, Tensor], ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each row plus its item's attributes when the config has any: every reader of an item
+        row (history, targets, candidates, the catalogue) goes through the lookup, so the
+        output stays tied to the input."""
+        if self.item_attributes is None:
+            return rows
+        return {key: rows[key] + self.item_attributes(ids[key]) for key in rows}
+
+    def set_item_features(self, sparse: Mapping[str, tuple[Any, Any]]) -> None:
+        """Every item's attribute codes (see :meth:`ItemAttributes.set_codes`); data-derived,
+        so called after building (training) or loading (export) the model."""
+        if self.item_attributes is None:
+            raise ValueError("set_item_features: the config has no item_feature_cardinalities")
+        self.item_attributes.set_codes(sparse)
+
+    @torch.no_grad()
+    def item_rows(self) -> Tensor:
+        """(N + 1, D) every item's row as the model reads it (table + attributes), from the
+        unsharded table: what an exported graph embeds and scores against."""
+        table = self.item_table.weight
+        if self.item_attributes is None:
+            return table.detach().clone()
+        ids = torch.arange(self.config.num_items + 1, device=table.device)
+        return table.detach() + self.item_attributes(ids)
 
     def _check_inputs(self, input_ids: Tensor, lengths: Tensor) -> Tensor:
         """The (B, L) mask of real positions, after checking shapes against the config."""

@@ -50,7 +50,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from recforge.models.item_table import EC_MODULE as EC_MODULE  # re-exported: its path in this model
 from recforge.models.item_table import ItemTableModel
 from recforge.models.losses import sampled_softmax
-from recforge.models.ragged import gather_ragged, pad_ragged
+from recforge.models.ragged import checked_codes, gather_ragged, pad_ragged
 from recforge.models.towers import (
     HistoryPooling,
     ItemTower,
@@ -174,22 +174,7 @@ class TwoTower(ItemTableModel):
         if missing:
             raise ValueError(f"set_item_features: no codes for item feature(s) {missing}")
         for i, (name, card) in enumerate(c.item_feature_cardinalities.items()):
-            offsets = torch.as_tensor(np.asarray(sparse[name][0]), dtype=torch.int64).reshape(-1)
-            codes = torch.as_tensor(np.asarray(sparse[name][1]), dtype=torch.int64).reshape(-1)
-            if (
-                offsets.shape != (n + 2,)
-                or offsets[0] != 0
-                or (offsets.diff() < 0).any()
-                or offsets[-1] != codes.numel()
-            ):
-                raise ValueError(
-                    f"set_item_features: item feature {name!r}: offsets must be ({n + 2},), "
-                    f"non-decreasing from 0 to the number of codes"
-                )
-            if codes.numel() and (codes.min() < 0 or codes.max() >= card):
-                raise ValueError(
-                    f"set_item_features: item feature {name!r}: codes must lie in [0, {card})"
-                )
+            offsets, codes = checked_codes(name, *sparse[name], n + 1, card)
             old = getattr(self, f"item_offsets_{i}")
             setattr(self, f"item_offsets_{i}", offsets.to(old.device))
             setattr(self, f"item_codes_{i}", codes.to(old.device))

@@ -217,6 +217,14 @@ class RecforgeCLI(LightningCLI):
                 _configure_refit(self.config[subcommand], subcommand)
             except RefitError as exc:
                 self._subcommand_parsers[subcommand].error(str(exc))
+        elif self.subcommand == "validate":
+            ckpt = self.config.validate.get("ckpt_path")
+            if ckpt and _trained_through(ckpt) == "validation":
+                self._subcommand_parsers["validate"].error(
+                    f"checkpoint {ckpt} was trained with data.train_through: validation, on the "
+                    "validation items, so validating it measures memory, not prediction; "
+                    "`recforge test` it instead"
+                )
 
     def _refits(self) -> bool:
         """Whether this run trains on the validation items too (``data.train_through``)."""
@@ -383,6 +391,18 @@ class RecforgeCLI(LightningCLI):
     def _finish(self) -> None:
         if self.recorder is not None:
             self.recorder.stop_system_metrics()
+
+
+def _trained_through(ckpt: str) -> str | None:
+    """The ``data.train_through`` a recforge checkpoint was trained with; None when it is not a
+    readable recforge checkpoint (Lightning's own loading then says what is wrong)."""
+    from recforge.trainer.checkpoint import CheckpointError, read_trainer_state
+
+    try:
+        state = read_trainer_state(ckpt)
+    except CheckpointError:
+        return None
+    return (state.get("datamodule_hyper_parameters") or {}).get("train_through")
 
 
 class RefitError(ValueError):

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from recforge.data.feature_tables import load_feature_tables
 from recforge.models.sasrec import SASRec, SASRecConfig
 from recforge.trainer.recommender_module import (
     DenseOptimizerConfig,
@@ -28,6 +29,7 @@ class SASRecModule(ShardedRecommenderModule):
         sharding: ShardingConfig = ShardingConfig(),
         evaluation: EvalConfig = EvalConfig(),
         seed: int = 0,
+        item_features: tuple[str, ...] = (),
     ) -> None:
         """
         Args:
@@ -38,10 +40,14 @@ class SASRecModule(ShardedRecommenderModule):
             evaluation: metric cut-offs and segments.
             seed: base of the per-step RNG reseed (dropout, negatives), so a resumed run
                 continues exactly like an uninterrupted one.
+            item_features: categorical/list item features of the prepared data whose mean
+                attribute vectors are added to every item row (``models/item_attributes.py``);
+                none by default.
         """
         super().__init__(optimizer, embedding_optimizer, sharding, evaluation, seed)
         self.save_hyperparameters()
         self.config = model
+        self.item_features = list(item_features)
 
     @property
     def max_len(self) -> int:
@@ -61,10 +67,40 @@ class SASRecModule(ShardedRecommenderModule):
                 f"model.num_items={config.num_items} but the data has {dm.num_items} items "
                 f"(set 0 to take it from the data)"
             )
-        self.config = config
+        config = self.config = replace(
+            config, item_feature_cardinalities=self._feature_cardinalities(config, dm)
+        )
         model = SASRec(config, device=torch.device("meta"))
-        model.set_item_frequencies(torch.as_tensor(dm.item_counts, dtype=torch.float32))
+        self.set_data_state(model, dm)
         return model, list(model.embedding_collection.parameters())
+
+    def _feature_cardinalities(self, config: SASRecConfig, dm: Any) -> dict[str, int]:
+        available = dm.item_feature_cardinalities
+        unknown = [name for name in self.item_features if name not in available]
+        if unknown:
+            raise ValueError(
+                f"item_features: {unknown} not among the data's categorical/list item features "
+                f"{list(available)} (in {dm.data_dir})"
+            )
+        wanted = {name: available[name] for name in self.item_features}
+        given = config.item_feature_cardinalities
+        if given and given != wanted:
+            raise ValueError(
+                f"model.item_feature_cardinalities={given!r} disagrees with the data ({wanted!r});"
+                " leave it empty (it is filled from the data) and select features with "
+                "item_features"
+            )
+        return wanted
+
+    @staticmethod
+    def set_data_state(model: SASRec, dm: Any) -> None:
+        """Give ``model`` what it takes from the data and no checkpoint holds: the item
+        frequencies (logQ) and, with item features, every item's attribute codes."""
+        model.set_item_frequencies(torch.as_tensor(dm.item_counts, dtype=torch.float32))
+        features = model.config.item_feature_cardinalities
+        if features:
+            items = load_feature_tables(dm.data_dir, dm.manifest).item
+            model.set_item_features({name: items.sparse_columns[name] for name in features})
 
     def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         # Through the DMP wrapper, so its DistributedDataParallel synchronises dense gradients.
@@ -92,5 +128,5 @@ class SASRecModule(ShardedRecommenderModule):
 
     def prepare_for_export(self, network: SASRec, dm: Any) -> None:
         """Give a network whose meta tensors were just materialised (``recforge export``) what
-        the checkpoint does not hold: the item frequencies, taken from the data."""
-        network.set_item_frequencies(torch.as_tensor(dm.item_counts, dtype=torch.float32))
+        the checkpoint does not hold (:meth:`set_data_state`)."""
+        self.set_data_state(network, dm)

@@ -431,6 +431,10 @@ def test_refit_through_validation_trains_fixed_epochs_and_tests_the_final_weight
     args = ["--config", str(run / "config.yaml"), "--ckpt_path", str(final)]
     proc = recforge("validate", *args, "--mlflow.enabled", "false", cwd=tmp_path)
     assert proc.returncode != 0 and "measures memory, not prediction" in proc.stderr
+    # The same checkpoint under a config that does not refit: its saved data settings tell.
+    args = ["--config", TINY, "--data.data_dir", str(data), "--ckpt_path", str(final)]
+    proc = recforge("validate", *args, "--mlflow.enabled", "false", cwd=tmp_path)
+    assert proc.returncode == 2 and "was trained with data.train_through: validation" in proc.stderr
     tuned = subprocess.run(
         [RECFORGE, *fit_args(tmp_path / "trial", data, *refit, "--mlflow.enabled", "false")],
         cwd=tmp_path,
@@ -443,3 +447,31 @@ def test_refit_through_validation_trains_fixed_epochs_and_tests_the_final_weight
     # Without a planned length the refit would train Lightning's default 1,000 epochs.
     proc = recforge(*fit_args(root, data, *refit, "--trainer.max_epochs", "-1"), cwd=tmp_path)
     assert proc.returncode == 2 and "set trainer.max_epochs" in proc.stderr
+
+
+def test_item_attributes_train_and_export_baked_into_the_item_rows(tmp_path: Path) -> None:
+    """`item_features` adds the data's item attributes to every item row: the run trains and
+    tests, and the export (its parity gate included) serves table + attributes as the rows."""
+    import numpy as np
+
+    from recforge.trainer.export.loading import load_checkpoint
+
+    data, root = tmp_path / "data", tmp_path / "run"
+    features = ["--model.init_args.item_features", "[category, tags]", "--mlflow.enabled", "false"]
+    bad = fit_args(tmp_path / "bad", data, "--model.init_args.item_features", "[nope]")
+    proc = recforge(*bad, "--mlflow.enabled", "false", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "item_features: ['nope'] not among the data's categorical/list item features" in (
+        proc.stderr
+    )
+    run_ok(*fit_args(root, data, *features, "--trainer.max_epochs", "2"), cwd=tmp_path)
+    run = version_dir(root)
+    assert last_value(read_metrics(run), "test/ndcg@10_filtered") > 0
+    ckpt = run / "checkpoints" / "last.ckpt"
+    run_ok("export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "art"), cwd=tmp_path)
+    exported = np.load(tmp_path / "art" / "item_embeddings.npy")
+    network = load_checkpoint(ckpt).network
+    assert network.config.item_feature_cardinalities.keys() == {"category", "tags"}
+    rows = network.item_rows()[1:].numpy()
+    assert np.allclose(exported, rows, atol=1e-6)
+    assert not np.allclose(exported, network.item_table.weight[1:].detach().numpy(), atol=1e-3)

@@ -167,7 +167,7 @@ def test_two_tower_without_user_inputs_exports(tmp_path: Path) -> None:
     )
 
 
-def _sasrec(block: str = "pre_ln") -> SASRec:
+def _sasrec(block: str = "pre_ln", attributes: bool = False) -> SASRec:
     torch.manual_seed(0)
     config = SASRecConfig(
         num_items=N,
@@ -178,14 +178,22 @@ def _sasrec(block: str = "pre_ln") -> SASRec:
         dropout=0.0,
         attention_dropout=0.0,
         block=block,  # type: ignore[arg-type]
+        item_feature_cardinalities={"tags": 6} if attributes else {},
     )
-    return SASRec(config).eval()
+    model = SASRec(config).eval()
+    if attributes:  # item i has tags {i % 6, (i + 1) % 6} (item 0, padding: none)
+        codes = np.array([[i % 6, (i + 1) % 6] for i in range(1, N + 1)]).reshape(-1)
+        model.set_item_features({"tags": (np.r_[0, np.arange(0, 2 * N + 1, 2)], codes)})
+    return model
 
 
-@pytest.mark.parametrize("block", ["pre_ln", "ligr"])
-def test_sasrec_encoder_scores_like_the_model(block: str) -> None:
-    # The evaluation path (score_all: TorchRec lookup, tied output) ranks as encoder . item vectors.
-    model = _sasrec(block)
+@pytest.mark.parametrize(
+    "block, attributes", [("pre_ln", False), ("ligr", False), ("pre_ln", True)]
+)
+def test_sasrec_encoder_scores_like_the_model(block: str, attributes: bool) -> None:
+    # The evaluation path (score_all: TorchRec lookup, tied output) ranks as encoder . item vectors;
+    # with item attributes the encoder's baked rows must equal table + attributes on both sides.
+    model = _sasrec(block, attributes)
     encoder = SASRecUserEncoder(model).eval()
     ids = torch.tensor([[1, 2, 3, 0, 0], [5, 0, 0, 0, 0], [4, 4, 9, 12, 30]])
     with torch.no_grad():
@@ -194,9 +202,11 @@ def test_sasrec_encoder_scores_like_the_model(block: str) -> None:
     assert np.allclose(got, expected.numpy(), atol=1e-5)
 
 
-def test_sasrec_ligr_block_exports_with_parity(tmp_path: Path) -> None:
-    # The gated block adds sigmoid gates and a SwiGLU FFN to the graph; onnxruntime must agree.
-    encoder = SASRecUserEncoder(_sasrec("ligr")).eval()
+@pytest.mark.parametrize("block, attributes", [("ligr", False), ("pre_ln", True)])
+def test_sasrec_exports_with_parity(tmp_path: Path, block: str, attributes: bool) -> None:
+    # The gated block adds sigmoid gates and a SwiGLU FFN to the graph; attributes are baked into
+    # the encoder's item rows. onnxruntime must agree.
+    encoder = SASRecUserEncoder(_sasrec(block, attributes)).eval()
     inputs = (torch.tensor([[1, 2, 3, 0, 0], [5, 0, 0, 0, 0], [4, 4, 9, 12, 30]]),)
     write_onnx(encoder, inputs, tmp_path / "m.onnx")
     report = parity(encoder, tmp_path / "m.onnx", encoder.item_vectors(), tolerance=1e-4)

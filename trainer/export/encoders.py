@@ -50,7 +50,8 @@ class SASRecUserEncoder(nn.Module):
         super().__init__()
         self.kind = family_of_model(sasrec).name
         self.sasrec = sasrec
-        self.items = _frozen(sasrec.item_table.weight)
+        # The rows as the model reads them: with item attributes, their sum is baked in here.
+        self.items = _frozen(sasrec.item_rows())
         self.config = sasrec.config
         self.max_length = sasrec.config.max_len
         self.out_dim = sasrec.config.dim
