@@ -28,7 +28,6 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import early_stopping
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
 
 from recforge.data.datamodule import SequenceDataModule
 from recforge.trainer.callbacks import (
@@ -38,6 +37,7 @@ from recforge.trainer.callbacks import (
     ThroughputMonitor,
 )
 from recforge.trainer.presets import Derived
+from recforge.trainer.refit import RefitError, configure_refit, trained_through
 from recforge.trainer.tracking.logger import TrackingConfig, TrackingError
 
 log = logging.getLogger(__name__)
@@ -214,12 +214,12 @@ class RecforgeCLI(LightningCLI):
         if self._refits():
             subcommand = str(self.subcommand)
             try:
-                _configure_refit(self.config[subcommand], subcommand)
+                configure_refit(self.config[subcommand], subcommand, CALLBACK_DEFAULTS)
             except RefitError as exc:
                 self._subcommand_parsers[subcommand].error(str(exc))
         elif self.subcommand == "validate":
             ckpt = self.config.validate.get("ckpt_path")
-            if ckpt and _trained_through(ckpt) == "validation":
+            if ckpt and trained_through(ckpt) == "validation":
                 self._subcommand_parsers["validate"].error(
                     f"checkpoint {ckpt} was trained with data.train_through: validation, on the "
                     "validation items, so validating it measures memory, not prediction; "
@@ -391,76 +391,6 @@ class RecforgeCLI(LightningCLI):
     def _finish(self) -> None:
         if self.recorder is not None:
             self.recorder.stop_system_metrics()
-
-
-def _trained_through(ckpt: str) -> str | None:
-    """The ``data.train_through`` a recforge checkpoint was trained with; None when it is not a
-    readable recforge checkpoint (Lightning's own loading then says what is wrong)."""
-    from recforge.trainer.checkpoint import CheckpointError, read_trainer_state
-
-    try:
-        state = read_trainer_state(ckpt)
-    except CheckpointError:
-        return None
-    return (state.get("datamodule_hyper_parameters") or {}).get("train_through")
-
-
-class RefitError(ValueError):
-    """A ``data.train_through: validation`` run asked for something it cannot give."""
-
-
-def _configure_refit(config: Namespace, subcommand: str) -> None:
-    """A run with ``data.train_through: validation`` trains on the validation part, so a
-    validation metric measures memory, not prediction: ``fit`` runs no validation loop and no
-    early stopping, and keeps the last epoch's checkpoint (there is no metric to choose by);
-    ``validate`` and a `recforge tune` trial are refused. These values are written into the
-    run's saved ``config.yaml``."""
-    why = "data.train_through: validation trains on the validation items"
-    if subcommand == "validate":
-        raise RefitError(
-            f"{why}, so validating on them measures memory, not prediction; validate a run "
-            "trained with train_through: train, or `recforge test` this one"
-        )
-    if subcommand != "fit":
-        return
-    if os.environ.get("RECFORGE_TUNE_TRIAL"):
-        raise RefitError(
-            f"{why}, so a `recforge tune` trial would have no held-out metric to report; tune "
-            "with train_through: train, then refit the best trial's config"
-        )
-    epochs, steps = config.get("trainer.max_epochs"), config.get("trainer.max_steps")
-    if (epochs is None or epochs < 0) and (steps is None or steps < 0):
-        raise RefitError(
-            f"{why} and cannot stop early: set trainer.max_epochs (the best epoch count of a "
-            "run that validated) or trainer.max_steps"
-        )
-    top_k = config.get("checkpoint.save_top_k")
-    if top_k not in (-1, 0, 1):
-        raise RefitError(
-            f"{why}, so no metric ranks its checkpoints: checkpoint.save_top_k must be 1 (the "
-            f"last epoch), 0 or -1 (every epoch), got {top_k}"
-        )
-    if "val/" in str(config.get("checkpoint.filename")):
-        raise RefitError(
-            f"{why} and logs no val/ metric: checkpoint.filename "
-            f"{config.get('checkpoint.filename')!r} names one"
-        )
-    monitor = config.get("checkpoint.monitor")
-    if monitor not in (None, CALLBACK_DEFAULTS["checkpoint.monitor"]):
-        log.warning("data.train_through: validation: checkpoint.monitor %r dropped", monitor)
-    config["trainer.limit_val_batches"] = 0
-    config["trainer.num_sanity_val_steps"] = 0
-    config["checkpoint.monitor"] = None
-    # Without validation, Lightning saves at the end of a training epoch only when told to.
-    config["checkpoint.save_on_train_epoch_end"] = True
-    if config.get("checkpoint.filename") == CALLBACK_DEFAULTS["checkpoint.filename"]:
-        config["checkpoint.filename"] = "final-{epoch}"
-    rank_zero_warn(
-        f"{why} (each user's validation part): this fit validates nothing and does not stop "
-        f"early; it trains trainer.max_epochs = {epochs} epochs (max_steps {steps}), and a "
-        "decaying learning-rate schedule decays over that length. Its last epoch's checkpoint "
-        "is the one kept and tested"
-    )
 
 
 def _beside_existing_run(logger: Any, subcommand: str) -> None:
