@@ -48,7 +48,11 @@ class ItemAttributes(nn.Module):
         super().__init__()
         self.cardinalities = dict(cardinalities)
         self.num_items = num_items
-        self.bags = nn.ModuleDict({name: AttributeBag(c, dim) for name, c in cardinalities.items()})
+        # Keyed like the two-tower feature tables (``item_<name>``), so that a warm start maps
+        # their rows by feature value (``trainer/warm_start.py``).
+        self.embedding_bags = nn.ModuleDict(
+            {f"item_{name}": AttributeBag(c, dim) for name, c in cardinalities.items()}
+        )
         for name, card in self.cardinalities.items():
             # Until set_codes(): every item has no attribute (a zero sum).
             self.register_buffer(
@@ -76,7 +80,8 @@ class ItemAttributes(nn.Module):
         """(n,) item ids -> (n, D): the sum over features of each item's mean attribute vector
         (zero for an item with no code, and for padding id 0)."""
         out: Tensor | None = None
-        for name, bag in self.bags.items():
+        for name in self.cardinalities:
+            bag = self.embedding_bags[f"item_{name}"]
             pooled = bag(getattr(self, f"codes_{name}")[ids])  # (n, D)
             out = pooled if out is None else out + pooled
         assert out is not None, "ItemAttributes with no feature"

@@ -248,3 +248,15 @@ def test_shape_rules() -> None:
     # Feature tables are matched by value: a new value renumbers the codes after it.
     source = _value_map(["a", "c", "d"], ["a", "b", "c", "d"], 5)
     assert source.tolist() == [0, 1, -1, 2, 3]
+
+
+def test_sasrec_attribute_bags_are_matched_by_value() -> None:
+    # SASRec's bags keep a padding row after code 0 (missing) and the values: the values' rows
+    # follow their value, the padding row keeps its fresh (zero) row.
+    vocabs = {"item_brand": (["a", "c", "d"], ["a", "b", "c", "d"])}
+    match = DatasetMatch("old", {}, "vocab_from", feature_vocabs=vocabs)
+    bag = "item_attributes.embedding_bags.item_brand.weight"
+    copies, _ = plan_copies(
+        "ck", {bag: torch.zeros(6, 8)}, {bag: (5, 8)}, {"items": 0, "users": 0}, match
+    )
+    assert [(c.what, c.source.tolist()) for c in copies] == [("feature", [0, 1, -1, 2, 3, -1])]

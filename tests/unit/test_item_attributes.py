@@ -53,7 +53,10 @@ def test_codes_are_mean_pooled_and_an_item_without_codes_adds_zero() -> None:
     attributes.set_codes(
         {"tags": _ragged([[], [0, 1, 4], [], [4]]), "brand": _ragged([[], [1], [0], []])}
     )
-    tags, brand = attributes.bags["tags"].weight, attributes.bags["brand"].weight
+    tags, brand = (
+        attributes.embedding_bags["item_tags"].weight,
+        attributes.embedding_bags["item_brand"].weight,
+    )
     with torch.no_grad():
         out = attributes(torch.tensor([0, 1, 2, 3, 1]))
     torch.testing.assert_close(out[1], (tags[0] + tags[1] + tags[4]) / 3 + brand[1])
@@ -112,7 +115,7 @@ def test_one_lookup_per_step_and_gradients_reach_the_attributes(loss: str) -> No
     value, _ = model.training_loss(inputs, targets, torch.tensor([3, 4]), torch.ones(2))
     value.backward()
     assert calls[0] == 1
-    grad = model.item_attributes.bags["cls"].weight.grad  # type: ignore[union-attr]
+    grad = model.item_attributes.embedding_bags["item_cls"].weight.grad  # type: ignore[union-attr]
     assert grad is not None and torch.isfinite(grad).all()
     assert (grad[:3].abs().sum(-1) > 0).all()  # every class is among the batch's items
     assert grad[3].abs().sum() == 0  # the padding code never contributes
