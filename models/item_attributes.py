@@ -4,14 +4,15 @@ In a sparse catalogue most item rows are trained on a handful of interactions; a
 (category path, brand) are shared by many items, so a rare item inherits what its attributes
 learned from the frequent ones. The sum is used wherever SASRec reads an item row: the history it
 encodes, the targets and the candidates it scores (the output stays tied to the input). For export
-the whole sum is computed once per item (:meth:`ItemAttributes.rows`), so the exported
-graph and the serving contract are those of a model without attributes.
+the whole sum is computed once per item (``SASRec.item_rows``), so the exported graph and the
+serving contract are those of a model without attributes.
 
 The attribute tables are small dense ``nn.EmbeddingBag`` s (mean pooling), trained by the dense
 optimizer and replicated on every rank like the other dense layers; only the item table is
-sharded. Every item's codes are kept as a padded (N + 1, K) buffer (K = the most codes any item
-has; padding code = the table's last row, excluded from the mean), set from the prepared data by
-:meth:`ItemAttributes.set_codes` and not saved in the state dict: they belong to the data.
+sharded. Their rows are the codes of the prepared data (0 = missing, then one per value), as in
+the two-tower feature tables. Every item's codes are kept ragged (offsets (N + 2,) and the
+codes), set from the prepared data by :meth:`ItemAttributes.set_codes` and not saved in the
+state dict: they belong to the data.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from recforge.models.ragged import checked_codes
+from recforge.models.ragged import checked_codes, gather_ragged
 
 
 class AttributeBag(nn.EmbeddingBag):
-    """Mean-pooled attribute vectors; the last row is padding (zero, excluded from the mean)."""
+    """Mean-pooled attribute vectors, one row per code."""
 
     def __init__(self, cardinality: int, dim: int) -> None:
-        super().__init__(cardinality + 1, dim, mode="mean", padding_idx=cardinality)
+        super().__init__(cardinality, dim, mode="mean")
 
     def reset_parameters(self) -> None:
         # The item table's U(-a, a), a = sqrt(3 / D): unit-norm rows, so an item's attribute
@@ -38,7 +39,6 @@ class AttributeBag(nn.EmbeddingBag):
         bound = math.sqrt(3.0 / self.embedding_dim)
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
-            self.weight[self.padding_idx].zero_()
 
 
 class ItemAttributes(nn.Module):
@@ -53,10 +53,13 @@ class ItemAttributes(nn.Module):
         self.embedding_bags = nn.ModuleDict(
             {f"item_{name}": AttributeBag(c, dim) for name, c in cardinalities.items()}
         )
-        for name, card in self.cardinalities.items():
-            # Until set_codes(): every item has no attribute (a zero sum).
+        for name in self.cardinalities:
+            # Until set_codes(): no item has a code (a zero sum).
             self.register_buffer(
-                f"codes_{name}", torch.full((num_items + 1, 1), card), persistent=False
+                f"offsets_{name}", torch.zeros(num_items + 2, dtype=torch.int64), persistent=False
+            )
+            self.register_buffer(
+                f"codes_{name}", torch.zeros(0, dtype=torch.int64), persistent=False
             )
 
     def set_codes(self, sparse: Mapping[str, tuple[Any, Any]]) -> None:
@@ -64,25 +67,24 @@ class ItemAttributes(nn.Module):
         missing = [name for name in self.cardinalities if name not in sparse]
         if missing:
             raise ValueError(f"set_codes: no codes for item feature(s) {missing}")
-        rows = self.num_items + 1
         for name, card in self.cardinalities.items():
-            offsets, codes = checked_codes(name, *sparse[name], rows, card)
-            lengths = offsets.diff()  # (N + 1,)
-            width = max(int(lengths.max()), 1)
-            padded = torch.full((rows, width), card, dtype=torch.int64)
-            row = torch.repeat_interleave(torch.arange(rows), lengths)
-            column = torch.arange(codes.numel()) - torch.repeat_interleave(offsets[:-1], lengths)
-            padded[row, column] = codes
-            old = getattr(self, f"codes_{name}")
-            setattr(self, f"codes_{name}", padded.to(old.device))
+            offsets, codes = checked_codes(name, *sparse[name], self.num_items + 1, card)
+            device = getattr(self, f"offsets_{name}").device
+            setattr(self, f"offsets_{name}", offsets.to(device))
+            setattr(self, f"codes_{name}", codes.to(device))
 
     def forward(self, ids: Tensor) -> Tensor:
         """(n,) item ids -> (n, D): the sum over features of each item's mean attribute vector
         (zero for an item with no code, and for padding id 0)."""
+        ids = ids.to(torch.int64)
         out: Tensor | None = None
         for name in self.cardinalities:
-            bag = self.embedding_bags[f"item_{name}"]
-            pooled = bag(getattr(self, f"codes_{name}")[ids])  # (n, D)
+            offsets = getattr(self, f"offsets_{name}")
+            starts = offsets[ids]
+            lengths = offsets[ids + 1] - starts  # (n,)
+            codes = gather_ragged(getattr(self, f"codes_{name}"), starts, lengths)
+            bag_offsets = torch.cumsum(lengths, 0) - lengths
+            pooled = self.embedding_bags[f"item_{name}"](codes, bag_offsets)  # (n, D)
             out = pooled if out is None else out + pooled
         assert out is not None, "ItemAttributes with no feature"
         return out

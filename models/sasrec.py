@@ -2,7 +2,8 @@
 
 Kang & McAuley 2018, with pre-LN blocks and a choice of losses (``models/losses.py``):
 full-catalog cross-entropy ("SASRec+"), sampled softmax with in-batch/uniform negatives and
-logQ correction, or BCE with one negative (the paper's).
+logQ correction, or BCE with one negative (the paper's). Optionally each item row is its table row
+plus the mean vectors of the item's attributes (:mod:`recforge.models.item_attributes`).
 
 Item embeddings live in the shared item table (:mod:`recforge.models.item_table`): ``history``
 (input ids), ``target`` (training targets) and ``candidates`` (the catalog or sampled

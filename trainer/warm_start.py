@@ -268,13 +268,10 @@ def plan_copies(
             continue
         if table is not None and table in match.feature_vocabs and len(new_shape) == 2:
             old_values, new_values = match.feature_vocabs[table]
-            # Rows: code 0 (missing) and one per value, then SASRec's attribute bags keep a
-            # padding row last, which maps to no old row and keeps its (zero) initialisation.
-            extra = old_shape[0] - len(old_values)
             if (
                 old_shape[1:] == new_shape[1:]
-                and extra in (1, 2)
-                and new_shape[0] == len(new_values) + extra
+                and old_shape[0] == len(old_values) + 1
+                and new_shape[0] == len(new_values) + 1
             ):
                 source = _value_map(old_values, new_values, new_shape[0])
                 copies.append(_Copy(key, source, "feature"))

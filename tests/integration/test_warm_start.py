@@ -251,12 +251,11 @@ def test_shape_rules() -> None:
 
 
 def test_sasrec_attribute_bags_are_matched_by_value() -> None:
-    # SASRec's bags keep a padding row after code 0 (missing) and the values: the values' rows
-    # follow their value, the padding row keeps its fresh (zero) row.
+    # SASRec's attribute bags are keyed and laid out like the two-tower feature tables.
     vocabs = {"item_brand": (["a", "c", "d"], ["a", "b", "c", "d"])}
     match = DatasetMatch("old", {}, "vocab_from", feature_vocabs=vocabs)
     bag = "item_attributes.embedding_bags.item_brand.weight"
     copies, _ = plan_copies(
-        "ck", {bag: torch.zeros(6, 8)}, {bag: (5, 8)}, {"items": 0, "users": 0}, match
+        "ck", {bag: torch.zeros(5, 8)}, {bag: (4, 8)}, {"items": 0, "users": 0}, match
     )
-    assert [(c.what, c.source.tolist()) for c in copies] == [("feature", [0, 1, -1, 2, 3, -1])]
+    assert [(c.what, c.source.tolist()) for c in copies] == [("feature", [0, 1, -1, 2, 3])]

@@ -118,7 +118,6 @@ def test_one_lookup_per_step_and_gradients_reach_the_attributes(loss: str) -> No
     grad = model.item_attributes.embedding_bags["item_cls"].weight.grad  # type: ignore[union-attr]
     assert grad is not None and torch.isfinite(grad).all()
     assert (grad[:3].abs().sum(-1) > 0).all()  # every class is among the batch's items
-    assert grad[3].abs().sum() == 0  # the padding code never contributes
     table = dict(model.named_parameters())[f"{EC_MODULE}.embeddings.item_table.weight"].grad
     assert table is not None and (table[1:9].abs().sum(-1) > 0).all()
 
