@@ -7,12 +7,12 @@ encodes, the targets and the candidates it scores (the output stays tied to the 
 the whole sum is computed once per item (``SASRec.item_rows``), so the exported graph and the
 serving contract are those of a model without attributes.
 
-The attribute tables are small dense ``nn.EmbeddingBag`` s (mean pooling), trained by the dense
-optimizer and replicated on every rank like the other dense layers; only the item table is
-sharded. Their rows are the codes of the prepared data (0 = missing, then one per value), as in
-the two-tower feature tables. Every item's codes are kept ragged (offsets (N + 2,) and the
-codes), set from the prepared data by :meth:`ItemAttributes.set_codes` and not saved in the
-state dict: they belong to the data.
+The attribute tables are small dense ``nn.EmbeddingBag`` modules (mean pooling), trained by
+the dense optimizer and replicated on every rank like the other dense layers; only the item
+table is sharded. Their rows are the codes of the prepared data (0 = missing, then one per
+value), as in the two-tower feature tables. Every item's codes are kept ragged (offsets
+(N + 2,) and the codes), set from the prepared data by :meth:`ItemAttributes.set_codes` and not
+saved in the state dict: they belong to the data.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class AttributeBag(nn.EmbeddingBag):
         super().__init__(cardinality, dim, mode="mean")
 
     def reset_parameters(self) -> None:
-        # The item table's U(-a, a), a = sqrt(3 / D): unit-norm rows, so an item's attribute
-        # mean starts no larger than its own row.
+        # The item table's U(-a, a), a = sqrt(3 / D): unit-norm rows, so each feature's mean
+        # starts on the scale of the item's own row (with F features the sum, F times that).
         bound = math.sqrt(3.0 / self.embedding_dim)
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)
@@ -53,8 +53,10 @@ class ItemAttributes(nn.Module):
         self.embedding_bags = nn.ModuleDict(
             {f"item_{name}": AttributeBag(c, dim) for name, c in cardinalities.items()}
         )
+        # Until set_codes() the codes are unknown, and reading a row is an error rather than a
+        # silent table-only row (which an export's parity gate would not notice).
+        self.codes_set = False
         for name in self.cardinalities:
-            # Until set_codes(): no item has a code (a zero sum).
             self.register_buffer(
                 f"offsets_{name}", torch.zeros(num_items + 2, dtype=torch.int64), persistent=False
             )
@@ -68,14 +70,22 @@ class ItemAttributes(nn.Module):
         if missing:
             raise ValueError(f"set_codes: no codes for item feature(s) {missing}")
         for name, card in self.cardinalities.items():
-            offsets, codes = checked_codes(name, *sparse[name], self.num_items + 1, card)
+            offsets, codes = checked_codes(
+                name, *sparse[name], self.num_items + 1, card, "set_item_features"
+            )
             device = getattr(self, f"offsets_{name}").device
             setattr(self, f"offsets_{name}", offsets.to(device))
             setattr(self, f"codes_{name}", codes.to(device))
+        self.codes_set = True
 
     def forward(self, ids: Tensor) -> Tensor:
         """(n,) item ids -> (n, D): the sum over features of each item's mean attribute vector
         (zero for an item with no code, and for padding id 0)."""
+        if not self.codes_set:
+            raise RuntimeError(
+                "item attributes: no codes set; call SASRec.set_item_features() with the prepared "
+                "data's item features (the training module and the exporter do)"
+            )
         ids = ids.to(torch.int64)
         out: Tensor | None = None
         for name in self.cardinalities:

@@ -170,13 +170,12 @@ class ItemTableModel(nn.Module):
             candidate_lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
             if batch_size:
                 candidate_lengths[0] = candidates.numel()
-        values = torch.cat(
-            [
-                history_ids.to(torch.int64),
-                target[0].to(device=device, dtype=torch.int64),
-                candidates.to(device=device, dtype=torch.int64),
-            ]
-        )
+        per_key = [
+            history_ids.to(torch.int64),
+            target[0].to(device=device, dtype=torch.int64),
+            candidates.to(device=device, dtype=torch.int64),
+        ]
+        values = torch.cat(per_key)
         lengths = torch.cat(
             [
                 lens.to(device=device, dtype=torch.int32)
@@ -187,7 +186,7 @@ class ItemTableModel(nn.Module):
             keys=list(ITEM_KEYS), values=values, lengths=lengths, stride=batch_size
         )
         out = self.embedding_collection(kjt)
-        ids = dict(zip(ITEM_KEYS, (history_ids, target[0], candidates), strict=True))
+        ids = dict(zip(ITEM_KEYS, per_key, strict=True))
         return self.extend_rows({key: out[key].values() for key in ITEM_KEYS}, ids)
 
     def extend_rows(self, rows: dict[str, Tensor], ids: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,9 +1,10 @@
 """Ragged (jagged) rows on torch tensors: one flat tensor plus per-row starts or a mask.
 
 TorchRec hands lookups back as row-major values without padding, while attention and pooling
-want (B, L, D); and the two-tower model slices item feature codes out of flat buffers on the
-model's device. The data layer has the numpy twin of :func:`gather_ragged`
-(``recforge.data.ragged``); models do not import the data layer.
+want (B, L, D); and both models slice item feature codes out of flat buffers on the model's
+device, after :func:`checked_codes` has checked the layout the data layer hands them. The data
+layer has the numpy twin of :func:`gather_ragged` (``recforge.data.ragged``); models do not
+import the data layer.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ def pad_ragged(rows: Tensor, mask: Tensor) -> Tensor:
 
 
 def checked_codes(
-    name: str, offsets: Any, codes: Any, num_rows: int, cardinality: int
+    name: str, offsets: Any, codes: Any, num_rows: int, cardinality: int, where: str
 ) -> tuple[Tensor, Tensor]:
     """``(offsets (num_rows + 1,), codes)`` of one item feature as int64 tensors, after checking
     the layout of ``recforge.data.feature_tables.FeatureTable.sparse_columns``: row ``i``'s
-    codes are ``codes[offsets[i]:offsets[i + 1]]``, all in ``[0, cardinality)``."""
+    codes are ``codes[offsets[i]:offsets[i + 1]]``, all in ``[0, cardinality)``. ``where``
+    starts the error message (the method that was given them)."""
     offsets = torch.as_tensor(np.asarray(offsets), dtype=torch.int64).reshape(-1)
     codes = torch.as_tensor(np.asarray(codes), dtype=torch.int64).reshape(-1)
     if (
@@ -44,9 +46,9 @@ def checked_codes(
         or offsets[-1] != codes.numel()
     ):
         raise ValueError(
-            f"item feature {name!r}: offsets must be ({num_rows + 1},), "
+            f"{where}: item feature {name!r}: offsets must be ({num_rows + 1},), "
             f"non-decreasing from 0 to the number of codes"
         )
     if codes.numel() and (codes.min() < 0 or codes.max() >= cardinality):
-        raise ValueError(f"item feature {name!r}: codes must lie in [0, {cardinality})")
+        raise ValueError(f"{where}: item feature {name!r}: codes must lie in [0, {cardinality})")
     return offsets, codes

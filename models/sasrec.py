@@ -161,7 +161,8 @@ class SASRec(ItemTableModel):
     ``device`` places only the ``EmbeddingCollection`` (``"meta"`` when
     ``DistributedModelParallel`` will shard and materialise it); the dense layers follow the
     ambient default device and are moved by the caller. Before training with
-    ``sampled_softmax`` and logQ, call :meth:`set_item_frequencies`.
+    ``sampled_softmax`` and logQ, call :meth:`set_item_frequencies`; with
+    ``item_feature_cardinalities``, :meth:`set_item_features` before reading any item row.
     """
 
     config: SASRecConfig
@@ -205,10 +206,11 @@ class SASRec(ItemTableModel):
     @torch.no_grad()
     def item_rows(self) -> Tensor:
         """(N + 1, D) every item's row as the model reads it (table + attributes), from the
-        unsharded table: what an exported graph embeds and scores against."""
+        unsharded table: what an exported graph embeds and scores against. Without attributes,
+        a detached view of the table."""
         table = self.item_table.weight
         if self.item_attributes is None:
-            return table.detach().clone()
+            return table.detach()  # a view: the caller copies what it keeps
         ids = torch.arange(self.config.num_items + 1, device=table.device)
         return table.detach() + self.item_attributes(ids)
 

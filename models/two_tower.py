@@ -174,7 +174,7 @@ class TwoTower(ItemTableModel):
         if missing:
             raise ValueError(f"set_item_features: no codes for item feature(s) {missing}")
         for i, (name, card) in enumerate(c.item_feature_cardinalities.items()):
-            offsets, codes = checked_codes(name, *sparse[name], n + 1, card)
+            offsets, codes = checked_codes(name, *sparse[name], n + 1, card, "set_item_features")
             old = getattr(self, f"item_offsets_{i}")
             setattr(self, f"item_offsets_{i}", offsets.to(old.device))
             setattr(self, f"item_codes_{i}", codes.to(old.device))

@@ -37,7 +37,7 @@ from recforge.trainer.callbacks import (
     ThroughputMonitor,
 )
 from recforge.trainer.presets import Derived
-from recforge.trainer.refit import RefitError, configure_refit, trained_through
+from recforge.trainer.refit import RefitError, configure_refit, validated_refit
 from recforge.trainer.tracking.logger import TrackingConfig, TrackingError
 
 log = logging.getLogger(__name__)
@@ -217,14 +217,11 @@ class RecforgeCLI(LightningCLI):
                 configure_refit(self.config[subcommand], subcommand, CALLBACK_DEFAULTS)
             except RefitError as exc:
                 self._subcommand_parsers[subcommand].error(str(exc))
-        elif self.subcommand == "validate":
-            ckpt = self.config.validate.get("ckpt_path")
-            if ckpt and trained_through(ckpt) == "validation":
-                self._subcommand_parsers["validate"].error(
-                    f"checkpoint {ckpt} was trained with data.train_through: validation, on the "
-                    "validation items, so validating it measures memory, not prediction; "
-                    "`recforge test` it instead"
-                )
+        elif self.subcommand == "validate" and self.config.validate.get("ckpt_path"):
+            validate = self.config.validate
+            why = validated_refit(validate.ckpt_path, validate.get("data.data_dir"))
+            if why:
+                self._subcommand_parsers["validate"].error(why)
 
     def _refits(self) -> bool:
         """Whether this run trains on the validation items too (``data.train_through``)."""

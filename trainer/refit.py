@@ -6,24 +6,41 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_warn
 
+from recforge.data import storage
 from recforge.trainer.checkpoint import CheckpointError, read_trainer_state
 
 log = logging.getLogger(__name__)
 
 
-def trained_through(ckpt: str) -> str | None:
-    """The ``data.train_through`` a recforge checkpoint was trained with; None when it is not a
-    readable recforge checkpoint (Lightning's own loading then says what is wrong)."""
+def validated_refit(ckpt: str, data_dir: str) -> str | None:
+    """Why ``recforge validate`` must refuse ``ckpt`` on ``data_dir``, or None: a checkpoint
+    trained with ``data.train_through: validation`` on that same prepared data has seen its
+    validation items (on other data, say a later day's, validating it is fair). Not a readable
+    recforge checkpoint: None, and Lightning's own loading says what is wrong."""
     try:
-        state = read_trainer_state(ckpt)
+        saved = read_trainer_state(ckpt).get("datamodule_hyper_parameters") or {}
     except CheckpointError:
         return None
-    return (state.get("datamodule_hyper_parameters") or {}).get("train_through")
+    if saved.get("train_through") != "validation" or not _same_dir(saved.get("data_dir"), data_dir):
+        return None
+    return (
+        f"checkpoint {ckpt} was trained with data.train_through: validation on {data_dir}, so "
+        "validating it there measures memory, not prediction; `recforge test` it instead"
+    )
+
+
+def _same_dir(a: Any, b: Any) -> bool:
+    if not a or not b:
+        return False
+    if storage.is_remote(str(a)) or storage.is_remote(str(b)):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(str(a)).resolve() == Path(str(b)).resolve()
 
 
 class RefitError(ValueError):

@@ -9,8 +9,9 @@ which ``recforge data prepare --vocab-from OLD_DATA`` guarantees (:mod:`recforge
 
 - every row of an embedding table that the checkpoint has is copied to the same index of the
   new, possibly larger table; rows of new users/items keep their fresh initialisation. A
-  feature table (two-tower ``item_<name>``/``user_<name>``) is copied row by row by feature
-  value (``feature_vocabs.json``), since a new value can renumber the codes after it;
+  feature table (two-tower ``item_<name>``/``user_<name>``, SASRec's attribute bags
+  ``item_<name>``) is copied row by row by feature value (``feature_vocabs.json``), since a new
+  value can renumber the codes after it;
 - dense weights are copied when their shapes match; a dense tensor whose first dimension grew
   by exactly the number of new items or users (a catalogue-sized tensor) is copied on its
   overlapping rows;

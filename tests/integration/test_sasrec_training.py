@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,7 +350,7 @@ def test_pinned_loss_of_the_tiny_config(tmp_path: Path) -> None:
 
 # Measured with the tiny config on this CPU: the loss logged at step 5 of epoch 0, and the
 # validation NDCG@10 (filtered) after that epoch. Re-pinned when CPU training moved to 8-bit
-# dropout masks (models/dropout.py) drawn over the real positions only (models/sasrec.py
+# dropout masks (models/dropout.py) drawn over the real positions only (models/blocks.py
 # Packing): other random masks, the same model. Re-pinned again when SASRec's positions came to
 # count back from the newest item (position_origin: newest; it was 4.3032 / 0.3863 with oldest).
 PINNED_TINY_LOSSES: list[float] = [4.3161]
@@ -435,6 +436,10 @@ def test_refit_through_validation_trains_fixed_epochs_and_tests_the_final_weight
     args = ["--config", TINY, "--data.data_dir", str(data), "--ckpt_path", str(final)]
     proc = recforge("validate", *args, "--mlflow.enabled", "false", cwd=tmp_path)
     assert proc.returncode == 2 and "was trained with data.train_through: validation" in proc.stderr
+    # On other data (a copy here, as a later day's would be) its validation items are unseen.
+    shutil.copytree(data, tmp_path / "later")
+    args = ["--config", TINY, "--data.data_dir", str(tmp_path / "later"), "--ckpt_path", str(final)]
+    run_ok("validate", *args, "--mlflow.enabled", "false", cwd=tmp_path)
     tuned = subprocess.run(
         [RECFORGE, *fit_args(tmp_path / "trial", data, *refit, "--mlflow.enabled", "false")],
         cwd=tmp_path,
