@@ -179,3 +179,22 @@ def test_an_item_never_trained_on_is_ranked_through_its_attribute() -> None:
     with_attribute, ids_only = _beats_wrong_class(3), _beats_wrong_class(0)
     assert with_attribute > 0.9, with_attribute
     assert ids_only < 0.75, ids_only
+
+
+def test_the_evaluations_user_and_item_vectors_carry_the_attributes() -> None:
+    # Chunked and item-sharded evaluation score eval_user_vectors . eval_item_vectors; both sides
+    # must read table + attributes, as score_all does.
+    from types import SimpleNamespace
+
+    from recforge.trainer.sasrec_module import SASRecModule
+
+    model = _model().eval()
+    module = SASRecModule(model.config)
+    module.net = SimpleNamespace(module=model)  # what configure_model's sharding leaves
+    ids, lengths = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]]), torch.tensor([3, 4])
+    with torch.no_grad():
+        users = module.eval_user_vectors({"input_ids": ids, "lengths": lengths})
+        items = module.eval_item_vectors(torch.arange(1, N + 1))
+        expected = model.score_all(ids, lengths)[:, 1:]
+    torch.testing.assert_close(items, model.item_rows()[1:])
+    torch.testing.assert_close(users @ items.T, expected, atol=1e-5, rtol=1e-5)
