@@ -7,6 +7,7 @@ in an integer field; the message ``SASRecConfig.dim=0: must be >= 1`` points at 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -40,6 +41,20 @@ class FieldChecks:
                 and math.isfinite(value),
                 name,
                 "must be a finite number",
+            )
+
+    def feature_cardinalities(self, *names: str) -> None:
+        """Each named field maps identifier feature names to table sizes >= 1."""
+        for name in names:
+            cards = getattr(self.config, name)
+            self.need(
+                isinstance(cards, Mapping)
+                and all(
+                    isinstance(k, str) and k.isidentifier() and is_int(v) and v >= 1
+                    for k, v in cards.items()
+                ),
+                name,
+                "must map identifier feature names to table sizes >= 1",
             )
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recforge.models.blocks import BLOCKS, Block, BlockKind, Packing
-from recforge.models.config_checks import FieldChecks, is_int
+from recforge.models.config_checks import FieldChecks
 from recforge.models.dropout import Dropout
 from recforge.models.item_attributes import ItemAttributes
 from recforge.models.item_table import EC_MODULE as EC_MODULE  # re-exported: its path in this model
@@ -106,16 +106,7 @@ class SASRecConfig:
         )
         check.finite_numbers("dropout", "attention_dropout", "temperature", "gbce_calibration")
         check_item_table_fields(check)
-        cards = self.item_feature_cardinalities
-        need(
-            isinstance(cards, Mapping)
-            and all(
-                isinstance(k, str) and k.isidentifier() and is_int(v) and v >= 1
-                for k, v in cards.items()
-            ),
-            "item_feature_cardinalities",
-            "must map identifier feature names to numbers of codes >= 1",
-        )
+        check.feature_cardinalities("item_feature_cardinalities")
         need(self.max_len >= 1, "max_len", "must be >= 1")
         need(self.dim >= 1, "dim", "must be >= 1")
         need(self.num_layers >= 0, "num_layers", "must be >= 0")

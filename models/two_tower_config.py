@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from recforge.models.config_checks import FieldChecks, is_int
+from recforge.models.config_checks import FieldChecks
 from recforge.models.item_table import check_item_table_fields
 from recforge.models.towers import POOLINGS, PoolingKind, TowerConfig
 
@@ -122,17 +122,7 @@ class TwoTowerConfig:
             "num_negatives",
             "must be > 0 when in_batch_negatives is false (no negatives otherwise)",
         )
-        for name in ("item_feature_cardinalities", "user_feature_cardinalities"):
-            cards = getattr(self, name)
-            need(
-                isinstance(cards, Mapping)
-                and all(
-                    isinstance(k, str) and k.isidentifier() and is_int(v) and v >= 1
-                    for k, v in cards.items()
-                ),
-                name,
-                "must map identifier feature names to table sizes >= 1",
-            )
+        check.feature_cardinalities("item_feature_cardinalities", "user_feature_cardinalities")
         for name in ("item_numeric_features", "user_numeric_features"):
             need(isinstance(getattr(self, name), list), name, "must be a list of feature names")
         need(

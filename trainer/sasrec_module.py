@@ -127,6 +127,6 @@ class SASRecModule(ShardedRecommenderModule):
         return self.model.lookup_items(1, history, None, ids.reshape(-1))["candidates"]
 
     def prepare_for_export(self, network: SASRec, dm: Any) -> None:
-        """Give a network whose meta tensors were just materialised (``recforge export``) what
-        the checkpoint does not hold (:meth:`set_data_state`)."""
-        self.set_data_state(network, dm)
+        """Nothing to add (``recforge export``): :meth:`build_model` already ran
+        :meth:`set_data_state`, whose attribute codes are CPU buffers that materialising the
+        meta tables leaves alone, and the checkpoint then loads the item frequencies."""
