@@ -36,7 +36,33 @@ def make_storage(url: str, heartbeat: bool = True) -> Any:
     # Parallel trials write to one sqlite file: wait for its lock instead of failing at 5 s.
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
     extra = {"heartbeat_interval": 10, "grace_period": 60} if heartbeat else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
+    if url.startswith("sqlite:"):
+        _lock_on_begin(storage.engine)
+    return storage
+
+
+def _lock_on_begin(engine: Any) -> None:
+    """Make every sqlite transaction take the write lock when it begins.
+
+    pysqlite runs a SELECT outside any transaction, so Optuna's "claim a WAITING trial"
+    (read the state, then set RUNNING) is not atomic there: two workers can both read WAITING
+    and both run the enqueued trial (optuna/optuna#4002; here, two fits writing one trial
+    directory). ``BEGIN IMMEDIATE`` makes the second wait for the first's commit and then read
+    RUNNING. SQLAlchemy's documented pysqlite recipe; the transactions are short.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    # Connections pooled while the storage set itself up predate the listeners.
+    engine.dispose()
 
 
 def redact_url(url: str) -> str:
