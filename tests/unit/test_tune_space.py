@@ -66,7 +66,7 @@ def test_base_values_are_the_config_after_its_overrides() -> None:
     base = {"model": {"init_args": {"model": {"dropout": 0.1, "num_layers": 2}}}}
     overrides = dotted_pairs(["--model.init_args.model.dropout", "0.3", "--trainer.max_epochs=2"])
     values = base_values(space, base, overrides, "base.yaml")
-    # Keys the config does not set (both learning rates here) are left to the sampler.
+    # Only what the config and its overrides set; base_trial_values adds the class defaults.
     assert values == {"model.init_args.model.dropout": 0.3, "model.init_args.model.num_layers": 2}
     assert base["model"]["init_args"]["model"]["dropout"] == 0.1, "the base is not changed"
 
@@ -241,3 +241,28 @@ def test_the_best_value_is_tidied_on_the_grid_it_was_drawn_from() -> None:
     # keeps it.
     assert _as_drawn(trial, "m.t") == 0.25
     assert _as_drawn(trial, "m.lr") == 0.0012345
+
+
+def test_the_base_trial_takes_what_the_config_leaves_to_the_class_defaults(
+    tmp_path: Path,
+) -> None:
+    # A tidy config states only what differs from the defaults; its base trial must still be
+    # the config itself, not a draw for the keys it leaves out. Read from fit's --print_config.
+    from recforge.trainer.optimization import DenseOptimizerConfig
+    from recforge.trainer.tuning.base_config import base_trial_values
+
+    base = read_base_config(str(REPO / "configs" / "sasrec" / "tiny.yaml"))
+    del base["model"]["init_args"]["optimizer"]
+    config = tmp_path / "tidy.yaml"
+    config.write_text(dump_yaml(base))
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "model.init_args.optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+        "model.init_args.model.dropout: {type: float, low: 0.0, high: 0.5, step: 0.1}\n"
+    )
+    fit_args = ["--data.data_dir", str(tmp_path / "data"), "--model.init_args.model.dropout", "0.2"]
+    values = base_trial_values(load_space(space_file), base, fit_args, str(config))
+    assert values == {
+        "model.init_args.optimizer.lr": DenseOptimizerConfig().lr,
+        "model.init_args.model.dropout": 0.2,  # the pass-through override, not the YAML's 0.1
+    }

@@ -6,13 +6,22 @@ runs go (the value of a passed flag, fit's default experiment name)."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from recforge.trainer.tuning.space import Param, SpaceError, get_dotted, load_yaml, set_dotted
+from recforge.trainer.tuning.space import (
+    Param,
+    SpaceError,
+    dotted_pairs,
+    get_dotted,
+    load_yaml,
+    set_dotted,
+)
 
 
 def read_base_config(path: str) -> dict:
@@ -24,6 +33,19 @@ def read_base_config(path: str) -> dict:
     if not isinstance(data, dict):
         raise SpaceError(f"--config {path}: not a YAML mapping")
     return data
+
+
+def base_trial_values(
+    space: list[Param], base: dict, fit_args: list[str], source: str
+) -> dict[str, Any]:
+    """The trial ``--enqueue-base`` queues: each searched key as ``fit`` would set it from the
+    command line, the YAML, the preset, else the class default."""
+    overrides = dotted_pairs(fit_args)
+    derived = preset_values(base, overrides, source)
+    unset = unset_keys(space, base, overrides, derived)
+    if unset:
+        derived = {**fit_defaults(source, fit_args, unset), **derived}
+    return base_values(space, base, overrides, source, derived)
 
 
 def base_values(
@@ -84,6 +106,39 @@ def preset_values(base: dict, overrides: list[tuple[str, Any]], source: str) -> 
         raise SpaceError(f"--enqueue-base: --config {source}: {exc}") from None
     assert resolved is not None  # None only under --print_config
     return {key: d.value for key, d in resolved[0].items()}
+
+
+def unset_keys(
+    space: list[Param],
+    base: dict,
+    overrides: list[tuple[str, Any]],
+    derived: Mapping[str, Any],
+) -> list[str]:
+    """The searched keys that neither the base config, its overrides nor its preset set."""
+    config = _with_overrides(base, overrides)
+    return [p.key for p in space if not get_dotted(config, p.key)[0] and p.key not in derived]
+
+
+def fit_defaults(config: str, fit_args: list[str], keys: list[str]) -> dict[str, Any]:
+    """What ``fit`` would use for ``keys`` (dotted) when the config leaves them to the class
+    defaults: read from ``recforge fit --print_config`` itself, so the base trial is the base
+    config even when a tidy config states only what differs from the defaults. Keys fit does
+    not know are left out (the caller names them)."""
+    command = [sys.executable, "-m", "recforge", "fit", "--config", config, *fit_args]
+    proc = subprocess.run([*command, "--print_config"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip()[-800:]
+        raise SpaceError(
+            f"--enqueue-base: --config {config}: `recforge fit --print_config` failed "
+            f"(exit {proc.returncode}), so its defaults for {', '.join(keys)} are unknown: {tail}"
+        )
+    printed = load_yaml(proc.stdout)
+    found = {}
+    for key in keys:
+        present, value = get_dotted(printed, key)
+        if present and value is not None:
+            found[key] = value
+    return found
 
 
 def _with_overrides(base: dict, overrides: list[tuple[str, Any]]) -> dict:

@@ -30,10 +30,9 @@ import optuna
 from optuna.trial import TrialState
 
 from recforge.trainer.tuning.base_config import (
-    base_values,
+    base_trial_values,
     default_experiment,
     passed_value,
-    preset_values,
     read_base_config,
 )
 from recforge.trainer.tuning.lifetime import die_with_parent
@@ -132,9 +131,7 @@ def main(argv: list[str]) -> int:
         base = read_base_config(args.config)
         base_params = None
         if args.enqueue_base:
-            overrides = dotted_pairs(fit_args)
-            derived = preset_values(base, overrides, args.config)
-            base_params = base_values(space, base, overrides, args.config, derived)
+            base_params = base_trial_values(space, base, fit_args, args.config)
     except SpaceError as exc:
         print(f"recforge tune: error: {exc}", file=sys.stderr)
         return 2
@@ -422,8 +419,8 @@ class Tuner:
         sampled = [p.key for p in self.space if p.key not in self.base_params]
         if sampled:
             log.warning(
-                "tune: --enqueue-base: the base config does not set %s; its trial samples them "
-                "(a class default is not read)",
+                "tune: --enqueue-base: `recforge fit --print_config` of the base config has no "
+                "value for %s; its trial samples them",
                 ", ".join(sampled),
             )
         study.enqueue_trial(self.base_params, user_attrs={BASE_ATTR: True})
