@@ -118,7 +118,7 @@ def test_base_values_read_numbers_as_fit_does(tmp_path: Path) -> None:
 
 def test_a_base_that_sets_no_searched_key_is_refused() -> None:
     space = load_space(REPO / "configs" / "tune" / "sasrec_tiny_space.yaml")
-    with pytest.raises(SpaceError, match="sets none of the searched keys"):
+    with pytest.raises(SpaceError, match="no searched key has a value"):
         base_values(space, {"trainer": {"max_epochs": 3}}, [], "base.yaml")
 
 
@@ -266,3 +266,9 @@ def test_the_base_trial_takes_what_the_config_leaves_to_the_class_defaults(
         "model.init_args.optimizer.lr": DenseOptimizerConfig().lr,
         "model.init_args.model.dropout": 0.2,  # the pass-through override, not the YAML's 0.1
     }
+
+
+def test_a_default_the_space_cannot_reach_is_refused_naming_fit_defaults() -> None:
+    param = parse_param("model.init_args.optimizer.lr", {"type": "float", "low": 1e-2, "high": 0.1})
+    with pytest.raises(SpaceError, match=r"is 0\.001, fit's default .*outside"):
+        base_values([param], {}, [], "base.yaml", defaults={param.key: 1e-3})

@@ -47,7 +47,15 @@ def _slow_trial_reads(engine: object) -> None:
 def test_an_enqueued_trial_is_handed_to_one_worker_only(tmp_path: Path) -> None:
     # pysqlite reads outside a transaction, so two workers could both see the enqueued (base)
     # trial WAITING and both claim it (optuna/optuna#4002): two fits in one trial directory.
+    verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        _claims_are_unique(tmp_path)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _claims_are_unique(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     workers = 4
     for round_ in range(3):

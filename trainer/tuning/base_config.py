@@ -43,9 +43,8 @@ def base_trial_values(
     overrides = dotted_pairs(fit_args)
     derived = preset_values(base, overrides, source)
     unset = unset_keys(space, base, overrides, derived)
-    if unset:
-        derived = {**fit_defaults(source, fit_args, unset), **derived}
-    return base_values(space, base, overrides, source, derived)
+    defaults = fit_defaults(source, fit_args, unset) if unset else {}
+    return base_values(space, base, overrides, source, derived, defaults)
 
 
 def base_values(
@@ -54,32 +53,36 @@ def base_values(
     overrides: list[tuple[str, Any]],
     source: str,
     derived: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The base config's values of the searched keys, pass-through overrides applied: the
     trial ``--enqueue-base`` runs. ``derived`` (dotted key -> value) are the values the
-    config's preset derives, which the YAML and the overrides win over, as in ``fit``. A value
-    outside the space is an error, since TPE would learn from a point the search cannot
-    reach."""
+    config's preset derives, which the YAML and the overrides win over, as in ``fit``;
+    ``defaults`` are fit's own for the keys none of those sets. A value outside the space is an
+    error, since TPE would learn from a point the search cannot reach."""
     config = _with_overrides(base, overrides)
     values = {}
     for param in space:
         found, value = get_dotted(config, param.key)
+        where = f"in --config {source} (or its overrides)"
         if not found and derived and param.key in derived:
-            found, value = True, derived[param.key]
+            found, value, where = True, derived[param.key], f"derived by {source}'s preset"
+        if not found and defaults and param.key in defaults:
+            found, value = True, defaults[param.key]
+            where = f"fit's default (`recforge fit --config {source} --print_config`)"
         if not found:
             continue
         problem = param.rejects(value)
         if problem:
             raise SpaceError(
-                f"--enqueue-base: {param.key} is {value!r} in --config {source} (its "
-                f"overrides or its preset): {problem}; widen the space or leave --enqueue-base "
-                "out"
+                f"--enqueue-base: {param.key} is {value!r}, {where}: {problem}; widen the space, "
+                "set the key in the config, or leave --enqueue-base out"
             )
         values[param.key] = int(value) if param.kind == "int" else value
     if not values:
         raise SpaceError(
-            f"--enqueue-base: --config {source} (and its overrides) sets none of the searched "
-            "keys, so its trial would be a sampled one"
+            f"--enqueue-base: no searched key has a value in --config {source}, its overrides, "
+            "its preset or fit's defaults, so its trial would be a sampled one"
         )
     return values
 
@@ -120,23 +123,32 @@ def unset_keys(
 
 
 def fit_defaults(config: str, fit_args: list[str], keys: list[str]) -> dict[str, Any]:
-    """What ``fit`` would use for ``keys`` (dotted) when the config leaves them to the class
+    """What ``fit`` would use for ``keys`` (dotted) when the config leaves them to fit's
     defaults: read from ``recforge fit --print_config`` itself, so the base trial is the base
-    config even when a tidy config states only what differs from the defaults. Keys fit does
-    not know are left out (the caller names them)."""
+    config even when a tidy config states only what differs from the defaults. Keys the printed
+    config lacks (unknown to fit, or spelled differently) are left out; the caller names them."""
     command = [sys.executable, "-m", "recforge", "fit", "--config", config, *fit_args]
-    proc = subprocess.run([*command, "--print_config"], capture_output=True, text=True, timeout=600)
+    failed = f"--enqueue-base: --config {config}: `recforge fit --print_config`"
+    unknown = f"so fit's defaults for {', '.join(keys)} are unknown"
+    try:
+        proc = subprocess.run(
+            [*command, "--print_config"], capture_output=True, text=True, timeout=600
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SpaceError(f"{failed} did not run ({exc}), {unknown}") from None
     if proc.returncode != 0:
         tail = proc.stderr.strip()[-800:]
-        raise SpaceError(
-            f"--enqueue-base: --config {config}: `recforge fit --print_config` failed "
-            f"(exit {proc.returncode}), so its defaults for {', '.join(keys)} are unknown: {tail}"
-        )
-    printed = load_yaml(proc.stdout)
+        raise SpaceError(f"{failed} failed (exit {proc.returncode}), {unknown}: {tail}")
+    try:
+        printed = load_yaml(proc.stdout)
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{failed} printed no readable YAML ({exc}), {unknown}") from None
+    if not isinstance(printed, dict):
+        raise SpaceError(f"{failed} printed no YAML mapping, {unknown}")
     found = {}
     for key in keys:
         present, value = get_dotted(printed, key)
-        if present and value is not None:
+        if present:
             found[key] = value
     return found
 

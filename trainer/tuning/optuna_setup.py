@@ -31,19 +31,21 @@ def make_sampler(startup_trials: int, seed: int) -> optuna.samplers.BaseSampler:
 def make_storage(url: str, heartbeat: bool = True) -> Any:
     """An RDB storage for SQLAlchemy URLs (heartbeats, so trials of a killed tuner are failed
     instead of staying RUNNING forever), anything else as Optuna reads it (e.g. journal)."""
-    if not url.startswith(("sqlite:", "postgresql", "mysql")):
+    backend = url.split(":", 1)[0].split("+", 1)[0]  # sqlite+pysqlite: is sqlite too
+    if backend not in ("sqlite", "postgresql", "mysql"):
         return url
     # Parallel trials write to one sqlite file: wait for its lock instead of failing at 5 s.
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
+    kwargs = {"connect_args": {"timeout": 60}} if backend == "sqlite" else {}
     extra = {"heartbeat_interval": 10, "grace_period": 60} if heartbeat else {}
     storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **extra)
-    if url.startswith("sqlite:"):
+    if backend == "sqlite":
         _lock_on_begin(storage.engine)
     return storage
 
 
 def _lock_on_begin(engine: Any) -> None:
-    """Make every sqlite transaction take the write lock when it begins.
+    """Make every sqlite transaction after the storage's set-up take the write lock when it
+    begins.
 
     pysqlite runs a SELECT outside any transaction, so Optuna's "claim a WAITING trial"
     (read the state, then set RUNNING) is not atomic there: two workers can both read WAITING

@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--enqueue-base",
         action="store_true",
         help="run the base config as one trial first (its own values of the searched keys: "
-        "what its preset derives, the YAML, then the pass-through overrides; keys it does not "
-        "set are sampled), so the study "
-        "shows what the search gained over it; once per study",
+        "what its preset derives, the YAML, then the pass-through overrides; for keys none of "
+        "these sets, fit's default from --print_config), so the study shows what the search "
+        "gained over it; once per study",
     )
     parser.add_argument(
         "--sampler-startup-trials",
@@ -420,7 +420,7 @@ class Tuner:
         if sampled:
             log.warning(
                 "tune: --enqueue-base: `recforge fit --print_config` of the base config has no "
-                "value for %s; its trial samples them",
+                "key %s (spelled differently there, or unknown to fit); its trial samples them",
                 ", ".join(sampled),
             )
         study.enqueue_trial(self.base_params, user_attrs={BASE_ATTR: True})
